@@ -1,1 +1,242 @@
-//! placeholder
+//! # oxray: typed remote tasks and actors
+//!
+//! oxray runs Rust functions and stateful actors across a cluster of processes, Ray-style, with the types checked by
+//! the compiler. `oxray::init()` runs the whole system inside your process (the embedded default);
+//! any binary built on oxray can also become a cluster node.
+//!
+//! ```
+//! #[oxray::remote]
+//! fn add(a: i64, b: i64) -> i64 {
+//!     a + b
+//! }
+//!
+//! pub struct Counter {
+//!     total: i64,
+//! }
+//!
+//! #[oxray::actor]
+//! impl Counter {
+//!     pub fn new(start: i64) -> Self {
+//!         Counter { total: start }
+//!     }
+//!     pub fn add(&mut self, n: i64) -> i64 {
+//!         self.total += n;
+//!         self.total
+//!     }
+//! }
+//!
+//! fn main() -> oxray::Result<()> {
+//!     oxray::init()?;
+//!     let sum = add::remote(1, 2)?;                 // an ObjectRef<i64>, returned at once
+//!     let twice = add::remote(&sum, &sum)?;         // refs as arguments are resolved before the task runs
+//!     assert_eq!(twice.get()?, 6);
+//!
+//!     let counter = Counter::remote(10)?;           // an ActorHandle<Counter>
+//!     let refs: Vec<_> = (1..=3).map(|n| counter.add(n)).collect();
+//!     assert_eq!(oxray::get_all(&refs)?, vec![11, 13, 16]); // calls from one caller run in order
+//!     Ok(())
+//! }
+//! ```
+//!
+//! ## Map of the crate
+//! - [`remote`] and [`actor`]: the attributes that register functions and actor classes (at link time) and generate
+//!   typed `remote` entry points.
+//! - [`ObjectRef`]: a typed future value; `get`, `get_timeout`, `get_async`, and `view` (zero-copy archived form).
+//! - [`ActorHandle`]: a typed handle whose methods submit calls.
+//! - [`put`], [`get_all`], [`wait`], [`cancel`], [`kill`], [`get_actor`]: the module-level functions Ray users know.
+//! - [`TaskOptions`], [`ActorOptions`]: resources, retries, names, lifetimes, strategies.
+//! - [`Error`]: every failure as a typed value.
+
+mod actor;
+mod arg;
+mod error;
+mod object;
+mod options;
+mod pool;
+mod registry;
+mod runtime;
+mod value;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use actor::{ActorClass, ActorHandle};
+pub use arg::{Arg, IntoArg};
+pub use error::{Error, Result};
+pub use object::{ObjectId, ObjectRef, ObjectView};
+pub use options::{ActorOptions, Resources, Strategy, TaskOptions};
+pub use oxray_macros::{actor, remote};
+pub use runtime::{ActorCore, Config};
+pub use value::Value;
+
+/// Starts the embedded default: the whole system in this process, with one CPU slot per core.
+///
+/// Calling it again is harmless (the first runtime stays).
+pub fn init() -> Result<()> {
+    init_with(Config::default())
+}
+
+/// As [`init`], with explicit settings.
+pub fn init_with(config: Config) -> Result<()> {
+    runtime::install(config).map(|_| ())
+}
+
+/// Whether `init` (or `connect`) has been called.
+pub fn is_initialized() -> bool {
+    runtime::is_initialized()
+}
+
+/// Stops this process's runtime: queued tasks are dropped and actors stop. A later `init` starts afresh.
+pub fn shutdown() {
+    runtime::uninstall();
+}
+
+/// Stores a value and returns a ref to it, to pass to many tasks without copying it into each call.
+///
+/// ```
+/// oxray::init()?;
+/// let big = oxray::put(&vec![1.5f32; 1000])?;
+/// assert_eq!(big.view()?.len(), 1000);          // read in place, no deserialization
+/// assert_eq!(big.get()?[999], 1.5);
+/// # Ok::<(), oxray::Error>(())
+/// ```
+pub fn put<T: Value>(value: &T) -> Result<ObjectRef<T>> {
+    let rt = runtime::current()?;
+    Ok(rt.put_bytes(value::encode(value)?))
+}
+
+/// Gets every ref's value, in order; fails with the first error.
+///
+/// ```
+/// oxray::init()?;
+/// let refs = vec![oxray::put(&1u32)?, oxray::put(&2u32)?];
+/// assert_eq!(oxray::get_all(&refs)?, vec![1, 2]);
+/// # Ok::<(), oxray::Error>(())
+/// ```
+pub fn get_all<T: Value>(refs: &[ObjectRef<T>]) -> Result<Vec<T>> {
+    refs.iter().map(ObjectRef::get).collect()
+}
+
+/// Async form of [`get_all`].
+pub async fn get_all_async<T: Value>(refs: &[ObjectRef<T>]) -> Result<Vec<T>> {
+    let mut out = Vec::with_capacity(refs.len());
+    for r in refs {
+        out.push(r.get_async().await?);
+    }
+    Ok(out)
+}
+
+/// Waits until `num_returns` of `refs` are ready (value or error) or `timeout` passes.
+///
+/// Returns `(ready, not_ready)`, each in the order of `refs`, as Ray's `ray.wait` does.
+///
+/// ```
+/// use std::time::Duration;
+/// oxray::init()?;
+/// let refs = vec![oxray::put(&1u8)?, oxray::put(&2u8)?];
+/// let (ready, rest) = oxray::wait(&refs, 1, Some(Duration::from_secs(1)));
+/// assert_eq!((ready.len(), rest.len()), (1, 1));
+/// # Ok::<(), oxray::Error>(())
+/// ```
+pub fn wait<T>(
+    refs: &[ObjectRef<T>],
+    num_returns: usize,
+    timeout: Option<Duration>,
+) -> (Vec<ObjectRef<T>>, Vec<ObjectRef<T>>) {
+    let entries: Vec<_> = refs.iter().map(|r| r.inner.entry.clone()).collect();
+    let (r, n) = runtime::wait_indices(&entries, num_returns, timeout);
+    (
+        r.into_iter().map(|i| refs[i].clone()).collect(),
+        n.into_iter().map(|i| refs[i].clone()).collect(),
+    )
+}
+
+/// Cancels the task that produces `r`: if it has not started, it never runs; either way `r` fails with
+/// [`Error::Cancelled`]. Returns whether a pending or running task was found.
+pub fn cancel<T>(r: &ObjectRef<T>) -> bool {
+    runtime::current()
+        .map(|rt| rt.cancel(r.id()))
+        .unwrap_or(false)
+}
+
+/// Kills an actor: calls not yet started fail with [`Error::ActorDied`]; a call already running finishes.
+pub fn kill<A: ActorClass>(actor: &ActorHandle<A>) {
+    actor.core().kill();
+}
+
+/// Looks up a named actor (created with `ActorOptions::name`). Fails if there is none, or if it is of another class.
+pub fn get_actor<A: ActorClass>(name: &str) -> Result<ActorHandle<A>> {
+    let rt = runtime::current()?;
+    let core = rt
+        .named
+        .get(name)
+        .map(|c| c.clone())
+        .ok_or_else(|| Error::ActorNotFound(name.to_string()))?;
+    if core.class() != A::NAME {
+        return Err(Error::InvalidArgument(format!(
+            "actor {name:?} is a {}, not a {}",
+            core.class(),
+            A::NAME
+        )));
+    }
+    Ok(ActorHandle::from_core(core))
+}
+
+/// What the macros expand to. Not a public API: names here change without notice.
+#[doc(hidden)]
+pub mod __private {
+    pub use crate::registry::{ActorClassEntry, Args, FunctionEntry, MethodEntry};
+    pub use crate::value::{encode, fnv1a};
+    pub use bytes::Bytes;
+    pub use inventory;
+
+    use super::*;
+
+    /// Submits a registered function.
+    pub fn submit_task<R>(
+        name: &'static str,
+        sig: u64,
+        args: Result<Vec<Arg>>,
+        opts: &TaskOptions,
+    ) -> Result<ObjectRef<R>> {
+        let rt = runtime::current()?;
+        rt.submit_task(name, sig, args?, opts)
+    }
+
+    /// Creates an actor of a registered class.
+    pub fn create_actor<A: ActorClass>(
+        args: Result<Vec<Arg>>,
+        opts: &ActorOptions,
+    ) -> Result<ActorHandle<A>> {
+        let rt = runtime::current()?;
+        let core = rt.create_actor(A::NAME, A::SIG, args?, opts)?;
+        Ok(ActorHandle::from_core(core))
+    }
+
+    /// Downcasts an actor's state (the macro knows the concrete type).
+    pub fn state<A: 'static>(state: &mut (dyn std::any::Any + Send)) -> Result<&mut A> {
+        state
+            .downcast_mut::<A>()
+            .ok_or_else(|| Error::Serialization("actor state has the wrong type".into()))
+    }
+
+    /// Boxes a freshly constructed actor state.
+    pub fn boxed<A: Send + 'static>(a: A) -> Box<dyn std::any::Any + Send> {
+        Box::new(a)
+    }
+
+    /// Runs an async actor method to completion on the calling (actor) thread.
+    pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
+        match runtime::current() {
+            Ok(rt) => rt.tokio.block_on(f),
+            Err(_) => tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime")
+                .block_on(f),
+        }
+    }
+
+    /// Keeps `Arc` reachable from macro output without a direct dependency.
+    pub type Shared<T> = Arc<T>;
+}

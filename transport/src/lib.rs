@@ -7,7 +7,18 @@ use std::fmt;
 /// The identity of one node (one process) in an oxray cluster.
 ///
 /// Random at start-up and carried in the node's certificate, so a peer's id is authenticated by the TLS handshake.
-#[derive(Copy, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+#[derive(
+    Copy,
+    Clone,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    rkyv::Archive,
+    rkyv::Serialize,
+    rkyv::Deserialize,
+)]
 #[rkyv(derive(Debug, PartialEq, Eq, Hash))]
 pub struct NodeId(pub u128);
 

@@ -1,0 +1,392 @@
+//! Objects as the owner sees them: typed references, the owner's table of objects, and read-only views.
+//!
+//! An [`ObjectRef<T>`] is a cheap handle (an `Arc`) on an entry in the owning node's object table. The entry is
+//! pending until the producing task or `put` completes it, then holds the object's aligned bytes (an rkyv archive) or
+//! the error that replaced it. Dropping the last `ObjectRef` removes the object from the owner's table; tasks still
+//! in flight keep the entry itself alive until they finish, so dropping a ref never breaks a running task.
+//!
+//! This module does not move bytes between nodes: `runtime` does that.
+
+use std::fmt;
+use std::marker::PhantomData;
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use dashmap::DashMap;
+use parking_lot::{Condvar, Mutex};
+
+use crate::error::{Error, Result};
+use crate::value::{self, Value};
+
+/// The id of an object: random for `put`, derived from the task id for task returns.
+#[derive(
+    Copy,
+    Clone,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    rkyv::Archive,
+    rkyv::Serialize,
+    rkyv::Deserialize,
+)]
+#[rkyv(derive(Debug, PartialEq, Eq, Hash))]
+pub struct ObjectId(pub u128);
+
+impl ObjectId {
+    /// A fresh random id (for `put`).
+    pub fn random() -> Self {
+        ObjectId(rand_u128())
+    }
+    /// The id of return value `index` of task `task`: deterministic, so a re-executed task rebuilds the same object.
+    pub fn for_task_return(task: u128, index: u32) -> Self {
+        ObjectId(task ^ ((index as u128 + 1) << 96))
+    }
+}
+
+impl fmt::Display for ObjectId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:032x}", self.0)
+    }
+}
+impl fmt::Debug for ObjectId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ObjectId({self})")
+    }
+}
+
+pub(crate) fn rand_u128() -> u128 {
+    use std::cell::Cell;
+    // A per-thread xorshift seeded once from the OS: ids must be unique, not unpredictable, and this keeps the
+    // submit path free of syscalls.
+    thread_local! {
+        static STATE: Cell<u128> = Cell::new({
+            let mut seed = [0u8; 16];
+            getrandom(&mut seed);
+            u128::from_le_bytes(seed) | 1
+        });
+    }
+    STATE.with(|s| {
+        let mut x = s.get();
+        x ^= x << 35;
+        x ^= x >> 59;
+        x ^= x << 21;
+        s.set(x);
+        x
+    })
+}
+
+fn getrandom(buf: &mut [u8]) {
+    use std::io::Read;
+    if let Ok(mut f) = std::fs::File::open("/dev/urandom")
+        && f.read_exact(buf).is_ok()
+    {
+        return;
+    }
+    // No /dev/urandom: fall back on time and address entropy (ids only need to be unique).
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    let addr = buf.as_ptr() as u128;
+    let mixed = (t ^ (addr << 64)).to_le_bytes();
+    for (b, m) in buf.iter_mut().zip(mixed.iter().cycle()) {
+        *b = *m;
+    }
+}
+
+/// The state of one object in its owner's table.
+pub(crate) enum Slot {
+    Pending,
+    Ready(Bytes),
+    Failed(Error),
+}
+
+/// One object in the owner's table: its value once known, and the means to wait for it (blocking and async).
+pub(crate) struct Entry {
+    pub(crate) id: ObjectId,
+    slot: Mutex<Slot>,
+    cv: Condvar,
+    notify: tokio::sync::Notify,
+}
+
+impl Entry {
+    pub(crate) fn new(id: ObjectId) -> Arc<Self> {
+        Arc::new(Entry {
+            id,
+            slot: Mutex::new(Slot::Pending),
+            cv: Condvar::new(),
+            notify: tokio::sync::Notify::new(),
+        })
+    }
+
+    pub(crate) fn ready(id: ObjectId, bytes: Bytes) -> Arc<Self> {
+        Arc::new(Entry {
+            id,
+            slot: Mutex::new(Slot::Ready(bytes)),
+            cv: Condvar::new(),
+            notify: tokio::sync::Notify::new(),
+        })
+    }
+
+    /// Completes the object. The first completion wins: a late duplicate (a retried task) is ignored.
+    pub(crate) fn complete(&self, result: Result<Bytes>) {
+        {
+            let mut slot = self.slot.lock();
+            if !matches!(*slot, Slot::Pending) {
+                return;
+            }
+            *slot = match result {
+                Ok(b) => Slot::Ready(b),
+                Err(e) => Slot::Failed(e),
+            };
+        }
+        self.cv.notify_all();
+        self.notify.notify_waiters();
+    }
+
+    /// The value if it is known now.
+    pub(crate) fn try_value(&self) -> Option<Result<Bytes>> {
+        match &*self.slot.lock() {
+            Slot::Pending => None,
+            Slot::Ready(b) => Some(Ok(b.clone())),
+            Slot::Failed(e) => Some(Err(e.clone())),
+        }
+    }
+
+    pub(crate) fn is_ready(&self) -> bool {
+        !matches!(*self.slot.lock(), Slot::Pending)
+    }
+
+    /// Blocks the calling thread until the object is known or `deadline` passes.
+    pub(crate) fn wait_blocking(&self, deadline: Option<Instant>) -> Result<Bytes> {
+        let mut slot = self.slot.lock();
+        loop {
+            match &*slot {
+                Slot::Ready(b) => return Ok(b.clone()),
+                Slot::Failed(e) => return Err(e.clone()),
+                Slot::Pending => {}
+            }
+            match deadline {
+                None => self.cv.wait(&mut slot),
+                Some(d) => {
+                    let start = Instant::now();
+                    if start >= d || self.cv.wait_until(&mut slot, d).timed_out() {
+                        if let Slot::Pending = &*slot {
+                            return Err(Error::GetTimeout(d.saturating_duration_since(start)));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Waits without blocking a thread.
+    pub(crate) async fn wait_async(&self) -> Result<Bytes> {
+        loop {
+            let notified = self.notify.notified();
+            if let Some(v) = self.try_value() {
+                return v;
+            }
+            notified.await;
+        }
+    }
+}
+
+/// The owner's table: every object this node owns that still has a reference, by id (so other nodes can fetch them).
+#[derive(Default)]
+pub(crate) struct ObjectTable {
+    entries: DashMap<ObjectId, Arc<Entry>>,
+}
+
+impl ObjectTable {
+    pub(crate) fn insert(&self, entry: Arc<Entry>) {
+        self.entries.insert(entry.id, entry);
+    }
+    pub(crate) fn lookup(&self, id: ObjectId) -> Option<Arc<Entry>> {
+        self.entries.get(&id).map(|e| e.clone())
+    }
+    pub(crate) fn remove(&self, id: ObjectId) {
+        self.entries.remove(&id);
+    }
+    pub(crate) fn len(&self) -> usize {
+        self.entries.len()
+    }
+    pub(crate) fn ids(&self) -> Vec<(ObjectId, bool, usize)> {
+        self.entries
+            .iter()
+            .map(|e| {
+                let v = e.value().try_value();
+                let ready = v.is_some();
+                let size = match v {
+                    Some(Ok(b)) => b.len(),
+                    _ => 0,
+                };
+                (*e.key(), ready, size)
+            })
+            .collect()
+    }
+}
+
+/// What the owner keeps per live `ObjectRef` family: dropping the last clone frees the object.
+pub(crate) struct RefInner {
+    pub(crate) entry: Arc<Entry>,
+    pub(crate) owner: u128,
+    /// The owner's table, when this process is the owner; `None` for a borrowed ref.
+    pub(crate) table: Option<Weak<ObjectTable>>,
+}
+
+impl Drop for RefInner {
+    fn drop(&mut self) {
+        if let Some(table) = self.table.as_ref().and_then(Weak::upgrade) {
+            table.remove(self.entry.id);
+        }
+    }
+}
+
+/// A typed reference to an object that exists, or will exist, somewhere in the cluster.
+///
+/// Returned by `put`, by every remote function call and by every actor method call. Cheap to clone. `get` blocks
+/// until the value is there and returns it owned; [`ObjectRef::view`] returns the archived form in place, with no
+/// copy and no deserialization; [`ObjectRef::get_async`] is the non-blocking form.
+///
+/// Dropping the last clone of a ref frees the object in its owner's table; a task that already received the ref
+/// as an argument keeps what it needs until it finishes.
+pub struct ObjectRef<T> {
+    pub(crate) inner: Arc<RefInner>,
+    _type: PhantomData<fn() -> T>,
+}
+
+impl<T> Clone for ObjectRef<T> {
+    fn clone(&self) -> Self {
+        ObjectRef {
+            inner: self.inner.clone(),
+            _type: PhantomData,
+        }
+    }
+}
+
+impl<T> fmt::Debug for ObjectRef<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "ObjectRef<{}>({})",
+            std::any::type_name::<T>(),
+            self.inner.entry.id
+        )
+    }
+}
+
+impl<T> ObjectRef<T> {
+    pub(crate) fn from_inner(inner: Arc<RefInner>) -> Self {
+        ObjectRef {
+            inner,
+            _type: PhantomData,
+        }
+    }
+
+    /// The object's id.
+    pub fn id(&self) -> ObjectId {
+        self.inner.entry.id
+    }
+
+    /// Whether the value (or its error) is already known, without blocking.
+    pub fn is_ready(&self) -> bool {
+        self.inner.entry.is_ready()
+    }
+
+    /// A ref with its type erased, for `wait` over refs of mixed types.
+    pub fn untyped(&self) -> ObjectRef<()> {
+        ObjectRef {
+            inner: self.inner.clone(),
+            _type: PhantomData,
+        }
+    }
+}
+
+impl<T: Value> ObjectRef<T> {
+    /// Blocks until the value is available and returns it deserialized.
+    ///
+    /// Inside a task this releases the task's CPU slot while it waits, so nested tasks cannot deadlock the pool.
+    pub fn get(&self) -> Result<T> {
+        let bytes = crate::runtime::wait_blocking(&self.inner.entry, None)?;
+        value::decode::<T>(&bytes)
+    }
+
+    /// As [`ObjectRef::get`], giving up with [`Error::GetTimeout`] after `timeout`.
+    pub fn get_timeout(&self, timeout: Duration) -> Result<T> {
+        let bytes =
+            crate::runtime::wait_blocking(&self.inner.entry, Some(Instant::now() + timeout))?;
+        value::decode::<T>(&bytes)
+    }
+
+    /// Waits without blocking a thread and returns the value deserialized.
+    pub async fn get_async(&self) -> Result<T> {
+        let bytes = self.inner.entry.wait_async().await?;
+        value::decode::<T>(&bytes)
+    }
+
+    /// Blocks until the value is available and returns a view of the archived value, in place: no copy, no
+    /// deserialization (the bytes are validated once, here).
+    pub fn view(&self) -> Result<ObjectView<T>> {
+        let bytes = crate::runtime::wait_blocking(&self.inner.entry, None)?;
+        ObjectView::new(bytes)
+    }
+}
+
+/// A read-only view of an archived object. Derefs to `T::Archived`; holds the object's buffer alive.
+pub struct ObjectView<T: Value> {
+    bytes: Bytes,
+    archived: *const T::Archived,
+}
+
+// SAFETY: the view only hands out shared references into `bytes`, which is immutable and Send + Sync;
+// `T::Archived` is plain data read in place.
+unsafe impl<T: Value> Send for ObjectView<T> where T::Archived: Sync {}
+// SAFETY: as above.
+unsafe impl<T: Value> Sync for ObjectView<T> where T::Archived: Sync {}
+
+impl<T: Value> ObjectView<T> {
+    pub(crate) fn new(bytes: Bytes) -> Result<Self> {
+        let bytes = if (bytes.as_ptr() as usize) % 16 == 0 {
+            bytes
+        } else {
+            value::aligned_copy(&bytes)
+        };
+        let archived: *const T::Archived = value::access::<T>(&bytes)?;
+        Ok(ObjectView { bytes, archived })
+    }
+
+    /// The raw archive bytes.
+    pub fn bytes(&self) -> &Bytes {
+        &self.bytes
+    }
+
+    /// Deserializes the viewed value into an owned `T`.
+    pub fn deserialize(&self) -> Result<T> {
+        rkyv::deserialize::<T, rkyv::rancor::Error>(&**self)
+            .map_err(|e| Error::Serialization(e.to_string()))
+    }
+}
+
+impl<T: Value> std::ops::Deref for ObjectView<T> {
+    type Target = T::Archived;
+    fn deref(&self) -> &T::Archived {
+        // SAFETY: `archived` points into `self.bytes`, validated in `new`, and `bytes` is never mutated or dropped
+        // while `self` lives.
+        unsafe { &*self.archived }
+    }
+}
+
+impl<T: Value> fmt::Debug for ObjectView<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "ObjectView<{}>({} bytes)",
+            std::any::type_name::<T>(),
+            self.bytes.len()
+        )
+    }
+}

@@ -1,0 +1,194 @@
+//! The node's bounded worker pool for tasks.
+//!
+//! `slots` tasks run at once (the node's CPUs). A worker that blocks in `get` gives its slot back for the wait, and
+//! the pool starts another thread if work is queued and no thread is idle, so nested tasks cannot deadlock the pool.
+//! Threads are bounded by `max_threads`: past it, queued work waits for a thread, and nothing grows without limit.
+//!
+//! This is not a scheduler: which tasks come here is decided by the caller.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use parking_lot::{Condvar, Mutex};
+
+type Job = Box<dyn FnOnce() + Send + 'static>;
+
+struct State {
+    queue: VecDeque<Job>,
+    /// Workers currently holding a slot.
+    running: usize,
+    /// Threads alive.
+    threads: usize,
+    /// Threads waiting for work.
+    idle: usize,
+    shutdown: bool,
+}
+
+/// A pool of worker threads with a fixed number of execution slots.
+pub(crate) struct WorkerPool {
+    state: Mutex<State>,
+    cv: Condvar,
+    slots: usize,
+    max_threads: usize,
+    name: String,
+}
+
+thread_local! {
+    static IN_POOL: std::cell::Cell<*const WorkerPool> = const { std::cell::Cell::new(std::ptr::null()) };
+}
+
+impl WorkerPool {
+    pub(crate) fn new(name: &str, slots: usize, max_threads: usize) -> Arc<Self> {
+        Arc::new(WorkerPool {
+            state: Mutex::new(State {
+                queue: VecDeque::new(),
+                running: 0,
+                threads: 0,
+                idle: 0,
+                shutdown: false,
+            }),
+            cv: Condvar::new(),
+            slots: slots.max(1),
+            max_threads: max_threads.max(slots.max(1)),
+            name: name.to_string(),
+        })
+    }
+
+    pub(crate) fn slots(&self) -> usize {
+        self.slots
+    }
+
+    /// (queued, running) for status reports.
+    pub(crate) fn load(&self) -> (usize, usize) {
+        let s = self.state.lock();
+        (s.queue.len(), s.running)
+    }
+
+    pub(crate) fn submit(self: &Arc<Self>, job: Job) {
+        let mut s = self.state.lock();
+        if s.shutdown {
+            return;
+        }
+        s.queue.push_back(job);
+        self.wake_or_spawn(&mut s);
+    }
+
+    fn wake_or_spawn(self: &Arc<Self>, s: &mut State) {
+        if s.running >= self.slots || s.queue.is_empty() {
+            return;
+        }
+        if s.idle > 0 {
+            self.cv.notify_one();
+        } else if s.threads < self.max_threads {
+            s.threads += 1;
+            let pool = self.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("{}-worker", self.name))
+                .spawn(move || pool.worker_loop());
+            if spawned.is_err() {
+                // The OS refused a thread: the queued job waits for an existing worker.
+                s.threads -= 1;
+            }
+        }
+    }
+
+    fn worker_loop(self: Arc<Self>) {
+        IN_POOL.with(|p| p.set(Arc::as_ptr(&self)));
+        let mut s = self.state.lock();
+        loop {
+            if s.shutdown {
+                break;
+            }
+            if s.running < self.slots
+                && let Some(job) = s.queue.pop_front()
+            {
+                s.running += 1;
+                drop(s);
+                job();
+                s = self.state.lock();
+                s.running -= 1;
+                continue;
+            }
+            s.idle += 1;
+            self.cv.wait(&mut s);
+            s.idle -= 1;
+        }
+        s.threads -= 1;
+    }
+
+    /// Runs `wait` with the calling worker's slot released, if the caller is one of this pool's workers.
+    pub(crate) fn blocking<R>(self: &Arc<Self>, wait: impl FnOnce() -> R) -> R {
+        let ours = IN_POOL.with(|p| std::ptr::eq(p.get(), Arc::as_ptr(self)));
+        if !ours {
+            return wait();
+        }
+        {
+            let mut s = self.state.lock();
+            s.running -= 1;
+            self.wake_or_spawn(&mut s);
+        }
+        let out = wait();
+        // Take the slot back even if that over-commits for a moment: the waiting task must finish to free anything,
+        // and over-commit is bounded by max_threads.
+        self.state.lock().running += 1;
+        out
+    }
+
+    pub(crate) fn shutdown(&self) {
+        let mut s = self.state.lock();
+        s.shutdown = true;
+        s.queue.clear();
+        self.cv.notify_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    #[test]
+    fn runs_jobs_with_bounded_parallelism() {
+        let pool = WorkerPool::new("t", 2, 8);
+        let live = Arc::new(AtomicUsize::new(0));
+        let peak = Arc::new(AtomicUsize::new(0));
+        let done = Arc::new(AtomicUsize::new(0));
+        for _ in 0..20 {
+            let (live, peak, done) = (live.clone(), peak.clone(), done.clone());
+            pool.submit(Box::new(move || {
+                let now = live.fetch_add(1, Ordering::SeqCst) + 1;
+                peak.fetch_max(now, Ordering::SeqCst);
+                std::thread::sleep(std::time::Duration::from_millis(2));
+                live.fetch_sub(1, Ordering::SeqCst);
+                done.fetch_add(1, Ordering::SeqCst);
+            }));
+        }
+        while done.load(Ordering::SeqCst) < 20 {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        assert!(
+            peak.load(Ordering::SeqCst) <= 2,
+            "peak {}",
+            peak.load(Ordering::SeqCst)
+        );
+        pool.shutdown();
+    }
+
+    #[test]
+    fn nested_wait_releases_the_slot() {
+        // One slot: a job that waits for a second job would deadlock unless the wait releases the slot.
+        let pool = WorkerPool::new("t", 1, 4);
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let inner_pool = pool.clone();
+        pool.submit(Box::new(move || {
+            inner_pool.submit(Box::new(move || tx.send(()).unwrap()));
+            inner_pool.blocking(|| rx.recv().unwrap());
+            done_tx.send(()).unwrap();
+        }));
+        done_rx
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("nested job deadlocked");
+        pool.shutdown();
+    }
+}

@@ -1,0 +1,594 @@
+//! The per-process runtime: the owner's object table, the worker pool, the actors hosted here, and the path every
+//! submission takes (local execution now; a remote node when the cluster layer places it elsewhere).
+//!
+//! One `Runtime` per process, installed by `init`/`connect` and reached through [`current`]. The hot path (submit →
+//! execute → complete) takes no global lock: the object table is a `DashMap`, the pool has one short mutex, and an
+//! actor's mailbox is a `flume` channel.
+
+use std::any::Any;
+use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use dashmap::DashMap;
+use parking_lot::{Mutex, RwLock};
+
+use crate::arg::{Arg, ArgKind};
+use crate::error::{Error, Result};
+use crate::object::{Entry, ObjectId, ObjectRef, ObjectTable, RefInner, rand_u128};
+use crate::options::{ActorOptions, TaskOptions};
+use crate::pool::WorkerPool;
+use crate::registry::{self, ActorClassEntry, Args};
+
+/// How a runtime is configured.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// CPU slots for tasks on this node (default: the machine's cores).
+    pub num_cpus: usize,
+    /// Upper bound on worker threads, counting those blocked in `get`.
+    pub max_worker_threads: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        let cpus = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1);
+        Config {
+            num_cpus: cpus,
+            max_worker_threads: (cpus * 32).max(64),
+        }
+    }
+}
+
+/// A task as the owner records it, for `list tasks` and `cancel`.
+#[derive(Debug, Clone)]
+pub(crate) struct TaskRecord {
+    pub(crate) name: String,
+    pub(crate) state: &'static str,
+}
+
+pub(crate) struct Runtime {
+    pub(crate) node: u128,
+    pub(crate) objects: Arc<ObjectTable>,
+    pub(crate) pool: Arc<WorkerPool>,
+    /// Actors hosted by this process, by id.
+    pub(crate) actors: DashMap<u128, Arc<ActorHost>>,
+    /// Named actors known to this process (the GCS holds the cluster-wide directory in cluster mode).
+    pub(crate) named: DashMap<String, ActorCore>,
+    /// Cancellation flags of tasks not yet finished, by return object.
+    pub(crate) cancels: DashMap<ObjectId, Arc<AtomicBool>>,
+    pub(crate) tasks: DashMap<u128, TaskRecord>,
+    pub(crate) tokio: tokio::runtime::Handle,
+    /// Kept so the runtime's threads live as long as this process's oxray runtime.
+    _tokio: Option<Arc<tokio::runtime::Runtime>>,
+}
+
+static CURRENT: RwLock<Option<Arc<Runtime>>> = RwLock::new(None);
+
+/// The installed runtime, or `NotInitialized`.
+pub(crate) fn current() -> Result<Arc<Runtime>> {
+    CURRENT.read().clone().ok_or(Error::NotInitialized)
+}
+
+pub(crate) fn is_initialized() -> bool {
+    CURRENT.read().is_some()
+}
+
+/// Installs a runtime for this process. A second call keeps the first runtime.
+pub(crate) fn install(config: Config) -> Result<Arc<Runtime>> {
+    let mut cur = CURRENT.write();
+    if let Some(rt) = cur.as_ref() {
+        return Ok(rt.clone());
+    }
+    let (handle, owned) = match tokio::runtime::Handle::try_current() {
+        Ok(h) => (h, None),
+        Err(_) => {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .thread_name("oxray-io")
+                .enable_all()
+                .build()
+                .map_err(|e| Error::Cluster(format!("cannot start the I/O runtime: {e}")))?;
+            (rt.handle().clone(), Some(Arc::new(rt)))
+        }
+    };
+    let rt = Arc::new(Runtime {
+        node: rand_u128(),
+        objects: Arc::new(ObjectTable::default()),
+        pool: WorkerPool::new("oxray", config.num_cpus, config.max_worker_threads),
+        actors: DashMap::new(),
+        named: DashMap::new(),
+        cancels: DashMap::new(),
+        tasks: DashMap::new(),
+        tokio: handle,
+        _tokio: owned,
+    });
+    *cur = Some(rt.clone());
+    Ok(rt)
+}
+
+/// Removes the runtime: pending work is dropped, actors stop.
+pub(crate) fn uninstall() {
+    let rt = CURRENT.write().take();
+    if let Some(rt) = rt {
+        rt.pool.shutdown();
+        for a in rt.actors.iter() {
+            a.value().kill("the runtime shut down");
+        }
+        rt.actors.clear();
+        // The tokio runtime may not be dropped inside an async context; park it on a plain thread.
+        if let Some(tok) = &rt._tokio {
+            let tok = tok.clone();
+            drop(rt);
+            std::thread::spawn(move || drop(tok));
+        }
+    }
+}
+
+/// Waits for an object from any thread; a pool worker gives its CPU slot back while it waits.
+pub(crate) fn wait_blocking(entry: &Arc<Entry>, deadline: Option<Instant>) -> Result<Bytes> {
+    if let Some(v) = entry.try_value() {
+        return v;
+    }
+    match current() {
+        Ok(rt) => rt.pool.blocking(|| entry.wait_blocking(deadline)),
+        Err(_) => entry.wait_blocking(deadline),
+    }
+}
+
+impl Runtime {
+    /// A new pending object owned by this process, and the ref the caller gets.
+    fn new_owned(&self, id: ObjectId) -> (Arc<Entry>, Arc<RefInner>) {
+        let entry = Entry::new(id);
+        self.objects.insert(entry.clone());
+        let inner = Arc::new(RefInner {
+            entry: entry.clone(),
+            owner: self.node,
+            table: Some(Arc::downgrade(&self.objects)),
+        });
+        (entry, inner)
+    }
+
+    pub(crate) fn put_bytes<T>(&self, bytes: Bytes) -> ObjectRef<T> {
+        let id = ObjectId::random();
+        let entry = Entry::ready(id, bytes);
+        self.objects.insert(entry.clone());
+        ObjectRef::from_inner(Arc::new(RefInner {
+            entry,
+            owner: self.node,
+            table: Some(Arc::downgrade(&self.objects)),
+        }))
+    }
+
+    /// Submits a remote function call. Returns at once; the result arrives in the returned ref.
+    pub(crate) fn submit_task<R>(
+        self: &Arc<Self>,
+        function: &'static str,
+        sig: u64,
+        args: Vec<Arg>,
+        opts: &TaskOptions,
+    ) -> Result<ObjectRef<R>> {
+        let f = registry::function(function, sig)?;
+        let task = rand_u128();
+        let (entry, inner) = self.new_owned(ObjectId::for_task_return(task, 0));
+        let cancelled = Arc::new(AtomicBool::new(false));
+        self.cancels.insert(entry.id, cancelled.clone());
+        self.tasks.insert(
+            task,
+            TaskRecord {
+                name: opts.name.clone().unwrap_or_else(|| function.to_string()),
+                state: "PENDING",
+            },
+        );
+        let rt = self.clone();
+        let attempts = if opts.retry_exceptions {
+            opts.max_retries + 1
+        } else {
+            1
+        };
+        let job_entry = entry.clone();
+        self.pool.submit(Box::new(move || {
+            let result = if cancelled.load(Ordering::Acquire) {
+                Err(Error::Cancelled)
+            } else {
+                if let Some(mut t) = rt.tasks.get_mut(&task) {
+                    t.state = "RUNNING";
+                }
+                rt.run_function(f, &args, attempts)
+            };
+            rt.tasks.remove(&task);
+            rt.cancels.remove(&job_entry.id);
+            job_entry.complete(result);
+        }));
+        Ok(ObjectRef::from_inner(inner))
+    }
+
+    fn run_function(
+        &self,
+        f: &'static registry::FunctionEntry,
+        args: &[Arg],
+        attempts: u32,
+    ) -> Result<Bytes> {
+        let mut last = Err(Error::Cancelled);
+        for _ in 0..attempts.max(1) {
+            let resolved = match resolve_args(args) {
+                Ok(r) => r,
+                Err(e) => return Err(e),
+            };
+            last = catch_task(f.name, self.node, || (f.invoke)(Args::new(resolved)));
+            if last.is_ok() {
+                break;
+            }
+        }
+        last
+    }
+
+    /// Creates an actor hosted by this process.
+    pub(crate) fn create_actor(
+        self: &Arc<Self>,
+        class: &'static str,
+        sig: u64,
+        args: Vec<Arg>,
+        opts: &ActorOptions,
+    ) -> Result<ActorCore> {
+        let entry = registry::class(class, sig)?;
+        if let Some(name) = &opts.name
+            && self.named.contains_key(name)
+        {
+            return Err(Error::InvalidArgument(format!(
+                "an actor named {name:?} already exists"
+            )));
+        }
+        let id = rand_u128();
+        let host = ActorHost::spawn(self.clone(), id, entry, args, opts.clone())?;
+        self.actors.insert(id, host.clone());
+        let core = ActorCore::local(id, class, host);
+        if let Some(name) = &opts.name {
+            self.named.insert(name.clone(), core.clone());
+        }
+        Ok(core)
+    }
+
+    /// Marks a pending task cancelled; its ref fails with `Cancelled`. A running task finishes, but its result is
+    /// discarded (threads cannot be interrupted safely).
+    pub(crate) fn cancel(&self, id: ObjectId) -> bool {
+        if let Some(flag) = self.cancels.get(&id) {
+            flag.store(true, Ordering::Release);
+            if let Some(e) = self.objects.lookup(id) {
+                e.complete(Err(Error::Cancelled));
+            }
+            return true;
+        }
+        false
+    }
+}
+
+/// Resolves arguments to their bytes, waiting for referenced objects (releasing the CPU slot while waiting).
+fn resolve_args(args: &[Arg]) -> Result<Vec<Bytes>> {
+    args.iter()
+        .map(|a| match &a.0 {
+            ArgKind::Value(b) => Ok(b.clone()),
+            ArgKind::Ref(r) => wait_blocking(&r.entry, None),
+        })
+        .collect()
+}
+
+/// Runs user code, turning a panic into a `TaskFailed` carrying the panic message.
+fn catch_task(name: &str, node: u128, f: impl FnOnce() -> Result<Bytes>) -> Result<Bytes> {
+    match std::panic::catch_unwind(AssertUnwindSafe(f)) {
+        Ok(Ok(b)) => Ok(b),
+        Ok(Err(Error::TaskFailed {
+            task,
+            node,
+            message,
+        })) => Err(Error::TaskFailed {
+            task,
+            node,
+            message,
+        }),
+        Ok(Err(e)) => Err(Error::TaskFailed {
+            task: name.to_string(),
+            node: short(node),
+            message: e.to_string(),
+        }),
+        Err(panic) => {
+            let message = if let Some(s) = panic.downcast_ref::<&str>() {
+                s.to_string()
+            } else if let Some(s) = panic.downcast_ref::<String>() {
+                s.clone()
+            } else {
+                "panicked with a non-string payload".to_string()
+            };
+            Err(Error::TaskFailed {
+                task: name.to_string(),
+                node: short(node),
+                message,
+            })
+        }
+    }
+}
+
+pub(crate) fn short(id: u128) -> String {
+    format!("{:012x}", id >> 80)
+}
+
+enum ActorMsg {
+    Call {
+        method: u32,
+        args: Vec<Arg>,
+        entry: Arc<Entry>,
+    },
+}
+
+/// An actor hosted by this process: its thread owns the actor's state and runs calls one at a time, in the order
+/// they arrive on its mailbox.
+pub(crate) struct ActorHost {
+    pub(crate) id: u128,
+    pub(crate) class: &'static ActorClassEntry,
+    pub(crate) name: Option<String>,
+    tx: flume::Sender<ActorMsg>,
+    /// Why the actor is dead, once it is. Checked before each call so `kill` takes effect at the next call.
+    dead: Mutex<Option<String>>,
+    killed: AtomicBool,
+    pub(crate) calls: AtomicU64,
+}
+
+impl ActorHost {
+    fn spawn(
+        rt: Arc<Runtime>,
+        id: u128,
+        class: &'static ActorClassEntry,
+        args: Vec<Arg>,
+        opts: ActorOptions,
+    ) -> Result<Arc<Self>> {
+        let (tx, rx) = flume::unbounded::<ActorMsg>();
+        let host = Arc::new(ActorHost {
+            id,
+            class,
+            name: opts.name.clone(),
+            tx,
+            dead: Mutex::new(None),
+            killed: AtomicBool::new(false),
+            calls: AtomicU64::new(0),
+        });
+        let h = host.clone();
+        std::thread::Builder::new()
+            .name(format!("actor-{}", short(id)))
+            .spawn(move || h.run(rt, args, rx))
+            .map_err(|e| Error::Cluster(format!("cannot start the actor's thread: {e}")))?;
+        Ok(host)
+    }
+
+    fn run(self: Arc<Self>, rt: Arc<Runtime>, args: Vec<Arg>, rx: flume::Receiver<ActorMsg>) {
+        let constructed = resolve_args(&args).and_then(|resolved| {
+            let mut state: Option<Box<dyn Any + Send>> = None;
+            let name = self.class.name;
+            catch_task(name, rt.node, || {
+                state = Some((self.class.construct)(Args::new(resolved))?);
+                Ok(Bytes::new())
+            })
+            .map(|_| state)
+        });
+        let mut state = match constructed {
+            Ok(Some(s)) => s,
+            Ok(None) => unreachable!("constructor returned Ok without a state"),
+            Err(e) => {
+                self.die(format!("its constructor failed: {e}"));
+                self.drain(&rx);
+                return;
+            }
+        };
+        while let Ok(msg) = rx.recv() {
+            if self.killed.load(Ordering::Acquire) {
+                self.fail(msg);
+                continue;
+            }
+            let ActorMsg::Call {
+                method,
+                args,
+                entry,
+            } = msg;
+            let result = match self.class.methods.get(method as usize) {
+                None => Err(Error::UnknownFunction {
+                    name: format!("{}#{method}", self.class.name),
+                    why: "no such method".into(),
+                }),
+                Some(m) => resolve_args(&args).and_then(|resolved| {
+                    let task = format!("{}::{}", self.class.name, m.name);
+                    catch_task(&task, rt.node, || {
+                        (m.invoke)(state.as_mut(), Args::new(resolved))
+                    })
+                }),
+            };
+            self.calls.fetch_add(1, Ordering::Relaxed);
+            entry.complete(result);
+        }
+        drop(state);
+    }
+
+    fn error(&self) -> Error {
+        let reason = self
+            .dead
+            .lock()
+            .clone()
+            .unwrap_or_else(|| "it was killed".into());
+        Error::ActorDied {
+            actor: short(self.id),
+            reason,
+        }
+    }
+
+    fn fail(&self, msg: ActorMsg) {
+        let ActorMsg::Call { entry, .. } = msg;
+        entry.complete(Err(self.error()));
+    }
+
+    fn drain(&self, rx: &flume::Receiver<ActorMsg>) {
+        // Keep failing calls until every sender is gone, so no caller ever waits on a dead actor.
+        while let Ok(msg) = rx.recv() {
+            self.fail(msg);
+        }
+    }
+
+    fn die(&self, reason: String) {
+        let mut d = self.dead.lock();
+        if d.is_none() {
+            *d = Some(reason);
+        }
+        self.killed.store(true, Ordering::Release);
+    }
+
+    pub(crate) fn kill(&self, reason: &str) {
+        self.die(reason.to_string());
+    }
+
+    pub(crate) fn is_alive(&self) -> bool {
+        !self.killed.load(Ordering::Acquire)
+    }
+
+    fn call(&self, method: u32, args: Vec<Arg>, entry: Arc<Entry>) {
+        if self.killed.load(Ordering::Acquire) {
+            entry.complete(Err(self.error()));
+            return;
+        }
+        if let Err(flume::SendError(msg)) = self.tx.send(ActorMsg::Call {
+            method,
+            args,
+            entry,
+        }) {
+            self.fail(msg);
+        }
+    }
+}
+
+/// The untyped part of an actor handle: which actor, and how to reach it.
+#[derive(Clone)]
+pub struct ActorCore {
+    inner: Arc<ActorCoreInner>,
+}
+
+struct ActorCoreInner {
+    id: u128,
+    class: &'static str,
+    host: Arc<ActorHost>,
+}
+
+impl std::fmt::Debug for ActorCore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Actor({} {})", self.inner.class, short(self.inner.id))
+    }
+}
+
+impl ActorCore {
+    fn local(id: u128, class: &'static str, host: Arc<ActorHost>) -> Self {
+        ActorCore {
+            inner: Arc::new(ActorCoreInner { id, class, host }),
+        }
+    }
+
+    /// The actor's id.
+    pub fn id(&self) -> u128 {
+        self.inner.id
+    }
+
+    /// The actor's class name.
+    pub fn class(&self) -> &'static str {
+        self.inner.class
+    }
+
+    /// Calls method number `method` (declaration order) with `args`. Never fails here: a dead actor or a bad
+    /// argument fails the returned ref.
+    pub fn call<R>(&self, method: u32, args: Result<Vec<Arg>>) -> ObjectRef<R> {
+        let rt = match current() {
+            Ok(rt) => rt,
+            Err(e) => return failed_ref(e),
+        };
+        let (entry, inner) = rt.new_owned(ObjectId::for_task_return(rand_u128(), 0));
+        match args {
+            Ok(args) => self.inner.host.call(method, args, entry),
+            Err(e) => entry.complete(Err(e)),
+        }
+        ObjectRef::from_inner(inner)
+    }
+
+    pub(crate) fn kill(&self) {
+        self.inner.host.kill("it was killed with oxray::kill");
+    }
+
+    pub(crate) fn is_alive(&self) -> bool {
+        self.inner.host.is_alive()
+    }
+}
+
+/// A ref that is already failed, for errors found before anything was submitted.
+pub(crate) fn failed_ref<R>(e: Error) -> ObjectRef<R> {
+    let entry = Entry::new(ObjectId::random());
+    entry.complete(Err(e));
+    ObjectRef::from_inner(Arc::new(RefInner {
+        entry,
+        owner: 0,
+        table: None,
+    }))
+}
+
+/// Waits until `num_returns` of `refs` are ready or `timeout` passes; returns (ready, not ready) indices in order.
+pub(crate) fn wait_indices(
+    entries: &[Arc<Entry>],
+    num_returns: usize,
+    timeout: Option<Duration>,
+) -> (Vec<usize>, Vec<usize>) {
+    let deadline = timeout.map(|t| Instant::now() + t);
+    let want = num_returns.min(entries.len());
+    let rt = current().ok();
+    let mut ready: Vec<bool> = entries.iter().map(|e| e.is_ready()).collect();
+    // A bounded back-off poll: it keeps entries free of multi-object waiter lists, and costs at most 2 ms of
+    // extra latency per round.
+    let mut sleep = Duration::from_micros(20);
+    loop {
+        for (i, e) in entries.iter().enumerate() {
+            if !ready[i] && e.is_ready() {
+                ready[i] = true;
+            }
+        }
+        if ready.iter().filter(|r| **r).count() >= want {
+            break;
+        }
+        if let Some(d) = deadline
+            && Instant::now() >= d
+        {
+            break;
+        }
+        let nap = || std::thread::sleep(sleep);
+        match &rt {
+            Some(rt) => rt.pool.blocking(nap),
+            None => nap(),
+        }
+        sleep = (sleep * 2).min(Duration::from_millis(2));
+    }
+    let mut r = Vec::new();
+    let mut n = Vec::new();
+    for (i, is) in ready.iter().enumerate() {
+        if *is && r.len() < want {
+            r.push(i);
+        } else {
+            n.push(i);
+        }
+    }
+    (r, n)
+}
+
+/// Counts, for `oxray status` in embedded mode.
+pub(crate) fn local_summary(rt: &Runtime) -> HashMap<&'static str, usize> {
+    let (queued, running) = rt.pool.load();
+    HashMap::from([
+        ("cpus", rt.pool.slots()),
+        ("queued", queued),
+        ("running", running),
+        ("actors", rt.actors.len()),
+        ("objects", rt.objects.len()),
+    ])
+}
