@@ -55,6 +55,7 @@ mod options;
 mod pool;
 mod registry;
 mod runtime;
+pub mod state;
 mod value;
 
 use std::sync::Arc;
@@ -180,6 +181,12 @@ pub fn get_actor<A: ActorClass>(name: &str) -> Result<ActorHandle<A>> {
         )));
     }
     Ok(ActorHandle::from_core(core))
+}
+
+/// A snapshot of this process's node: load, actors, unfinished tasks, owned objects.
+pub fn node_state() -> Result<state::NodeState> {
+    let rt = runtime::current()?;
+    Ok(state::snapshot(&rt, None))
 }
 
 /// What the macros expand to. Not a public API: names here change without notice.

@@ -173,10 +173,10 @@ impl Entry {
                 None => self.cv.wait(&mut slot),
                 Some(d) => {
                     let start = Instant::now();
-                    if start >= d || self.cv.wait_until(&mut slot, d).timed_out() {
-                        if let Slot::Pending = &*slot {
-                            return Err(Error::GetTimeout(d.saturating_duration_since(start)));
-                        }
+                    if (start >= d || self.cv.wait_until(&mut slot, d).timed_out())
+                        && matches!(&*slot, Slot::Pending)
+                    {
+                        return Err(Error::GetTimeout(d.saturating_duration_since(start)));
                     }
                 }
             }
@@ -233,6 +233,8 @@ impl ObjectTable {
 /// What the owner keeps per live `ObjectRef` family: dropping the last clone frees the object.
 pub(crate) struct RefInner {
     pub(crate) entry: Arc<Entry>,
+    /// The owning node (this process's id for objects it owns).
+    #[allow(dead_code)] // read by the cluster layer when a ref travels to another node
     pub(crate) owner: u128,
     /// The owner's table, when this process is the owner; `None` for a borrowed ref.
     pub(crate) table: Option<Weak<ObjectTable>>,
@@ -350,7 +352,7 @@ unsafe impl<T: Value> Sync for ObjectView<T> where T::Archived: Sync {}
 
 impl<T: Value> ObjectView<T> {
     pub(crate) fn new(bytes: Bytes) -> Result<Self> {
-        let bytes = if (bytes.as_ptr() as usize) % 16 == 0 {
+        let bytes = if (bytes.as_ptr() as usize).is_multiple_of(16) {
             bytes
         } else {
             value::aligned_copy(&bytes)

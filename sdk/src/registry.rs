@@ -30,6 +30,7 @@ impl Args {
     }
 
     /// Decodes the next argument as a `T`.
+    #[allow(clippy::should_implement_trait)] // generic over the decoded type: not an iterator
     pub fn next<T: Value>(&mut self) -> Result<T> {
         self.position += 1;
         let bytes = self.items.next().ok_or_else(|| {

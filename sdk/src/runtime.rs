@@ -6,7 +6,6 @@
 //! actor's mailbox is a `flume` channel.
 
 use std::any::Any;
-use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -215,10 +214,7 @@ impl Runtime {
     ) -> Result<Bytes> {
         let mut last = Err(Error::Cancelled);
         for _ in 0..attempts.max(1) {
-            let resolved = match resolve_args(args) {
-                Ok(r) => r,
-                Err(e) => return Err(e),
-            };
+            let resolved = resolve_args(args)?;
             last = catch_task(f.name, self.node, || (f.invoke)(Args::new(resolved)));
             if last.is_ok() {
                 break;
@@ -579,16 +575,4 @@ pub(crate) fn wait_indices(
         }
     }
     (r, n)
-}
-
-/// Counts, for `oxray status` in embedded mode.
-pub(crate) fn local_summary(rt: &Runtime) -> HashMap<&'static str, usize> {
-    let (queued, running) = rt.pool.load();
-    HashMap::from([
-        ("cpus", rt.pool.slots()),
-        ("queued", queued),
-        ("running", running),
-        ("actors", rt.actors.len()),
-        ("objects", rt.objects.len()),
-    ])
 }

@@ -57,12 +57,16 @@ pub fn access<T: Value>(bytes: &[u8]) -> Result<&T::Archived, Error> {
 
 /// Validates and deserializes `bytes` into an owned `T`.
 pub fn decode<T: Value>(bytes: &[u8]) -> Result<T, Error> {
-    if (bytes.as_ptr() as usize) % 16 != 0 {
+    if !bytes.is_empty() && !(bytes.as_ptr() as usize).is_multiple_of(16) {
         // Only bytes that came through an unaligned path (a test, a foreign buffer) pay this copy.
         let mut aligned = AlignedVec::<16>::with_capacity(bytes.len());
         aligned.extend_from_slice(bytes);
-        return decode::<T>(&aligned);
+        return decode_aligned::<T>(&aligned);
     }
+    decode_aligned::<T>(bytes)
+}
+
+fn decode_aligned<T: Value>(bytes: &[u8]) -> Result<T, Error> {
     let archived = access::<T>(bytes)?;
     rkyv::deserialize::<T, rancor::Error>(archived).map_err(|e| Error::Serialization(e.to_string()))
 }

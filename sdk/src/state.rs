@@ -1,0 +1,145 @@
+//! Read-only snapshots of what a node holds, for `oxray status` and `oxray list`.
+//!
+//! Plain serde types: they are printed as tables for people and as JSON for scripts, and travel between nodes as
+//! JSON (small, rare, and readable in a packet dump).
+
+use serde::{Deserialize, Serialize};
+
+use crate::runtime::{Runtime, short};
+
+/// One node's load and holdings.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct NodeSummary {
+    /// The node id (short hex).
+    pub id: String,
+    /// The node's mesh address, if it has one.
+    pub address: Option<String>,
+    /// CPU slots.
+    pub cpus: usize,
+    /// Tasks waiting for a slot.
+    pub queued: usize,
+    /// Tasks running.
+    pub running: usize,
+    /// Actors hosted.
+    pub actors: usize,
+    /// Objects owned.
+    pub objects: usize,
+    /// Bytes of owned objects that are ready.
+    pub object_bytes: usize,
+    /// Functions and actor classes compiled into this node.
+    pub functions: usize,
+}
+
+/// One actor.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ActorSummary {
+    /// The actor id (short hex).
+    pub id: String,
+    /// The class name.
+    pub class: String,
+    /// Its name, if it has one.
+    pub name: Option<String>,
+    /// The node hosting it.
+    pub node: String,
+    /// ALIVE or DEAD.
+    pub state: String,
+    /// Calls it has finished.
+    pub calls: u64,
+}
+
+/// One task that has not finished.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TaskSummary {
+    /// The task id (short hex).
+    pub id: String,
+    /// Its name (the function's, unless named in the options).
+    pub name: String,
+    /// PENDING or RUNNING.
+    pub state: String,
+    /// The node that owns it.
+    pub owner: String,
+}
+
+/// One owned object.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ObjectSummary {
+    /// The object id.
+    pub id: String,
+    /// Whether its value (or error) is known.
+    pub ready: bool,
+    /// Its size in bytes, once ready.
+    pub size: usize,
+    /// The owning node.
+    pub owner: String,
+}
+
+/// Everything one node reports.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct NodeState {
+    /// Load and counts.
+    pub node: NodeSummary,
+    /// Actors hosted here.
+    pub actors: Vec<ActorSummary>,
+    /// Tasks owned here that have not finished.
+    pub tasks: Vec<TaskSummary>,
+    /// Objects owned here.
+    pub objects: Vec<ObjectSummary>,
+}
+
+pub(crate) fn snapshot(rt: &Runtime, address: Option<String>) -> NodeState {
+    let (queued, running) = rt.pool.load();
+    let node = short(rt.node);
+    let objects: Vec<ObjectSummary> = rt
+        .objects
+        .ids()
+        .into_iter()
+        .map(|(id, ready, size)| ObjectSummary {
+            id: id.to_string(),
+            ready,
+            size,
+            owner: node.clone(),
+        })
+        .collect();
+    let actors: Vec<ActorSummary> = rt
+        .actors
+        .iter()
+        .map(|a| ActorSummary {
+            id: short(a.id),
+            class: a.class.name.to_string(),
+            name: a.name.clone(),
+            node: node.clone(),
+            state: if a.is_alive() {
+                "ALIVE".into()
+            } else {
+                "DEAD".into()
+            },
+            calls: a.calls.load(std::sync::atomic::Ordering::Relaxed),
+        })
+        .collect();
+    let tasks: Vec<TaskSummary> = rt
+        .tasks
+        .iter()
+        .map(|t| TaskSummary {
+            id: short(*t.key()),
+            name: t.name.clone(),
+            state: t.state.to_string(),
+            owner: node.clone(),
+        })
+        .collect();
+    NodeState {
+        node: NodeSummary {
+            id: node.clone(),
+            address,
+            cpus: rt.pool.slots(),
+            queued,
+            running,
+            actors: actors.len(),
+            objects: rt.objects.len(),
+            object_bytes: objects.iter().map(|o| o.size).sum(),
+            functions: crate::registry::table().len(),
+        },
+        actors,
+        tasks,
+        objects,
+    }
+}
