@@ -1,1 +1,13 @@
-//! placeholder
+//! oxray's scheduler: the placement policy and local dispatch, as sans-IO cores.
+//!
+//! Work in progress; see the module docs.
+
+pub mod policy;
+pub mod resources;
+pub mod view;
+
+pub use policy::{Decision, InfeasibleReason, Policy, PolicyConfig, Strategy, TaskRequest, decide};
+pub use resources::{
+    LabelOp, LabelSelector, Labels, Quantity, ResourceError, ResourceKind, ResourceSet,
+};
+pub use view::{ClusterView, FunctionId, NodeInfo, ObjectId, PlacementGroupId, TaskId, ViewDelta};
