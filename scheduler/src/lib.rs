@@ -2,10 +2,15 @@
 //!
 //! Work in progress; see the module docs.
 
+pub mod local;
 pub mod policy;
 pub mod resources;
 pub mod view;
 
+pub use local::{
+    BundleError, BundleKey, BundleRelease, Cancel, Dispatch, LocalError, LocalQueue,
+    LocalQueueConfig, LocalTask, Unblock,
+};
 pub use policy::{Decision, InfeasibleReason, Policy, PolicyConfig, Strategy, TaskRequest, decide};
 pub use resources::{
     LabelOp, LabelSelector, Labels, Quantity, ResourceError, ResourceKind, ResourceSet,
