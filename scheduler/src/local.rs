@@ -684,6 +684,28 @@ impl LocalQueue {
         Ok(())
     }
 
+    /// Phase 1 for every bundle a [`crate::pg::PgCommand::Prepare`] names: all are reserved, or
+    /// none (those reserved by this call are released again on failure).
+    pub fn prepare_bundles(
+        &mut self,
+        bundles: &[(BundleKey, ResourceSet)],
+    ) -> Result<(), BundleError> {
+        let mut done: Vec<BundleKey> = Vec::with_capacity(bundles.len());
+        for (key, res) in bundles {
+            let existed = self.bundles.contains_key(key);
+            if let Err(e) = self.prepare_bundle(*key, res) {
+                for k in done {
+                    self.release_bundle(k);
+                }
+                return Err(e);
+            }
+            if !existed {
+                done.push(*key);
+            }
+        }
+        Ok(())
+    }
+
     /// Phase 2: makes a prepared bundle usable by tasks. Idempotent.
     pub fn commit_bundle(&mut self, key: BundleKey) -> Result<(), BundleError> {
         let b = self
