@@ -1,1 +1,11 @@
-//! placeholder
+//! oxray's global control store (GCS): a Raft-replicated, sharded key-value store with pub/sub.
+//!
+//! # Table of contents
+//! - [`codec`]: the compact binary encoding of commands, snapshots and wire messages.
+//! - [`shard`]: the sans-IO replicated state machine of one shard (KV with revisions, dedup, change log).
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod codec;
+pub mod shard;
