@@ -3,9 +3,13 @@
 //! # Table of contents
 //! - [`codec`]: the compact binary encoding of commands, snapshots and wire messages.
 //! - [`shard`]: the sans-IO replicated state machine of one shard (KV with revisions, dedup, change log).
+//! - [`wal`]: the crash-safe segmented write-ahead log.
+//! - [`storage`]: raft-rs `Storage` over the WAL and an atomically replaced snapshot file.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod codec;
 pub mod shard;
+pub mod storage;
+pub mod wal;
