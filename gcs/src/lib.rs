@@ -1,1 +1,19 @@
-//! placeholder
+//! oxray's global control store (GCS): a Raft-replicated, sharded key-value store with pub/sub.
+//!
+//! # Table of contents
+//! - [`codec`]: the compact binary encoding of commands, snapshots and wire messages.
+//! - [`shard`]: the sans-IO replicated state machine of one shard (KV with revisions, dedup, change log).
+//! - [`wal`]: the crash-safe segmented write-ahead log.
+//! - [`storage`]: raft-rs `Storage` over the WAL and an atomically replaced snapshot file.
+//! - [`replica`]: one Raft replica of one shard: the Ready loop, batching, ReadIndex, completions.
+//! - [`router`]: the documented key-to-shard rule.
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod codec;
+pub mod replica;
+pub mod router;
+pub mod shard;
+pub mod storage;
+pub mod wal;
