@@ -49,7 +49,9 @@
 
 mod actor;
 mod arg;
+mod cluster;
 mod error;
+pub mod node;
 mod object;
 mod options;
 mod pool;
@@ -57,23 +59,34 @@ mod registry;
 mod runtime;
 pub mod state;
 mod value;
+mod wire;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 pub use actor::{ActorClass, ActorHandle};
 pub use arg::{Arg, IntoArg};
+pub use cluster::NodeSettings;
 pub use error::{Error, Result};
+pub use node::{connect, run_node_if_requested};
 pub use object::{ObjectId, ObjectRef, ObjectView};
 pub use options::{ActorOptions, Resources, Strategy, TaskOptions};
 pub use oxray_macros::{actor, remote};
 pub use runtime::{ActorCore, Config};
 pub use value::Value;
 
-/// Starts the embedded default: the whole system in this process, with one CPU slot per core.
+/// Starts oxray in this process.
 ///
+/// With `OXRAY_ADDRESS` and `OXRAY_TOKEN` set, it joins that cluster as a driver (see [`connect`]); otherwise it
+/// starts the embedded default: the whole system in this process, with one CPU slot per core.
 /// Calling it again is harmless (the first runtime stays).
 pub fn init() -> Result<()> {
+    if is_initialized() {
+        return Ok(());
+    }
+    if let (Ok(addr), Ok(token)) = (std::env::var("OXRAY_ADDRESS"), std::env::var("OXRAY_TOKEN")) {
+        return connect(&addr, &token);
+    }
     init_with(Config::default())
 }
 
@@ -168,11 +181,7 @@ pub fn kill<A: ActorClass>(actor: &ActorHandle<A>) {
 /// Looks up a named actor (created with `ActorOptions::name`). Fails if there is none, or if it is of another class.
 pub fn get_actor<A: ActorClass>(name: &str) -> Result<ActorHandle<A>> {
     let rt = runtime::current()?;
-    let core = rt
-        .named
-        .get(name)
-        .map(|c| c.clone())
-        .ok_or_else(|| Error::ActorNotFound(name.to_string()))?;
+    let core = rt.lookup_actor(name)?;
     if core.class() != A::NAME {
         return Err(Error::InvalidArgument(format!(
             "actor {name:?} is a {}, not a {}",

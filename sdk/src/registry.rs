@@ -150,6 +150,11 @@ pub(crate) fn class(name: &str, sig: u64) -> Result<&'static ActorClassEntry> {
     Ok(c)
 }
 
+/// The `'static` name of a class compiled into this binary.
+pub(crate) fn class_name(name: &str) -> Option<&'static str> {
+    registry().classes.get(name).map(|c| c.name)
+}
+
 /// Every function and class id in this binary, as announced to the cluster.
 pub(crate) fn table() -> Vec<(String, u64)> {
     let r = registry();

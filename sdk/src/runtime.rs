@@ -7,8 +7,8 @@
 
 use std::any::Any;
 use std::panic::AssertUnwindSafe;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -16,11 +16,15 @@ use dashmap::DashMap;
 use parking_lot::{Mutex, RwLock};
 
 use crate::arg::{Arg, ArgKind};
+use crate::cluster::{Cluster, Outgoing};
 use crate::error::{Error, Result};
 use crate::object::{Entry, ObjectId, ObjectRef, ObjectTable, RefInner, rand_u128};
 use crate::options::{ActorOptions, TaskOptions};
 use crate::pool::WorkerPool;
-use crate::registry::{self, ActorClassEntry, Args};
+use crate::registry::{self, ActorClassEntry, Args, FunctionEntry};
+use crate::wire::{self, CallW, CreateW, TaskW, kind};
+use oxray_scheduler::Decision;
+use oxray_transport::{NodeId, Responder};
 
 /// How a runtime is configured.
 #[derive(Debug, Clone)]
@@ -62,6 +66,8 @@ pub(crate) struct Runtime {
     pub(crate) cancels: DashMap<ObjectId, Arc<AtomicBool>>,
     pub(crate) tasks: DashMap<u128, TaskRecord>,
     pub(crate) tokio: tokio::runtime::Handle,
+    /// Set when this process is a node of a cluster (`connect`, `start`).
+    pub(crate) cluster: OnceLock<Arc<Cluster>>,
     /// Kept so the runtime's threads live as long as this process's oxray runtime.
     _tokio: Option<Arc<tokio::runtime::Runtime>>,
 }
@@ -79,6 +85,11 @@ pub(crate) fn is_initialized() -> bool {
 
 /// Installs a runtime for this process. A second call keeps the first runtime.
 pub(crate) fn install(config: Config) -> Result<Arc<Runtime>> {
+    install_as(config, None)
+}
+
+/// Installs a runtime whose node id is `node` (the mesh identity's id in cluster mode).
+pub(crate) fn install_as(config: Config, node: Option<u128>) -> Result<Arc<Runtime>> {
     let mut cur = CURRENT.write();
     if let Some(rt) = cur.as_ref() {
         return Ok(rt.clone());
@@ -96,7 +107,7 @@ pub(crate) fn install(config: Config) -> Result<Arc<Runtime>> {
         }
     };
     let rt = Arc::new(Runtime {
-        node: rand_u128(),
+        node: node.unwrap_or_else(rand_u128),
         objects: Arc::new(ObjectTable::default()),
         pool: WorkerPool::new("oxray", config.num_cpus, config.max_worker_threads),
         actors: DashMap::new(),
@@ -104,6 +115,7 @@ pub(crate) fn install(config: Config) -> Result<Arc<Runtime>> {
         cancels: DashMap::new(),
         tasks: DashMap::new(),
         tokio: handle,
+        cluster: OnceLock::new(),
         _tokio: owned,
     });
     *cur = Some(rt.clone());
@@ -124,6 +136,27 @@ pub(crate) fn uninstall() {
             let tok = tok.clone();
             drop(rt);
             std::thread::spawn(move || drop(tok));
+        }
+    }
+}
+
+/// Where a finished task's or call's result goes: the local owner's entry, or back over the mesh.
+pub(crate) enum Done {
+    Entry(Arc<Entry>),
+    Reply(Responder),
+}
+
+impl Done {
+    pub(crate) fn complete(self, result: Result<Bytes>) {
+        match self {
+            Done::Entry(e) => e.complete(result),
+            Done::Reply(r) => match result {
+                Ok(b) => r.send(kind::OK, b),
+                Err(e) => r.send(
+                    kind::ERR,
+                    Bytes::from(serde_json::to_vec(&e).unwrap_or_default()),
+                ),
+            },
         }
     }
 }
@@ -171,9 +204,48 @@ impl Runtime {
         args: Vec<Arg>,
         opts: &TaskOptions,
     ) -> Result<ObjectRef<R>> {
-        let f = registry::function(function, sig)?;
         let task = rand_u128();
         let (entry, inner) = self.new_owned(ObjectId::for_task_return(task, 0));
+        let attempts = if opts.retry_exceptions {
+            opts.max_retries + 1
+        } else {
+            1
+        };
+        if let Some(cl) = self.cluster.get() {
+            let fid = crate::cluster::function_id(function, sig);
+            let decision = cl.decide(self, fid, &opts.resources, &opts.strategy);
+            if !matches!(decision, Decision::RunLocal) {
+                let spec = TaskW {
+                    task,
+                    function: function.to_string(),
+                    sig,
+                    owner: self.node,
+                    name: opts.name.clone().unwrap_or_else(|| function.to_string()),
+                    attempts,
+                    args: Cluster::wire_args(&args, self.node),
+                };
+                let out = Outgoing {
+                    spec,
+                    args,
+                    entry,
+                    retries: opts.max_retries,
+                    function: fid,
+                    res: opts.resources.clone(),
+                    strategy: opts.strategy.clone(),
+                };
+                match decision {
+                    Decision::Spill(n) | Decision::RunInBundle { node: n, .. }
+                        if n.0 != self.node =>
+                    {
+                        cl.submit_remote(self, n, out);
+                    }
+                    Decision::Infeasible(why) => cl.park_until_feasible(self, out, why.to_string()),
+                    _ => cl.park_until_feasible(self, out, "every fitting node is busy".into()),
+                }
+                return Ok(ObjectRef::from_inner(inner));
+            }
+        }
+        let f = registry::function(function, sig)?;
         let cancelled = Arc::new(AtomicBool::new(false));
         self.cancels.insert(entry.id, cancelled.clone());
         self.tasks.insert(
@@ -184,11 +256,6 @@ impl Runtime {
             },
         );
         let rt = self.clone();
-        let attempts = if opts.retry_exceptions {
-            opts.max_retries + 1
-        } else {
-            1
-        };
         let job_entry = entry.clone();
         self.pool.submit(Box::new(move || {
             let result = if cancelled.load(Ordering::Acquire) {
@@ -204,6 +271,37 @@ impl Runtime {
             job_entry.complete(result);
         }));
         Ok(ObjectRef::from_inner(inner))
+    }
+
+    /// Runs a task for another node (or a parked one) on this node's pool.
+    pub(crate) fn run_here(
+        self: &Arc<Self>,
+        f: Result<&'static FunctionEntry>,
+        args: Vec<Arg>,
+        attempts: u32,
+        done: Done,
+    ) {
+        let f = match f {
+            Ok(f) => f,
+            Err(e) => return done.complete(Err(e)),
+        };
+        let rt = self.clone();
+        let task = rand_u128();
+        self.tasks.insert(
+            task,
+            TaskRecord {
+                name: f.name.to_string(),
+                state: "PENDING",
+            },
+        );
+        self.pool.submit(Box::new(move || {
+            if let Some(mut t) = rt.tasks.get_mut(&task) {
+                t.state = "RUNNING";
+            }
+            let result = rt.run_function(f, &args, attempts);
+            rt.tasks.remove(&task);
+            done.complete(result);
+        }));
     }
 
     fn run_function(
@@ -223,7 +321,7 @@ impl Runtime {
         last
     }
 
-    /// Creates an actor hosted by this process.
+    /// Creates an actor, here or on the node the scheduler picks.
     pub(crate) fn create_actor(
         self: &Arc<Self>,
         class: &'static str,
@@ -231,6 +329,38 @@ impl Runtime {
         args: Vec<Arg>,
         opts: &ActorOptions,
     ) -> Result<ActorCore> {
+        let id = rand_u128();
+        if let Some(cl) = self.cluster.get() {
+            let fid = crate::cluster::function_id(class, sig);
+            match cl.decide(self, fid, &opts.resources, &opts.strategy) {
+                Decision::RunLocal => {}
+                Decision::Spill(n) | Decision::RunInBundle { node: n, .. } => {
+                    if let Some(name) = &opts.name {
+                        self.register_name(cl, name, id, class, n.0)?;
+                    }
+                    let spec = CreateW {
+                        actor: id,
+                        class: class.to_string(),
+                        sig,
+                        name: opts.name.clone(),
+                        args: Cluster::wire_args(&args, self.node),
+                    };
+                    let created = cl.create_remote(self, n, spec, args);
+                    return Ok(ActorCore::remote(id, class, n, created));
+                }
+                Decision::Wait => {
+                    return Err(Error::Infeasible(format!(
+                        "every node that could host {class} is busy; try again"
+                    )));
+                }
+                Decision::Infeasible(why) => {
+                    return Err(Error::Infeasible(format!("actor {class}: {why}")));
+                }
+            }
+            if let Some(name) = &opts.name {
+                self.register_name(cl, name, id, class, self.node)?;
+            }
+        }
         let entry = registry::class(class, sig)?;
         if let Some(name) = &opts.name
             && self.named.contains_key(name)
@@ -239,14 +369,78 @@ impl Runtime {
                 "an actor named {name:?} already exists"
             )));
         }
-        let id = rand_u128();
-        let host = ActorHost::spawn(self.clone(), id, entry, args, opts.clone())?;
+        let host = ActorHost::spawn(self.clone(), id, entry, args, opts.name.clone())?;
         self.actors.insert(id, host.clone());
         let core = ActorCore::local(id, class, host);
         if let Some(name) = &opts.name {
             self.named.insert(name.clone(), core.clone());
         }
         Ok(core)
+    }
+
+    fn register_name(
+        &self,
+        cl: &Arc<Cluster>,
+        name: &str,
+        actor: u128,
+        class: &str,
+        node: u128,
+    ) -> Result<()> {
+        let n = wire::NamedActor {
+            name: name.to_string(),
+            actor,
+            class: class.to_string(),
+            node,
+        };
+        let body =
+            Bytes::from(serde_json::to_vec(&n).map_err(|e| Error::Serialization(e.to_string()))?);
+        let cl2 = cl.clone();
+        let head = cl.head;
+        block_on_io(&self.tokio, async move {
+            cl2.control(head, kind::NAME_ACTOR, body).await
+        })
+        .map(|_| ())
+    }
+
+    /// Hosts an actor created by another node.
+    pub(crate) fn host_actor(
+        self: &Arc<Self>,
+        id: u128,
+        class: &str,
+        sig: u64,
+        args: Vec<Arg>,
+        name: Option<String>,
+    ) -> Result<()> {
+        let entry = registry::class(class, sig)?;
+        let host = ActorHost::spawn(self.clone(), id, entry, args, name)?;
+        self.actors.insert(id, host);
+        Ok(())
+    }
+
+    /// Finds a named actor: locally, then through the head.
+    pub(crate) fn lookup_actor(self: &Arc<Self>, name: &str) -> Result<ActorCore> {
+        if let Some(c) = self.named.get(name) {
+            return Ok(c.clone());
+        }
+        let Some(cl) = self.cluster.get() else {
+            return Err(Error::ActorNotFound(name.to_string()));
+        };
+        let cl2 = cl.clone();
+        let head = cl.head;
+        let body = Bytes::from(name.as_bytes().to_vec());
+        let b = block_on_io(&self.tokio, async move {
+            cl2.control(head, kind::LOOKUP_ACTOR, body).await
+        })?;
+        let n: wire::NamedActor =
+            serde_json::from_slice(&b).map_err(|e| Error::Cluster(e.to_string()))?;
+        let class: &'static str = registry::class_name(&n.class).unwrap_or("unknown");
+        if n.node == self.node
+            && let Some(host) = self.actors.get(&n.actor)
+        {
+            return Ok(ActorCore::local(n.actor, class, host.clone()));
+        }
+        let created = Entry::ready(ObjectId::random(), Bytes::new());
+        Ok(ActorCore::remote(n.actor, class, NodeId(n.node), created))
     }
 
     /// Marks a pending task cancelled; its ref fails with `Cancelled`. A running task finishes, but its result is
@@ -316,7 +510,7 @@ enum ActorMsg {
     Call {
         method: u32,
         args: Vec<Arg>,
-        entry: Arc<Entry>,
+        done: Done,
     },
 }
 
@@ -339,13 +533,13 @@ impl ActorHost {
         id: u128,
         class: &'static ActorClassEntry,
         args: Vec<Arg>,
-        opts: ActorOptions,
+        name: Option<String>,
     ) -> Result<Arc<Self>> {
         let (tx, rx) = flume::unbounded::<ActorMsg>();
         let host = Arc::new(ActorHost {
             id,
             class,
-            name: opts.name.clone(),
+            name,
             tx,
             dead: Mutex::new(None),
             killed: AtomicBool::new(false),
@@ -383,11 +577,7 @@ impl ActorHost {
                 self.fail(msg);
                 continue;
             }
-            let ActorMsg::Call {
-                method,
-                args,
-                entry,
-            } = msg;
+            let ActorMsg::Call { method, args, done } = msg;
             let result = match self.class.methods.get(method as usize) {
                 None => Err(Error::UnknownFunction {
                     name: format!("{}#{method}", self.class.name),
@@ -401,7 +591,7 @@ impl ActorHost {
                 }),
             };
             self.calls.fetch_add(1, Ordering::Relaxed);
-            entry.complete(result);
+            done.complete(result);
         }
         drop(state);
     }
@@ -419,8 +609,8 @@ impl ActorHost {
     }
 
     fn fail(&self, msg: ActorMsg) {
-        let ActorMsg::Call { entry, .. } = msg;
-        entry.complete(Err(self.error()));
+        let ActorMsg::Call { done, .. } = msg;
+        done.complete(Err(self.error()));
     }
 
     fn drain(&self, rx: &flume::Receiver<ActorMsg>) {
@@ -446,16 +636,12 @@ impl ActorHost {
         !self.killed.load(Ordering::Acquire)
     }
 
-    fn call(&self, method: u32, args: Vec<Arg>, entry: Arc<Entry>) {
+    pub(crate) fn call(&self, method: u32, args: Vec<Arg>, done: Done) {
         if self.killed.load(Ordering::Acquire) {
-            entry.complete(Err(self.error()));
+            done.complete(Err(self.error()));
             return;
         }
-        if let Err(flume::SendError(msg)) = self.tx.send(ActorMsg::Call {
-            method,
-            args,
-            entry,
-        }) {
+        if let Err(flume::SendError(msg)) = self.tx.send(ActorMsg::Call { method, args, done }) {
             self.fail(msg);
         }
     }
@@ -467,10 +653,22 @@ pub struct ActorCore {
     inner: Arc<ActorCoreInner>,
 }
 
+enum Location {
+    Local(Arc<ActorHost>),
+    /// On another node; `created` completes once the actor exists there (calls wait for it).
+    Remote {
+        node: NodeId,
+        created: Arc<Entry>,
+    },
+}
+
 struct ActorCoreInner {
     id: u128,
     class: &'static str,
-    host: Arc<ActorHost>,
+    location: Location,
+    /// This handle's identity as a caller: the host orders calls per (actor, caller) by `seq`.
+    caller: u128,
+    seq: AtomicU64,
 }
 
 impl std::fmt::Debug for ActorCore {
@@ -480,10 +678,24 @@ impl std::fmt::Debug for ActorCore {
 }
 
 impl ActorCore {
-    fn local(id: u128, class: &'static str, host: Arc<ActorHost>) -> Self {
+    fn new(id: u128, class: &'static str, location: Location) -> Self {
         ActorCore {
-            inner: Arc::new(ActorCoreInner { id, class, host }),
+            inner: Arc::new(ActorCoreInner {
+                id,
+                class,
+                location,
+                caller: rand_u128(),
+                seq: AtomicU64::new(0),
+            }),
         }
+    }
+
+    fn local(id: u128, class: &'static str, host: Arc<ActorHost>) -> Self {
+        Self::new(id, class, Location::Local(host))
+    }
+
+    fn remote(id: u128, class: &'static str, node: NodeId, created: Arc<Entry>) -> Self {
+        Self::new(id, class, Location::Remote { node, created })
     }
 
     /// The actor's id.
@@ -504,20 +716,70 @@ impl ActorCore {
             Err(e) => return failed_ref(e),
         };
         let (entry, inner) = rt.new_owned(ObjectId::for_task_return(rand_u128(), 0));
-        match args {
-            Ok(args) => self.inner.host.call(method, args, entry),
-            Err(e) => entry.complete(Err(e)),
+        let args = match args {
+            Ok(a) => a,
+            Err(e) => {
+                entry.complete(Err(e));
+                return ObjectRef::from_inner(inner);
+            }
+        };
+        match &self.inner.location {
+            Location::Local(host) => host.call(method, args, Done::Entry(entry)),
+            Location::Remote { node, created } => match rt.cluster.get() {
+                Some(cl) => {
+                    let call = CallW {
+                        actor: self.inner.id,
+                        caller: self.inner.caller,
+                        seq: self.inner.seq.fetch_add(1, Ordering::Relaxed),
+                        method,
+                        args: Cluster::wire_args(&args, rt.node),
+                    };
+                    cl.call_remote(&rt, *node, created.clone(), call, args, entry);
+                }
+                None => entry.complete(Err(Error::NotInitialized)),
+            },
         }
         ObjectRef::from_inner(inner)
     }
 
     pub(crate) fn kill(&self) {
-        self.inner.host.kill("it was killed with oxray::kill");
+        match &self.inner.location {
+            Location::Local(host) => host.kill("it was killed with oxray::kill"),
+            Location::Remote { node, .. } => {
+                if let Ok(rt) = current()
+                    && let Some(cl) = rt.cluster.get()
+                {
+                    cl.send_oneway(&rt, *node, kind::KILL_ACTOR, wire::id_bytes(self.inner.id));
+                }
+            }
+        }
     }
 
     pub(crate) fn is_alive(&self) -> bool {
-        self.inner.host.is_alive()
+        match &self.inner.location {
+            Location::Local(host) => host.is_alive(),
+            Location::Remote { node, created } => {
+                !matches!(created.try_value(), Some(Err(_)))
+                    && current()
+                        .ok()
+                        .and_then(|rt| rt.cluster.get().map(|cl| cl.node_alive(node.0)))
+                        .unwrap_or(false)
+            }
+        }
     }
+}
+
+/// Runs an async control request to completion from any thread (blocking the caller, never an I/O thread).
+pub(crate) fn block_on_io<T: Send + 'static>(
+    tokio: &tokio::runtime::Handle,
+    f: impl std::future::Future<Output = Result<T>> + Send + 'static,
+) -> Result<T> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    tokio.spawn(async move {
+        let _ = tx.send(f.await);
+    });
+    rx.recv()
+        .map_err(|_| Error::Cluster("the I/O runtime stopped".into()))?
 }
 
 /// A ref that is already failed, for errors found before anything was submitted.

@@ -28,6 +28,9 @@ pub struct NodeSummary {
     pub object_bytes: usize,
     /// Functions and actor classes compiled into this node.
     pub functions: usize,
+    /// Tasks submitted here that no node can take yet.
+    #[serde(default)]
+    pub infeasible: usize,
 }
 
 /// One actor.
@@ -137,6 +140,7 @@ pub(crate) fn snapshot(rt: &Runtime, address: Option<String>) -> NodeState {
             objects: rt.objects.len(),
             object_bytes: objects.iter().map(|o| o.size).sum(),
             functions: crate::registry::table().len(),
+            infeasible: 0,
         },
         actors,
         tasks,

@@ -1,0 +1,253 @@
+//! The `oxray` command: start nodes, inspect and stop a cluster, run the microbenchmark.
+//!
+//! `status` and `list` ask the head, which gathers every node's report. The cluster is found through
+//! `--address`/`--token`, else `OXRAY_ADDRESS`/`OXRAY_TOKEN`, else `<data dir>/cluster.json` written by `start --head`.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use oxray::node::{self, StartArgs};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "oxray",
+    version,
+    about = "oxray: typed remote tasks and actors over a secure QUIC mesh"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, clap::Args)]
+struct Target {
+    /// The head's address (HOST:PORT).
+    #[arg(long, env = "OXRAY_ADDRESS")]
+    address: Option<String>,
+    /// The cluster token printed by `start --head`.
+    #[arg(long, env = "OXRAY_TOKEN")]
+    token: Option<String>,
+    /// Where `start --head` wrote cluster.json (default: $OXRAY_DATA_DIR or ~/.oxray).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Print JSON instead of tables.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum What {
+    Nodes,
+    Actors,
+    Tasks,
+    Objects,
+    PlacementGroups,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run this process as a cluster node (`--head` to start a cluster, `--address` to join one).
+    Start(StartArgs),
+    /// Nodes, resources used and total, pending and infeasible demand.
+    Status(Target),
+    /// List nodes, actors, tasks, objects or placement groups.
+    List {
+        /// What to list.
+        what: What,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Stop every node of the cluster.
+    Stop(Target),
+}
+
+fn locate(t: &Target) -> Result<(String, String)> {
+    if let (Some(a), Some(tok)) = (&t.address, &t.token) {
+        return Ok((a.clone(), tok.clone()));
+    }
+    let dir = t.data_dir.clone().unwrap_or_else(node::default_data_dir);
+    let found = node::read_cluster_address(&dir)?;
+    Ok((
+        t.address.clone().unwrap_or(found.address),
+        t.token.clone().unwrap_or(found.token),
+    ))
+}
+
+fn table(headers: &[&str], rows: Vec<Vec<String>>) {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for r in &rows {
+        for (i, c) in r.iter().enumerate() {
+            widths[i] = widths[i].max(c.len());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let parts: Vec<String> = cells
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{c:<w$}", w = widths[i]))
+            .collect();
+        println!("{}", parts.join("  ").trim_end());
+    };
+    line(headers.iter().map(|h| h.to_string()).collect());
+    for r in rows {
+        line(r);
+    }
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Start(args) => {
+            node::init_logging();
+            node::run_start(args).context("cannot start the node")?;
+        }
+        Command::Status(t) => {
+            let (addr, tok) = locate(&t)?;
+            let s = node::cluster_state(&addr, &tok)?;
+            if t.json {
+                println!("{}", serde_json::to_string_pretty(&s)?);
+                return Ok(());
+            }
+            let alive: Vec<_> = s.members.iter().filter(|m| m.alive).collect();
+            let total: f64 = alive.iter().map(|m| m.cpus).sum();
+            let free: f64 = alive.iter().map(|m| m.free_cpus).sum();
+            let queued: usize = s.nodes.iter().map(|n| n.node.queued).sum();
+            let infeasible: usize = s.nodes.iter().map(|n| n.node.infeasible).sum();
+            println!("cluster at {addr}");
+            println!(
+                "nodes: {} alive, {} dead",
+                alive.len(),
+                s.members.len() - alive.len()
+            );
+            println!("resources: {:.1}/{:.1} CPU used", total - free, total);
+            println!("demand: {queued} queued, {infeasible} infeasible");
+            println!();
+            table(
+                &["NODE", "ADDRESS", "STATE", "CPUS", "FREE", "QUEUED", "ROLE"],
+                s.members
+                    .iter()
+                    .map(|m| {
+                        vec![
+                            m.id.clone(),
+                            m.address.clone(),
+                            if m.alive {
+                                "ALIVE".into()
+                            } else {
+                                "DEAD".into()
+                            },
+                            format!("{}", m.cpus),
+                            format!("{}", m.free_cpus),
+                            m.queued.to_string(),
+                            if m.head {
+                                "head".into()
+                            } else if m.cpus == 0.0 {
+                                "driver".into()
+                            } else {
+                                "worker".into()
+                            },
+                        ]
+                    })
+                    .collect(),
+            );
+        }
+        Command::List { what, target } => {
+            let (addr, tok) = locate(&target)?;
+            let s = node::cluster_state(&addr, &tok)?;
+            match what {
+                What::Nodes => {
+                    if target.json {
+                        println!("{}", serde_json::to_string_pretty(&s.members)?);
+                    } else {
+                        table(
+                            &["NODE", "ADDRESS", "STATE", "CPUS"],
+                            s.members
+                                .iter()
+                                .map(|m| {
+                                    vec![
+                                        m.id.clone(),
+                                        m.address.clone(),
+                                        if m.alive {
+                                            "ALIVE".into()
+                                        } else {
+                                            "DEAD".into()
+                                        },
+                                        format!("{}", m.cpus),
+                                    ]
+                                })
+                                .collect(),
+                        );
+                    }
+                }
+                What::Actors => {
+                    let actors: Vec<_> = s.nodes.iter().flat_map(|n| n.actors.clone()).collect();
+                    if target.json {
+                        println!("{}", serde_json::to_string_pretty(&actors)?);
+                    } else {
+                        table(
+                            &["ACTOR", "CLASS", "NAME", "NODE", "STATE", "CALLS"],
+                            actors
+                                .into_iter()
+                                .map(|a| {
+                                    vec![
+                                        a.id,
+                                        a.class,
+                                        a.name.unwrap_or_default(),
+                                        a.node,
+                                        a.state,
+                                        a.calls.to_string(),
+                                    ]
+                                })
+                                .collect(),
+                        );
+                    }
+                }
+                What::Tasks => {
+                    let tasks: Vec<_> = s.nodes.iter().flat_map(|n| n.tasks.clone()).collect();
+                    if target.json {
+                        println!("{}", serde_json::to_string_pretty(&tasks)?);
+                    } else {
+                        table(
+                            &["TASK", "NAME", "STATE", "NODE"],
+                            tasks
+                                .into_iter()
+                                .map(|t| vec![t.id, t.name, t.state, t.owner])
+                                .collect(),
+                        );
+                    }
+                }
+                What::Objects => {
+                    let objects: Vec<_> = s.nodes.iter().flat_map(|n| n.objects.clone()).collect();
+                    if target.json {
+                        println!("{}", serde_json::to_string_pretty(&objects)?);
+                    } else {
+                        table(
+                            &["OBJECT", "READY", "SIZE", "OWNER"],
+                            objects
+                                .into_iter()
+                                .map(|o| {
+                                    vec![o.id, o.ready.to_string(), o.size.to_string(), o.owner]
+                                })
+                                .collect(),
+                        );
+                    }
+                }
+                What::PlacementGroups => {
+                    if target.json {
+                        println!("[]");
+                    } else {
+                        println!(
+                            "no placement groups (placement groups are not exposed by this build's SDK yet)"
+                        );
+                    }
+                }
+            }
+        }
+        Command::Stop(t) => {
+            let (addr, tok) = locate(&t)?;
+            node::stop_cluster(&addr, &tok)?;
+            println!("stop sent to the cluster at {addr}");
+        }
+    }
+    Ok(())
+}

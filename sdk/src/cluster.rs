@@ -1,0 +1,970 @@
+//! Cluster mode: this process as one node of a QUIC mesh.
+//!
+//! A node serves the kinds in `wire::kind`: it runs tasks and hosts actors for other nodes, serves the objects it
+//! owns, and (on the head) keeps the member list, the failure detector and the named-actor directory. Placement
+//! decisions are the scheduler crate's sans-IO policy over a `ClusterView` fed by heartbeats; this module only
+//! feeds it and carries out its decisions.
+//!
+//! Not here: the user API (lib.rs), local execution (runtime.rs), the CLI (bin/oxray.rs).
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock, Weak};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use dashmap::DashMap;
+use oxray_scheduler::{
+    ClusterView, Decision, FailureConfig, FailureDetector, NodeInfo, Quantity, ResourceKind,
+    ResourceSet, TaskRequest, ViewDelta,
+};
+use oxray_transport::{Handler, Mesh, Message, NodeId, Responder, TransportError};
+use parking_lot::{Mutex, RwLock};
+use rand::SeedableRng;
+
+use crate::arg::{Arg, ArgKind};
+use crate::error::{Error, Result};
+use crate::object::{Entry, ObjectId, RefInner};
+use crate::options::{Resources, Strategy};
+use crate::registry;
+use crate::runtime::{Done, Runtime, short};
+use crate::value;
+use crate::wire::{self, ArgW, CallW, CreateW, Load, Member, NamedActor, TaskW, kind};
+
+/// Long enough for any task: the deadline of a task request is the task's own business (`get_timeout`).
+const TASK_DEADLINE: Duration = Duration::from_secs(7 * 24 * 3600);
+/// Control requests (membership, names, status) are small and answered at once.
+const CONTROL_DEADLINE: Duration = Duration::from_secs(5);
+
+/// How this node takes part in the cluster.
+#[derive(Debug, Clone)]
+pub struct NodeSettings {
+    /// CPUs offered to tasks (0 for a driver that only submits).
+    pub num_cpus: f64,
+    /// GPUs offered.
+    pub num_gpus: f64,
+    /// Custom resources offered.
+    pub resources: BTreeMap<String, f64>,
+    /// Heartbeat period.
+    pub heartbeat: Duration,
+    /// Silence after which the head declares a node dead.
+    pub dead_after: Duration,
+}
+
+impl Default for NodeSettings {
+    fn default() -> Self {
+        NodeSettings {
+            num_cpus: std::thread::available_parallelism()
+                .map(|n| n.get() as f64)
+                .unwrap_or(1.0),
+            num_gpus: 0.0,
+            resources: BTreeMap::new(),
+            heartbeat: Duration::from_millis(250),
+            dead_after: Duration::from_secs(3),
+        }
+    }
+}
+
+/// A task on its way to a node: everything needed to send it, re-place it, or complete it.
+pub(crate) struct Outgoing {
+    pub(crate) spec: TaskW,
+    /// Kept until the reply: refs among them must outlive the callee's fetches.
+    pub(crate) args: Vec<Arg>,
+    pub(crate) entry: Arc<Entry>,
+    pub(crate) retries: u32,
+    pub(crate) function: u64,
+    pub(crate) res: Resources,
+    pub(crate) strategy: Strategy,
+}
+
+/// Per-(actor, caller) ordering state on the host.
+#[derive(Default)]
+struct Reorder {
+    next: u64,
+    pending: BTreeMap<u64, (u32, Vec<Arg>, Responder)>,
+}
+
+/// The head's extra duties.
+struct HeadState {
+    members: Mutex<BTreeMap<u128, Member>>,
+    detector: Mutex<FailureDetector>,
+    named: Mutex<BTreeMap<String, NamedActor>>,
+    epoch: Instant,
+}
+
+pub(crate) struct Cluster {
+    pub(crate) mesh: Mesh,
+    pub(crate) head: NodeId,
+    pub(crate) addr: SocketAddr,
+    settings: NodeSettings,
+    view: Mutex<ClusterView>,
+    members: RwLock<Vec<Member>>,
+    reorder: DashMap<(u128, u128), Arc<Mutex<Reorder>>>,
+    head_state: Option<HeadState>,
+    rng: Mutex<rand::rngs::SmallRng>,
+    report_seq: AtomicU64,
+    /// Tasks waiting because no node can take them now (shown by `status`).
+    pub(crate) infeasible: AtomicU64,
+}
+
+/// The mesh handler: forwards to the runtime and cluster once both exist.
+pub(crate) struct NodeHandler {
+    rt: OnceLock<Weak<Runtime>>,
+}
+
+impl NodeHandler {
+    pub(crate) fn new() -> Arc<Self> {
+        Arc::new(NodeHandler {
+            rt: OnceLock::new(),
+        })
+    }
+    pub(crate) fn attach(&self, rt: &Arc<Runtime>) {
+        let _ = self.rt.set(Arc::downgrade(rt));
+    }
+    fn rt(&self) -> Option<Arc<Runtime>> {
+        self.rt.get().and_then(Weak::upgrade)
+    }
+}
+
+fn reply_err(reply: Responder, e: &Error) {
+    let body = serde_json::to_vec(e).unwrap_or_default();
+    reply.send(kind::ERR, Bytes::from(body));
+}
+
+fn reply_json<T: serde::Serialize>(reply: Responder, v: &T) {
+    match serde_json::to_vec(v) {
+        Ok(b) => reply.send(kind::OK, Bytes::from(b)),
+        Err(e) => reply.error(format!("cannot encode reply: {e}")),
+    }
+}
+
+/// Turns a reply into the value's bytes or the remote error.
+fn reply_bytes(msg: Message) -> Result<Bytes> {
+    match msg.kind() {
+        kind::OK => Ok(msg.into_body()),
+        kind::ERR => Err(serde_json::from_slice::<Error>(msg.body())
+            .unwrap_or_else(|e| Error::Cluster(format!("unreadable error reply: {e}")))),
+        other => Err(Error::Cluster(format!("unexpected reply kind {other}"))),
+    }
+}
+
+fn transport_err(node: NodeId, e: TransportError) -> Error {
+    Error::Cluster(format!("node {node}: {e}"))
+}
+
+pub(crate) fn function_id(name: &str, sig: u64) -> u64 {
+    value::fnv1a(name.as_bytes()) ^ sig
+}
+
+fn resource_set(cpus: f64, gpus: f64, custom: &BTreeMap<String, f64>) -> ResourceSet {
+    let mut set = ResourceSet::new();
+    let q = |x: f64| Quantity::from_f64(x.max(0.0)).unwrap_or_default();
+    let _ = set.set(ResourceKind::Cpu, q(cpus));
+    let _ = set.set(ResourceKind::Gpu, q(gpus));
+    for (name, amount) in custom {
+        if let Ok(kind) = ResourceKind::custom(name) {
+            let _ = set.set(kind, q(*amount));
+        }
+    }
+    set
+}
+
+fn demand(r: &Resources) -> ResourceSet {
+    let mut set = resource_set(r.num_cpus, r.num_gpus, &r.custom);
+    if r.memory > 0 {
+        let _ = set.set(
+            ResourceKind::Memory,
+            Quantity::from_f64(r.memory as f64).unwrap_or_default(),
+        );
+    }
+    set
+}
+
+impl Cluster {
+    pub(crate) fn new(
+        mesh: Mesh,
+        head: NodeId,
+        settings: NodeSettings,
+        is_head: bool,
+    ) -> Arc<Self> {
+        let addr = mesh.local_addr();
+        let head_state = is_head.then(|| HeadState {
+            members: Mutex::new(BTreeMap::new()),
+            detector: Mutex::new(FailureDetector::new(FailureConfig {
+                timeout_ms: settings.dead_after.as_millis() as u64,
+                ..FailureConfig::default()
+            })),
+            named: Mutex::new(BTreeMap::new()),
+            epoch: Instant::now(),
+        });
+        Arc::new(Cluster {
+            mesh,
+            head,
+            addr,
+            settings,
+            view: Mutex::new(ClusterView::new()),
+            members: RwLock::new(Vec::new()),
+            reorder: DashMap::new(),
+            head_state,
+            rng: Mutex::new(rand::rngs::SmallRng::seed_from_u64(rand::random())),
+            report_seq: AtomicU64::new(1),
+            infeasible: AtomicU64::new(0),
+        })
+    }
+
+    pub(crate) fn is_head(&self) -> bool {
+        self.head_state.is_some()
+    }
+
+    fn me(&self, rt: &Runtime) -> Member {
+        let (queued, running) = rt.pool.load();
+        Member {
+            id: rt.node,
+            addr: self.addr.to_string(),
+            cpus: self.settings.num_cpus,
+            gpus: self.settings.num_gpus,
+            custom: self.settings.resources.clone(),
+            functions: registry::table()
+                .iter()
+                .map(|(n, s)| function_id(n, *s))
+                .collect(),
+            alive: true,
+            free_cpus: (self.settings.num_cpus - running as f64).max(0.0),
+            queued: queued as u32,
+            is_head: self.is_head(),
+        }
+    }
+
+    /// Joins: registers with the head and starts the heartbeat loop.
+    pub(crate) async fn register(self: &Arc<Self>, rt: &Arc<Runtime>) -> Result<()> {
+        let me = self.me(rt);
+        let members: Vec<Member> = if let Some(h) = &self.head_state {
+            h.members.lock().insert(me.id, me.clone());
+            h.detector.lock().heartbeat(NodeId(me.id), 0);
+            h.members.lock().values().cloned().collect()
+        } else {
+            let body =
+                Bytes::from(serde_json::to_vec(&me).map_err(|e| Error::Cluster(e.to_string()))?);
+            let msg = self
+                .mesh
+                .request(self.head, kind::REGISTER, body, CONTROL_DEADLINE)
+                .await
+                .map_err(|e| transport_err(self.head, e))?;
+            let bytes = reply_bytes(msg)?;
+            serde_json::from_slice(&bytes)
+                .map_err(|e| Error::Cluster(format!("bad member list: {e}")))?
+        };
+        self.apply_members(rt.node, members);
+        let weak = Arc::downgrade(self);
+        let rt_weak = Arc::downgrade(rt);
+        let period = self.settings.heartbeat;
+        rt.tokio.spawn(async move {
+            let mut tick = tokio::time::interval(period);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let (Some(cl), Some(rt)) = (weak.upgrade(), rt_weak.upgrade()) else {
+                    break;
+                };
+                cl.heartbeat(&rt).await;
+            }
+        });
+        Ok(())
+    }
+
+    async fn heartbeat(&self, rt: &Arc<Runtime>) {
+        let me = self.me(rt);
+        let load = Load {
+            id: me.id,
+            free_cpus: me.free_cpus,
+            queued: me.queued,
+        };
+        let members = if let Some(h) = &self.head_state {
+            Some(self.head_heartbeat(h, &load))
+        } else {
+            let body = Bytes::from(serde_json::to_vec(&load).unwrap_or_default());
+            match self
+                .mesh
+                .request(self.head, kind::HEARTBEAT, body, CONTROL_DEADLINE)
+                .await
+            {
+                Ok(msg) => reply_bytes(msg)
+                    .ok()
+                    .and_then(|b| serde_json::from_slice::<Vec<Member>>(&b).ok()),
+                Err(e) => {
+                    tracing::warn!(cause = %e, "heartbeat to the head failed");
+                    None
+                }
+            }
+        };
+        if let Some(m) = members {
+            self.apply_members(rt.node, m);
+        }
+    }
+
+    fn head_heartbeat(&self, h: &HeadState, load: &Load) -> Vec<Member> {
+        let now = h.epoch.elapsed().as_millis() as u64;
+        let mut members = h.members.lock();
+        let mut det = h.detector.lock();
+        if let Some(m) = members.get_mut(&load.id)
+            && m.alive
+        {
+            det.heartbeat(NodeId(load.id), now);
+            m.free_cpus = load.free_cpus;
+            m.queued = load.queued;
+        }
+        for dead in det.poll(now) {
+            if let Some(m) = members.get_mut(&dead.0) {
+                tracing::warn!(node = %dead, "node declared dead: no heartbeat within the bound");
+                m.alive = false;
+            }
+        }
+        members.values().cloned().collect()
+    }
+
+    /// The head checks for silent nodes on its own timer too, so a death is declared within the bound even when
+    /// no other node sends a heartbeat.
+    pub(crate) fn spawn_reaper(self: &Arc<Self>, rt: &Arc<Runtime>) {
+        let weak = Arc::downgrade(self);
+        let period = (self.settings.dead_after / 10).max(Duration::from_millis(20));
+        rt.tokio.spawn(async move {
+            loop {
+                tokio::time::sleep(period).await;
+                let Some(cl) = weak.upgrade() else { break };
+                if let Some(h) = &cl.head_state {
+                    let now = h.epoch.elapsed().as_millis() as u64;
+                    let dead = h.detector.lock().poll(now);
+                    let mut members = h.members.lock();
+                    for d in dead {
+                        if let Some(m) = members.get_mut(&d.0) {
+                            tracing::warn!(node = %d, "node declared dead: no heartbeat within the bound");
+                            m.alive = false;
+                        }
+                    }
+                }
+            }
+        });
+    }
+
+    fn apply_members(&self, me: u128, members: Vec<Member>) {
+        let mut view = self.view.lock();
+        let mut deltas = Vec::new();
+        let known: HashMap<u128, Member> = self
+            .members
+            .read()
+            .iter()
+            .map(|m| (m.id, m.clone()))
+            .collect();
+        for m in &members {
+            if m.id != me
+                && let Ok(addr) = m.addr.parse::<SocketAddr>()
+            {
+                self.mesh.add_peer(NodeId(m.id), addr);
+            }
+            // Nodes with no CPUs (drivers, the CLI) are never placement targets.
+            if m.cpus <= 0.0 && m.gpus <= 0.0 && m.custom.is_empty() {
+                continue;
+            }
+            let total = resource_set(m.cpus, m.gpus, &m.custom);
+            match known.get(&m.id) {
+                Some(old) if old.alive && !m.alive => {
+                    deltas.push(ViewDelta::NodeDied(NodeId(m.id)))
+                }
+                Some(old) if old.alive == m.alive && view.node(NodeId(m.id)).is_some() => {}
+                _ if m.alive => deltas.push(ViewDelta::NodeJoined(
+                    NodeInfo::new(NodeId(m.id), total.clone())
+                        .with_functions(m.functions.iter().copied()),
+                )),
+                _ => {}
+            }
+            if m.alive && m.id != me {
+                let available = resource_set(m.free_cpus, m.gpus, &m.custom);
+                deltas.push(ViewDelta::Resources {
+                    node: NodeId(m.id),
+                    seq: self.report_seq.fetch_add(1, Ordering::Relaxed),
+                    available,
+                    queue_len: m.queued,
+                });
+            }
+        }
+        view.apply(deltas);
+        *self.members.write() = members;
+    }
+
+    pub(crate) fn members(&self) -> Vec<Member> {
+        self.members.read().clone()
+    }
+
+    /// Decides where a task (or actor) runs. `None` means here.
+    pub(crate) fn decide(
+        &self,
+        rt: &Runtime,
+        function: u64,
+        res: &Resources,
+        strategy: &Strategy,
+    ) -> Decision {
+        let mut req = TaskRequest::new(function, demand(res));
+        req.strategy = match strategy {
+            Strategy::Default => oxray_scheduler::Strategy::Default,
+            Strategy::Spread => oxray_scheduler::Strategy::Spread,
+            Strategy::NodeAffinity { node, soft } => oxray_scheduler::Strategy::NodeAffinity {
+                node: self.resolve_node(*node),
+                soft: *soft,
+            },
+            Strategy::PlacementGroup { .. } => oxray_scheduler::Strategy::Default,
+        };
+        let mut view = self.view.lock();
+        let (queued, running) = rt.pool.load();
+        let free = (self.settings.num_cpus - running as f64).max(0.0);
+        let available = resource_set(free, self.settings.num_gpus, &self.settings.resources);
+        view.update_local(NodeId(rt.node), &available, queued as u32);
+        let d = oxray_scheduler::decide(&view, NodeId(rt.node), &req, &mut *self.rng.lock());
+        // Count our own spill against the target until its next report, so a burst of submissions spreads instead
+        // of landing on the node that looked idlest a heartbeat ago.
+        if let Decision::Spill(n) = &d
+            && let Some(info) = view.node(*n)
+        {
+            let mut avail = info.available.clone();
+            avail.saturating_sub(&req.resources);
+            let q = info.queue_len + 1;
+            view.update_local(*n, &avail, q);
+        }
+        d
+    }
+
+    /// Accepts a full node id, or the short form printed by `status`.
+    fn resolve_node(&self, node: u128) -> NodeId {
+        if self.members.read().iter().any(|m| m.id == node) {
+            return NodeId(node);
+        }
+        self.members
+            .read()
+            .iter()
+            .find(|m| (m.id >> 80) == node)
+            .map(|m| NodeId(m.id))
+            .unwrap_or(NodeId(node))
+    }
+
+    pub(crate) fn node_alive(&self, node: u128) -> bool {
+        self.members.read().iter().any(|m| m.id == node && m.alive)
+    }
+
+    /// Encodes arguments for the wire. Refs become (id, owner) pairs; the caller keeps `args` alive until the
+    /// reply, so the objects cannot be freed while the callee fetches them.
+    pub(crate) fn wire_args(args: &[Arg], me: u128) -> Vec<ArgW> {
+        args.iter()
+            .map(|a| match &a.0 {
+                ArgKind::Value(b) => ArgW::Value(b.to_vec()),
+                ArgKind::Ref(r) => ArgW::Ref {
+                    id: r.entry.id.0,
+                    owner: if r.owner == 0 { me } else { r.owner },
+                },
+            })
+            .collect()
+    }
+
+    /// Sends a task to `node` and completes its entry with the result.
+    pub(crate) fn submit_remote(self: &Arc<Self>, rt: &Arc<Runtime>, node: NodeId, task: Outgoing) {
+        let cl = self.clone();
+        let rt2 = rt.clone();
+        rt.tokio.spawn(async move {
+            let body = match rkyv::to_bytes::<rkyv::rancor::Error>(&task.spec) {
+                Ok(b) => Bytes::from_owner(b),
+                Err(e) => return task.entry.complete(Err(Error::Serialization(e.to_string()))),
+            };
+            let mut node = node;
+            let mut retries_left = task.retries;
+            let mut backoff = Duration::from_micros(200);
+            loop {
+                match cl.mesh.request(node, kind::SUBMIT, body.clone(), TASK_DEADLINE).await {
+                    Ok(msg) => {
+                        task.entry.complete(reply_bytes(msg));
+                        break;
+                    }
+                    Err(TransportError::Busy { .. }) => {
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_millis(50));
+                    }
+                    Err(e) if retries_left > 0 => {
+                        retries_left -= 1;
+                        tracing::warn!(node = %node, cause = %e, "task lost with its node; retrying elsewhere");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        match cl.decide(&rt2, task.function, &task.res, &Strategy::Default) {
+                            Decision::Spill(n) => node = n,
+                            Decision::RunLocal => {
+                                let f = spec_function(&task.spec);
+                                rt2.run_here(f, task.args, task.spec.attempts, Done::Entry(task.entry));
+                                return;
+                            }
+                            _ => {}
+                        }
+                    }
+                    Err(e) => {
+                        task.entry.complete(Err(transport_err(node, e)));
+                        break;
+                    }
+                }
+            }
+            drop(task.args);
+        });
+    }
+
+    /// Waits until some node can take the task, then places it (Ray's pending-infeasible behaviour: the task runs as
+    /// soon as a fitting node joins; meanwhile it is counted in `status` and logged).
+    pub(crate) fn park_until_feasible(
+        self: &Arc<Self>,
+        rt: &Arc<Runtime>,
+        task: Outgoing,
+        why: String,
+    ) {
+        let cl = self.clone();
+        let rt2 = rt.clone();
+        tracing::warn!(task = %task.spec.name, reason = %why, "task cannot be placed now; it waits for a node that fits");
+        cl.infeasible.fetch_add(1, Ordering::Relaxed);
+        rt.tokio.spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                if task.entry.is_ready() {
+                    // Cancelled meanwhile.
+                    cl.infeasible.fetch_sub(1, Ordering::Relaxed);
+                    return;
+                }
+                match cl.decide(&rt2, task.function, &task.res, &task.strategy) {
+                    Decision::RunLocal => {
+                        cl.infeasible.fetch_sub(1, Ordering::Relaxed);
+                        let f = spec_function(&task.spec);
+                        rt2.run_here(f, task.args, task.spec.attempts, Done::Entry(task.entry));
+                        return;
+                    }
+                    Decision::Spill(n) | Decision::RunInBundle { node: n, .. } => {
+                        cl.infeasible.fetch_sub(1, Ordering::Relaxed);
+                        cl.submit_remote(&rt2, n, task);
+                        return;
+                    }
+                    Decision::Wait | Decision::Infeasible(_) => {}
+                }
+            }
+        });
+    }
+
+    /// Asks the owner of an object for its value.
+    pub(crate) fn fetch(self: &Arc<Self>, rt: &Runtime, id: u128, owner: u128) -> Arc<Entry> {
+        let entry = Entry::new(ObjectId(id));
+        let cl = self.clone();
+        let e = entry.clone();
+        rt.tokio.spawn(async move {
+            let r = match cl
+                .mesh
+                .request(
+                    NodeId(owner),
+                    kind::FETCH,
+                    wire::id_bytes(id),
+                    TASK_DEADLINE,
+                )
+                .await
+            {
+                Ok(msg) => reply_bytes(msg),
+                Err(e) if !cl.node_alive(owner) => {
+                    Err(Error::OwnerDied(format!("{} ({e})", ObjectId(id))))
+                }
+                Err(e) => Err(transport_err(NodeId(owner), e)),
+            };
+            e.complete(r);
+        });
+        entry
+    }
+
+    /// Turns wire arguments into local ones, starting fetches for refs owned elsewhere.
+    pub(crate) fn import_args(
+        self: &Arc<Self>,
+        rt: &Runtime,
+        args: &rkyv::Archived<Vec<ArgW>>,
+    ) -> Vec<Arg> {
+        args.iter()
+            .map(|a| match a {
+                wire::ArchivedArgW::Value(v) => {
+                    Arg(ArgKind::Value(value::aligned_copy(v.as_slice())))
+                }
+                wire::ArchivedArgW::Ref { id, owner } => {
+                    let (id, owner) = (id.to_native(), owner.to_native());
+                    let entry = if owner == rt.node {
+                        rt.objects.lookup(ObjectId(id)).unwrap_or_else(|| {
+                            let e = Entry::new(ObjectId(id));
+                            e.complete(Err(Error::ObjectLost(ObjectId(id).to_string())));
+                            e
+                        })
+                    } else {
+                        self.fetch(rt, id, owner)
+                    };
+                    Arg(ArgKind::Ref(Arc::new(RefInner {
+                        entry,
+                        owner,
+                        table: None,
+                    })))
+                }
+            })
+            .collect()
+    }
+
+    /// Sends an actor call and completes `entry` with the result.
+    pub(crate) fn call_remote(
+        self: &Arc<Self>,
+        rt: &Runtime,
+        node: NodeId,
+        created: Arc<Entry>,
+        call: CallW,
+        args: Vec<Arg>,
+        entry: Arc<Entry>,
+    ) {
+        let cl = self.clone();
+        rt.tokio.spawn(async move {
+            if let Err(e) = created.wait_async().await {
+                entry.complete(Err(e));
+                return;
+            }
+            let body = match rkyv::to_bytes::<rkyv::rancor::Error>(&call) {
+                Ok(b) => Bytes::from_owner(b),
+                Err(e) => return entry.complete(Err(Error::Serialization(e.to_string()))),
+            };
+            let mut backoff = Duration::from_micros(200);
+            loop {
+                match cl
+                    .mesh
+                    .request(node, kind::ACTOR_CALL, body.clone(), TASK_DEADLINE)
+                    .await
+                {
+                    Ok(msg) => {
+                        entry.complete(reply_bytes(msg));
+                        break;
+                    }
+                    Err(TransportError::Busy { .. }) => {
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_millis(50));
+                    }
+                    Err(e) => {
+                        entry.complete(Err(Error::ActorDied {
+                            actor: short(call.actor),
+                            reason: format!("its node {node} is unreachable: {e}"),
+                        }));
+                        break;
+                    }
+                }
+            }
+            drop(args);
+        });
+    }
+
+    /// Creates an actor on `node`; the returned entry completes when it exists (or failed to).
+    pub(crate) fn create_remote(
+        self: &Arc<Self>,
+        rt: &Runtime,
+        node: NodeId,
+        spec: CreateW,
+        args: Vec<Arg>,
+    ) -> Arc<Entry> {
+        let created = Entry::new(ObjectId::random());
+        let done = created.clone();
+        let cl = self.clone();
+        rt.tokio.spawn(async move {
+            let body = match rkyv::to_bytes::<rkyv::rancor::Error>(&spec) {
+                Ok(b) => Bytes::from_owner(b),
+                Err(e) => return done.complete(Err(Error::Serialization(e.to_string()))),
+            };
+            let r = match cl
+                .mesh
+                .request(node, kind::CREATE_ACTOR, body, TASK_DEADLINE)
+                .await
+            {
+                Ok(msg) => reply_bytes(msg),
+                Err(e) => Err(Error::ActorDied {
+                    actor: short(spec.actor),
+                    reason: format!("creation failed: {e}"),
+                }),
+            };
+            done.complete(r);
+            drop(args);
+        });
+        created
+    }
+
+    pub(crate) async fn control(&self, to: NodeId, k: u16, body: Bytes) -> Result<Bytes, Error> {
+        let msg = self
+            .mesh
+            .request(to, k, body, CONTROL_DEADLINE)
+            .await
+            .map_err(|e| transport_err(to, e))?;
+        reply_bytes(msg)
+    }
+
+    pub(crate) fn send_oneway(&self, rt: &Runtime, to: NodeId, k: u16, body: Bytes) {
+        let mesh = self.mesh.clone();
+        rt.tokio.spawn(async move {
+            if let Err(e) = mesh.send(to, k, body).await {
+                tracing::warn!(node = %to, cause = %e, "one-way message not delivered");
+            }
+        });
+    }
+
+    /// Gathers every node's state (head only).
+    async fn cluster_state(self: &Arc<Self>, rt: &Arc<Runtime>) -> wire::ClusterState {
+        let members = self.members();
+        let mut futs = Vec::new();
+        for m in members.iter().filter(|m| m.alive) {
+            if m.id == rt.node {
+                continue;
+            }
+            let cl = self.clone();
+            let id = m.id;
+            futs.push(rt.tokio.spawn(async move {
+                cl.control(NodeId(id), kind::NODE_STATE, Bytes::new()).await
+            }));
+        }
+        let mut nodes = vec![crate::state::snapshot(rt, Some(self.addr.to_string()))];
+        for f in futs {
+            if let Ok(Ok(b)) = f.await
+                && let Ok(s) = serde_json::from_slice::<crate::state::NodeState>(&b)
+            {
+                nodes.push(s);
+            }
+        }
+        let named = self
+            .head_state
+            .as_ref()
+            .map(|h| {
+                h.named
+                    .lock()
+                    .values()
+                    .map(|n| (n.name.clone(), short(n.actor)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let members = self
+            .head_state
+            .as_ref()
+            .map(|h| h.members.lock().values().cloned().collect::<Vec<_>>())
+            .unwrap_or(members);
+        wire::ClusterState {
+            nodes,
+            members: members
+                .into_iter()
+                .map(|m| wire::MemberSummary {
+                    id: short(m.id),
+                    address: m.addr,
+                    cpus: m.cpus,
+                    free_cpus: m.free_cpus,
+                    queued: m.queued,
+                    alive: m.alive,
+                    head: m.is_head,
+                })
+                .collect(),
+            named_actors: named,
+        }
+    }
+}
+
+fn spec_function(spec: &TaskW) -> std::result::Result<&'static registry::FunctionEntry, Error> {
+    registry::function(&spec.function, spec.sig)
+}
+
+impl Handler for NodeHandler {
+    fn on_request(&self, msg: Message, reply: Responder) {
+        let Some(rt) = self.rt() else {
+            reply.error("node is starting or stopping");
+            return;
+        };
+        let Some(cl) = rt.cluster.get().cloned() else {
+            reply.error("node is not in cluster mode");
+            return;
+        };
+        match msg.kind() {
+            kind::SUBMIT => {
+                let spec = match msg.archived::<TaskW>() {
+                    Ok(s) => s,
+                    Err(e) => return reply.error(format!("bad task: {e}")),
+                };
+                let f = match registry::function(spec.function.as_str(), spec.sig.to_native()) {
+                    Ok(f) => f,
+                    Err(e) => return reply_err(reply, &e),
+                };
+                let args = cl.import_args(&rt, &spec.args);
+                rt.run_here(Ok(f), args, spec.attempts.to_native(), Done::Reply(reply));
+            }
+            kind::ACTOR_CALL => {
+                let call = match msg.archived::<CallW>() {
+                    Ok(c) => c,
+                    Err(e) => return reply.error(format!("bad call: {e}")),
+                };
+                let actor = call.actor.to_native();
+                let Some(host) = rt.actors.get(&actor).map(|h| h.clone()) else {
+                    return reply_err(
+                        reply,
+                        &Error::ActorDied {
+                            actor: short(actor),
+                            reason: "no such actor on this node".into(),
+                        },
+                    );
+                };
+                let args = cl.import_args(&rt, &call.args);
+                let key = (actor, call.caller.to_native());
+                let slot = cl.reorder.entry(key).or_default().clone();
+                let mut ro = slot.lock();
+                let seq = call.seq.to_native();
+                if seq < ro.next {
+                    return reply.error(format!("duplicate call sequence {seq}"));
+                }
+                ro.pending
+                    .insert(seq, (call.method.to_native(), args, reply));
+                while let Some((method, args, reply)) = {
+                    let next = ro.next;
+                    ro.pending.remove(&next)
+                } {
+                    ro.next += 1;
+                    host.call(method, args, Done::Reply(reply));
+                }
+            }
+            kind::CREATE_ACTOR => {
+                let spec = match msg.archived::<CreateW>() {
+                    Ok(s) => s,
+                    Err(e) => return reply.error(format!("bad actor spec: {e}")),
+                };
+                let args = cl.import_args(&rt, &spec.args);
+                let name = spec.name.as_ref().map(|n| n.to_string());
+                match rt.host_actor(
+                    spec.actor.to_native(),
+                    spec.class.as_str(),
+                    spec.sig.to_native(),
+                    args,
+                    name,
+                ) {
+                    Ok(()) => reply.send(kind::OK, Bytes::new()),
+                    Err(e) => reply_err(reply, &e),
+                }
+            }
+            kind::FETCH => {
+                let Some(id) = wire::id_from(msg.body()) else {
+                    return reply.error("bad object id");
+                };
+                match rt.objects.lookup(ObjectId(id)) {
+                    None => reply_err(reply, &Error::ObjectLost(ObjectId(id).to_string())),
+                    Some(entry) => match entry.try_value() {
+                        Some(Ok(b)) => reply.send(kind::OK, b),
+                        Some(Err(e)) => reply_err(reply, &e),
+                        None => {
+                            rt.tokio.spawn(async move {
+                                match entry.wait_async().await {
+                                    Ok(b) => reply.send(kind::OK, b),
+                                    Err(e) => reply_err(reply, &e),
+                                }
+                            });
+                        }
+                    },
+                }
+            }
+            kind::NODE_STATE => {
+                let mut s = crate::state::snapshot(&rt, Some(cl.addr.to_string()));
+                s.node.infeasible = cl.infeasible.load(Ordering::Relaxed) as usize;
+                reply_json(reply, &s)
+            }
+            kind::REGISTER | kind::HEARTBEAT if cl.is_head() => {
+                let h = cl.head_state.as_ref().expect("head");
+                if msg.kind() == kind::REGISTER {
+                    let m: Member = match serde_json::from_slice(msg.body()) {
+                        Ok(m) => m,
+                        Err(e) => return reply.error(format!("bad member: {e}")),
+                    };
+                    let now = h.epoch.elapsed().as_millis() as u64;
+                    tracing::info!(node = %NodeId(m.id), addr = %m.addr, cpus = m.cpus, "node joined");
+                    h.detector.lock().heartbeat(NodeId(m.id), now);
+                    h.members.lock().insert(m.id, m);
+                    let all: Vec<Member> = h.members.lock().values().cloned().collect();
+                    reply_json(reply, &all);
+                } else {
+                    let load: Load = match serde_json::from_slice(msg.body()) {
+                        Ok(l) => l,
+                        Err(e) => return reply.error(format!("bad load report: {e}")),
+                    };
+                    let all = cl.head_heartbeat(h, &load);
+                    reply_json(reply, &all);
+                }
+            }
+            kind::NAME_ACTOR if cl.is_head() => {
+                let h = cl.head_state.as_ref().expect("head");
+                let n: NamedActor = match serde_json::from_slice(msg.body()) {
+                    Ok(n) => n,
+                    Err(e) => return reply.error(format!("bad name: {e}")),
+                };
+                let mut named = h.named.lock();
+                if named.contains_key(&n.name) {
+                    return reply_err(
+                        reply,
+                        &Error::InvalidArgument(format!(
+                            "an actor named {:?} already exists",
+                            n.name
+                        )),
+                    );
+                }
+                named.insert(n.name.clone(), n);
+                reply.send(kind::OK, Bytes::new());
+            }
+            kind::LOOKUP_ACTOR if cl.is_head() => {
+                let h = cl.head_state.as_ref().expect("head");
+                let name = String::from_utf8_lossy(msg.body()).to_string();
+                let found = h.named.lock().get(&name).cloned();
+                match found {
+                    Some(n) => reply_json(reply, &n),
+                    None => reply_err(reply, &Error::ActorNotFound(name)),
+                }
+            }
+            kind::CLUSTER_STATE if cl.is_head() => {
+                let rt2 = rt.clone();
+                rt.tokio.spawn(async move {
+                    let s = cl.cluster_state(&rt2).await;
+                    reply_json(reply, &s);
+                });
+            }
+            other => reply.error(format!("unknown request kind {other}")),
+        }
+    }
+
+    fn on_oneway(&self, msg: Message) {
+        let Some(rt) = self.rt() else { return };
+        match msg.kind() {
+            kind::KILL_ACTOR => {
+                if let Some(id) = wire::id_from(msg.body())
+                    && let Some(h) = rt.actors.get(&id)
+                {
+                    h.kill("it was killed with oxray::kill");
+                }
+            }
+            kind::STOP => {
+                tracing::info!("stop requested; exiting");
+                if let Some(cl) = rt.cluster.get().cloned()
+                    && cl.is_head()
+                {
+                    // The head passes the stop on to every node before it goes.
+                    let rt2 = rt.clone();
+                    rt.tokio.spawn(async move {
+                        for m in cl.members() {
+                            if m.id != rt2.node && m.alive {
+                                let _ = cl.mesh.send(NodeId(m.id), kind::STOP, Bytes::new()).await;
+                            }
+                        }
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        std::process::exit(0);
+                    });
+                } else {
+                    std::thread::spawn(|| {
+                        std::thread::sleep(Duration::from_millis(50));
+                        std::process::exit(0);
+                    });
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn on_peer_lost(&self, node: NodeId) {
+        tracing::debug!(peer = %node, "connection lost");
+    }
+}

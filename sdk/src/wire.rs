@@ -1,0 +1,153 @@
+//! What nodes say to each other: message kinds and their bodies.
+//!
+//! The hot path (task submission, actor calls, object fetches, results) is rkyv, read in place on arrival; results
+//! travel as the raw archive of the value, so the caller's `ObjectRef` adopts the received buffer without a copy.
+//! Control messages (membership, status, names) are JSON: small, rare, and readable when debugging.
+
+use serde::{Deserialize, Serialize};
+
+/// Message kinds on the mesh.
+pub(crate) mod kind {
+    /// Reply: the body is the result.
+    pub const OK: u16 = 1;
+    /// Reply: the body is a JSON `Error`.
+    pub const ERR: u16 = 2;
+    /// Run a task here (`TaskW`); replies with its result.
+    pub const SUBMIT: u16 = 10;
+    /// Create an actor here (`CreateW`).
+    pub const CREATE_ACTOR: u16 = 11;
+    /// Call a method of an actor hosted here (`CallW`); replies with its result.
+    pub const ACTOR_CALL: u16 = 12;
+    /// Send me the value of an object you own (body: the id as 16 little-endian bytes).
+    pub const FETCH: u16 = 13;
+    /// Kill an actor hosted here (one-way; body: the id).
+    pub const KILL_ACTOR: u16 = 14;
+    /// Report this node's state (`NodeState` JSON).
+    pub const NODE_STATE: u16 = 15;
+    /// To the head: a node joins (`Member` JSON); replies with the member list.
+    pub const REGISTER: u16 = 16;
+    /// To the head: liveness and load (`Load` JSON); replies with the member list.
+    pub const HEARTBEAT: u16 = 17;
+    /// To the head: register a named actor (`NamedActor` JSON).
+    pub const NAME_ACTOR: u16 = 18;
+    /// To the head: look a named actor up (body: the name); replies with `NamedActor` JSON.
+    pub const LOOKUP_ACTOR: u16 = 19;
+    /// Stop this node's process (one-way).
+    pub const STOP: u16 = 20;
+    /// To the head: the whole cluster's state (`ClusterState` JSON).
+    pub const CLUSTER_STATE: u16 = 21;
+}
+
+/// A task to run.
+#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize, Debug)]
+pub(crate) struct TaskW {
+    pub task: u128,
+    pub function: String,
+    pub sig: u64,
+    pub owner: u128,
+    pub name: String,
+    pub attempts: u32,
+    pub args: Vec<ArgW>,
+}
+
+/// One argument on the wire.
+#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize, Debug)]
+pub(crate) enum ArgW {
+    /// The encoded value.
+    Value(Vec<u8>),
+    /// An object to fetch from its owner before the call runs.
+    Ref { id: u128, owner: u128 },
+}
+
+/// An actor to create.
+#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize, Debug)]
+pub(crate) struct CreateW {
+    pub actor: u128,
+    pub class: String,
+    pub sig: u64,
+    pub name: Option<String>,
+    pub args: Vec<ArgW>,
+}
+
+/// A method call. `caller` + `seq` restore the caller's order on the host, whatever order the network delivers.
+#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize, Debug)]
+pub(crate) struct CallW {
+    pub actor: u128,
+    pub caller: u128,
+    pub seq: u64,
+    pub method: u32,
+    pub args: Vec<ArgW>,
+}
+
+/// A node as the cluster knows it.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub(crate) struct Member {
+    pub id: u128,
+    pub addr: String,
+    pub cpus: f64,
+    pub gpus: f64,
+    pub custom: std::collections::BTreeMap<String, f64>,
+    /// Function ids (name hash ^ signature hash) compiled into the node.
+    pub functions: Vec<u64>,
+    pub alive: bool,
+    /// Free CPUs and queue length, as last reported.
+    pub free_cpus: f64,
+    pub queued: u32,
+    pub is_head: bool,
+}
+
+/// A heartbeat's payload.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub(crate) struct Load {
+    pub id: u128,
+    pub free_cpus: f64,
+    pub queued: u32,
+}
+
+/// A named actor's directory entry.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub(crate) struct NamedActor {
+    pub name: String,
+    pub actor: u128,
+    pub class: String,
+    pub node: u128,
+}
+
+/// The whole cluster, for `oxray status` and `oxray list`.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct ClusterState {
+    /// Every node's report (nodes that did not answer in time are listed with `reachable: false` in `members`).
+    pub nodes: Vec<crate::state::NodeState>,
+    /// Membership as the head sees it.
+    pub members: Vec<MemberSummary>,
+    /// Named actors.
+    pub named_actors: Vec<(String, String)>,
+}
+
+/// One member, as printed by `oxray status`.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct MemberSummary {
+    /// Short node id.
+    pub id: String,
+    /// Mesh address.
+    pub address: String,
+    /// Total CPUs.
+    pub cpus: f64,
+    /// Free CPUs as last reported.
+    pub free_cpus: f64,
+    /// Queued tasks as last reported.
+    pub queued: u32,
+    /// Whether the node is alive (heartbeats arriving).
+    pub alive: bool,
+    /// Whether it is the head.
+    pub head: bool,
+}
+
+pub(crate) fn id_bytes(id: u128) -> bytes::Bytes {
+    bytes::Bytes::copy_from_slice(&id.to_le_bytes())
+}
+
+pub(crate) fn id_from(body: &[u8]) -> Option<u128> {
+    let b: [u8; 16] = body.get(..16)?.try_into().ok()?;
+    Some(u128::from_le_bytes(b))
+}
