@@ -1,1 +1,83 @@
-//! Integration tests live in tests/tests/.
+//! Functions and actors shared by the multi-process tests: compiled into both the test node binary
+//! (`oxray-test-node`) and the test drivers, so they register under the same names on every node.
+
+use std::time::Duration;
+
+pub mod harness;
+
+/// Call from every binary that must have these functions registered (keeps the linker from dropping them).
+pub fn link() {}
+
+/// Adds two numbers.
+#[oxray::remote]
+pub fn add(a: i64, b: i64) -> i64 {
+    a + b
+}
+
+/// Sums `lo..hi` by splitting in halves as nested tasks, passing refs down as arguments.
+#[oxray::remote]
+pub fn tree_sum(lo: i64, hi: i64) -> i64 {
+    if hi - lo <= 4 {
+        return (lo..hi).sum();
+    }
+    let mid = (lo + hi) / 2;
+    let left = tree_sum::remote(lo, mid).expect("submit");
+    let right = tree_sum::remote(mid, hi).expect("submit");
+    // The two halves go to `add` as refs: resolved before `add` runs, wherever it runs.
+    add::remote(&left, &right)
+        .expect("submit")
+        .get()
+        .expect("sum")
+}
+
+/// Sleeps, then names the node it ran on.
+#[oxray::remote]
+pub fn where_am_i(sleep_ms: u64) -> String {
+    std::thread::sleep(Duration::from_millis(sleep_ms));
+    oxray::node_state().map(|s| s.node.id).unwrap_or_default()
+}
+
+/// Returns a vector of `n` floats (a large result when `n` is large).
+#[oxray::remote]
+pub fn make_vec(n: u64) -> Vec<f32> {
+    (0..n).map(|i| i as f32).collect()
+}
+
+/// Sums a vector (takes a ref to a large object as its argument).
+#[oxray::remote]
+pub fn sum_vec(v: Vec<f32>) -> f64 {
+    v.iter().map(|x| *x as f64).sum()
+}
+
+/// Panics with the given message.
+#[oxray::remote]
+pub fn fail_with(msg: String) -> u8 {
+    panic!("{msg}")
+}
+
+/// An actor that records the calls it receives, in order.
+#[derive(Debug)]
+pub struct Recorder {
+    seen: Vec<u64>,
+}
+
+#[oxray::actor]
+impl Recorder {
+    /// A recorder that starts with `first`.
+    pub fn new(first: u64) -> Self {
+        Recorder { seen: vec![first] }
+    }
+    /// Records `v` and returns how many values it holds.
+    pub fn record(&mut self, v: u64) -> usize {
+        self.seen.push(v);
+        self.seen.len()
+    }
+    /// Everything recorded.
+    pub fn seen(&self) -> Vec<u64> {
+        self.seen.clone()
+    }
+    /// The node hosting this actor.
+    pub fn node(&self) -> String {
+        oxray::node_state().map(|s| s.node.id).unwrap_or_default()
+    }
+}

@@ -1,0 +1,114 @@
+//! Starting real node processes on loopback for tests: a head, workers, and clean-up on drop.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A cluster of `oxray-test-node` processes. Dropping it kills them all.
+#[derive(Debug)]
+pub struct TestCluster {
+    /// The head's address.
+    pub address: String,
+    /// The cluster token.
+    pub token: String,
+    /// The head's data dir (holds cluster.json).
+    pub data_dir: tempfile::TempDir,
+    children: Vec<Child>,
+    binary: PathBuf,
+}
+
+fn read_line_with(child: &mut Child, prefix: &str, timeout: Duration) -> String {
+    let out = child.stdout.take().expect("piped stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let want = prefix.to_string();
+    std::thread::spawn(move || {
+        let mut found = None;
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            if found.is_none() && line.starts_with(&want) {
+                found = Some(line[want.len()..].trim().to_string());
+                let _ = tx.send(found.clone().unwrap_or_default());
+            }
+        }
+    });
+    rx.recv_timeout(timeout)
+        .unwrap_or_else(|_| panic!("node did not print {prefix:?} within {timeout:?}"))
+}
+
+impl TestCluster {
+    /// Starts a head with `head_cpus` CPUs. `binary` is the node executable (`env!("CARGO_BIN_EXE_oxray-test-node")`).
+    pub fn start(binary: &str, head_cpus: u32, extra: &[&str]) -> TestCluster {
+        let data_dir = tempfile::tempdir().expect("tempdir");
+        let mut child = Command::new(binary)
+            .args([
+                "start",
+                "--head",
+                "--num-cpus",
+                &head_cpus.to_string(),
+                "--data-dir",
+            ])
+            .arg(data_dir.path())
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn head");
+        let address = read_line_with(&mut child, "address:", Duration::from_secs(30));
+        let token_path = data_dir.path().join("cluster.json");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let token = loop {
+            if let Ok(text) = std::fs::read_to_string(&token_path)
+                && let Ok(v) = serde_json::from_str::<serde_json::Value>(&text)
+                && let Some(t) = v["token"].as_str()
+            {
+                break t.to_string();
+            }
+            assert!(Instant::now() < deadline, "head wrote no cluster.json");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        TestCluster {
+            address,
+            token,
+            data_dir,
+            children: vec![child],
+            binary: PathBuf::from(binary),
+        }
+    }
+
+    /// Starts a worker node; returns its index (for `kill`).
+    pub fn add_node(&mut self, cpus: u32, extra: &[&str]) -> usize {
+        let mut child = Command::new(&self.binary)
+            .args([
+                "start",
+                "--address",
+                &self.address,
+                "--token",
+                &self.token,
+                "--num-cpus",
+                &cpus.to_string(),
+            ])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn node");
+        read_line_with(&mut child, "node:", Duration::from_secs(30));
+        self.children.push(child);
+        self.children.len() - 1
+    }
+
+    /// SIGKILLs node `index` (0 is the head).
+    pub fn kill(&mut self, index: usize) {
+        let _ = self.children[index].kill();
+        let _ = self.children[index].wait();
+    }
+}
+
+impl Drop for TestCluster {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}

@@ -1,0 +1,127 @@
+//! Three real node processes on loopback, a driver in this process: the SDK end to end across processes.
+//!
+//! One test function on purpose: the driver's runtime is per process, and the cluster takes a moment to start.
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use oxray::{ActorOptions, Error, TaskOptions};
+use oxray_tests::harness::TestCluster;
+use oxray_tests::*;
+
+const NODE: &str = env!("CARGO_BIN_EXE_oxray-test-node");
+
+fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+#[test]
+fn three_node_cluster_end_to_end() {
+    link();
+    let mut cluster = TestCluster::start(NODE, 1, &["--dead-after-ms", "1500"]);
+    cluster.add_node(1, &[]);
+    let doomed = cluster.add_node(1, &[]);
+    oxray::connect(&cluster.address, &cluster.token).expect("driver connects");
+
+    // A value task and a ref-passing, task-spawning task graph.
+    assert_eq!(add::remote(40, 2).unwrap().get().unwrap(), 42);
+    let total = tree_sum::remote(0, 200)
+        .unwrap()
+        .get_timeout(Duration::from_secs(60))
+        .unwrap();
+    assert_eq!(total, (0..200).sum::<i64>());
+
+    // The driver has no CPUs: work lands on the three nodes, and spreads when they are busy.
+    let refs: Vec<_> = (0..12).map(|_| where_am_i::remote(150).unwrap()).collect();
+    let nodes: HashSet<String> = oxray::get_all(&refs).unwrap().into_iter().collect();
+    assert!(nodes.len() >= 2, "tasks did not spread: {nodes:?}");
+
+    // A large result and a ref to it as an argument of another task on another node.
+    let big = make_vec::remote(1_000_000).unwrap();
+    let s = sum_vec::remote(&big).unwrap().get().unwrap();
+    assert_eq!(s, (0..1_000_000u64).map(|i| i as f32 as f64).sum::<f64>());
+    assert_eq!(big.view().unwrap().len(), 1_000_000);
+
+    // A remote panic comes back as a typed error with its message.
+    match fail_with::remote("remote boom".to_string()).unwrap().get() {
+        Err(Error::TaskFailed { message, .. }) => assert_eq!(message, "remote boom"),
+        other => panic!("unexpected {other:?}"),
+    }
+
+    // An actor on another node: calls from one caller run in order, even though they travel concurrently.
+    let rec = Recorder::remote_with(&ActorOptions::new().name("recorder"), 0).unwrap();
+    let lens: Vec<_> = (1..=300).map(|i| rec.record(i)).collect();
+    assert_eq!(
+        oxray::get_all(&lens).unwrap(),
+        (2..=301).collect::<Vec<usize>>()
+    );
+    assert_eq!(rec.seen().get().unwrap(), (0..=300).collect::<Vec<u64>>());
+    let same = oxray::get_actor::<Recorder>("recorder").unwrap();
+    assert_eq!(same.record(1000).get().unwrap(), 302);
+    assert!(matches!(
+        oxray::get_actor::<Recorder>("nobody"),
+        Err(Error::ActorNotFound(_))
+    ));
+
+    // An infeasible task waits, visibly, until a node that fits joins.
+    let gpu_task = add::remote_with(&TaskOptions::new().num_gpus(1.0), 1, 1).unwrap();
+    assert!(matches!(
+        gpu_task.get_timeout(Duration::from_millis(700)),
+        Err(Error::GetTimeout(_))
+    ));
+    let state = oxray::node::cluster_state(&cluster.address, &cluster.token).unwrap();
+    assert!(
+        state.nodes.iter().map(|n| n.node.infeasible).sum::<usize>() >= 1,
+        "infeasible task not reported"
+    );
+    cluster.add_node(1, &["--num-gpus", "1"]);
+    assert_eq!(gpu_task.get_timeout(Duration::from_secs(30)).unwrap(), 2);
+
+    // The CLI's view: every node listed, the named actor listed.
+    let state = oxray::node::cluster_state(&cluster.address, &cluster.token).unwrap();
+    assert_eq!(
+        state
+            .members
+            .iter()
+            .filter(|m| m.alive && m.cpus > 0.0)
+            .count(),
+        4
+    );
+    assert!(
+        state
+            .nodes
+            .iter()
+            .flat_map(|n| &n.actors)
+            .any(|a| a.name.as_deref() == Some("recorder"))
+    );
+
+    // A killed node is declared dead within the bound (1.5 s of silence, checked every 150 ms).
+    cluster.kill(doomed);
+    let t = Instant::now();
+    let dead = wait_until(Duration::from_secs(10), || {
+        oxray::node::cluster_state(&cluster.address, &cluster.token)
+            .map(|s| s.members.iter().any(|m| !m.alive))
+            .unwrap_or(false)
+    });
+    assert!(dead, "killed node never declared dead");
+    assert!(
+        t.elapsed() < Duration::from_secs(6),
+        "declared dead only after {:?}",
+        t.elapsed()
+    );
+    // Work still runs on the survivors.
+    assert_eq!(
+        add::remote(2, 2)
+            .unwrap()
+            .get_timeout(Duration::from_secs(30))
+            .unwrap(),
+        4
+    );
+}
