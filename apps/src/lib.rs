@@ -1,4 +1,8 @@
 //! The compute of oxray's demo applications, with no runtime in it.
 //!
 //! - [`env`]: classic-control environments with Gymnasium's published dynamics.
+//! - [`policy`]: a linear or one-hidden-layer policy over a flat parameter vector.
+//! - [`es`]: evolution strategies, worker side and driver side, plus a sequential runner.
 pub mod env;
+pub mod es;
+pub mod policy;

@@ -1,0 +1,65 @@
+//! Runs evolution strategies sequentially in one thread and prints the learning curve: the
+//! reference the distributed `examples/es.rs` is compared against. Not a benchmark of oxray.
+//!
+//! Usage: `cargo run -p oxray-apps --release --example es_local -- [ENV] [SEED] [STEPS]`
+//! (defaults `CartPole-v1 0 200`).
+
+use oxray_apps::es::{EsConfig, run_local_with};
+
+fn main() {
+    let mut args = std::env::args().skip(1);
+    let env = args.next().unwrap_or_else(|| "CartPole-v1".to_owned());
+    let mut config = match EsConfig::from_name(&env) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}: {:?}", std::error::Error::source(&e));
+            std::process::exit(2);
+        }
+    };
+    if let Some(seed) = args.next().and_then(|s| s.parse().ok()) {
+        config.seed = seed;
+    }
+    if let Some(steps) = args.next().and_then(|s| s.parse().ok()) {
+        config.steps = steps;
+    }
+    // Tuning knobs, for experiments only.
+    let var = |name: &str| std::env::var(name).ok().and_then(|v| v.parse::<f64>().ok());
+    if let Some(v) = var("ES_LR") {
+        config.lr = v as f32;
+    }
+    if let Some(v) = var("ES_SIGMA") {
+        config.sigma = v as f32;
+    }
+    if let Some(v) = var("ES_HIDDEN") {
+        config.hidden = v as u32;
+    }
+    if let Some(v) = var("ES_POP") {
+        config.population = v as u32;
+    }
+    if let Some(v) = var("ES_L2") {
+        config.l2 = v as f32;
+    }
+    println!("{config:?}");
+    let result = run_local_with(config, |s| {
+        println!(
+            "step {:>3}  mean {:>8.2}  max {:>8.2}  eval {:>8.2}  |θ| {:.3}",
+            s.step,
+            s.mean_reward,
+            s.max_reward,
+            s.eval_reward.unwrap_or(f32::NAN),
+            s.param_norm
+        );
+    });
+    match result {
+        Ok(curve) => println!(
+            "solved_at {:?}  best eval {:?}  elapsed {:.2}s",
+            curve.solved_at,
+            curve.best_eval(),
+            curve.points.last().map_or(0.0, |p| p.elapsed_s)
+        ),
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::exit(1);
+        }
+    }
+}
