@@ -2,9 +2,10 @@
 //! reference the distributed `examples/es.rs` is compared against. Not a benchmark of oxray.
 //!
 //! Usage: `cargo run -p oxray-apps --release --example es_local -- [ENV] [SEED] [STEPS]`
-//! (defaults `CartPole-v1 0 200`).
+//! (defaults `CartPole-v1 0 200`). With `ES_OUT=DIR` set, writes `DIR/<env>.csv` and `DIR/<env>.png`.
 
 use oxray_apps::es::{EsConfig, run_local_with};
+use oxray_apps::report;
 
 fn main() {
     let mut args = std::env::args().skip(1);
@@ -51,12 +52,23 @@ fn main() {
         );
     });
     match result {
-        Ok(curve) => println!(
-            "solved_at {:?}  best eval {:?}  elapsed {:.2}s",
-            curve.solved_at,
-            curve.best_eval(),
-            curve.points.last().map_or(0.0, |p| p.elapsed_s)
-        ),
+        Ok(curve) => {
+            println!(
+                "solved_at {:?}  best eval {:?}  elapsed {:.2}s",
+                curve.solved_at,
+                curve.best_eval(),
+                curve.points.last().map_or(0.0, |p| p.elapsed_s)
+            );
+            if let Ok(dir) = std::env::var("ES_OUT") {
+                let base = std::path::Path::new(&dir).join(curve.env.name());
+                let written = report::save_csv(&curve, &base.with_extension("csv"))
+                    .and_then(|()| report::save_curve_png(&curve, &base.with_extension("png")));
+                match written {
+                    Ok(()) => println!("wrote {}.csv and .png", base.display()),
+                    Err(e) => eprintln!("error: {e}"),
+                }
+            }
+        }
         Err(e) => {
             eprintln!("error: {e}");
             std::process::exit(1);

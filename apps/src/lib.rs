@@ -3,6 +3,8 @@
 //! - [`env`]: classic-control environments with Gymnasium's published dynamics.
 //! - [`policy`]: a linear or one-hidden-layer policy over a flat parameter vector.
 //! - [`es`]: evolution strategies, worker side and driver side, plus a sequential runner.
+//! - [`report`]: the learning curve as CSV and as a PNG plot.
 pub mod env;
 pub mod es;
 pub mod policy;
+pub mod report;
