@@ -250,6 +250,11 @@ const SALT_INIT: u64 = 4;
 
 /// Fills `out` with standard normal samples (Box–Muller, in `f64` for accuracy in the tails).
 pub(crate) fn fill_normal(rng: &mut StdRng, out: &mut [f32]) {
+    fill_normal_with(rng, out);
+}
+
+/// [`fill_normal`] for any generator.
+pub(crate) fn fill_normal_with(rng: &mut impl Rng, out: &mut [f32]) {
     for pair in out.chunks_mut(2) {
         // 1 − U lies in (0, 1], so the logarithm is finite.
         let u1 = 1.0 - rng.random::<f64>();
