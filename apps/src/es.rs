@@ -659,6 +659,76 @@ impl EsState {
     }
 }
 
+/// Everything needed to resume a run exactly: what a driver writes to disk or the object store so
+/// that a restarted driver continues where it stopped.
+#[derive(Debug, Clone, PartialEq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct EsCheckpoint {
+    /// The run's configuration.
+    pub config: EsConfig,
+    /// Steps completed.
+    pub step: u32,
+    /// Policy parameters.
+    pub params: Vec<f32>,
+    /// Adam's first-moment estimate.
+    pub adam_m: Vec<f32>,
+    /// Adam's second-moment estimate.
+    pub adam_v: Vec<f32>,
+    /// Adam's step count.
+    pub adam_t: i32,
+}
+
+impl EsState {
+    /// A snapshot from which [`EsState::restore`] continues bit-for-bit identically.
+    pub fn checkpoint(&self) -> EsCheckpoint {
+        EsCheckpoint {
+            config: self.config.clone(),
+            step: self.step,
+            params: self.params.clone(),
+            adam_m: self.adam.m.clone(),
+            adam_v: self.adam.v.clone(),
+            adam_t: self.adam.t,
+        }
+    }
+
+    /// Resumes from a checkpoint (which may come from disk or the network, so it is checked).
+    ///
+    /// # Errors
+    /// [`EsError::InvalidConfig`] for a bad config, a step beyond `config.steps`, or a negative
+    /// Adam count; [`EsError::ParamsLength`] if any vector has the wrong length;
+    /// [`EsError::NonFiniteParams`] if any holds NaN or ±∞ (or a negative second moment).
+    pub fn restore(cp: EsCheckpoint) -> Result<EsState, EsError> {
+        let mut state = EsState::new(cp.config)?;
+        if cp.step > state.config.steps || cp.adam_t < 0 {
+            return Err(EsError::InvalidConfig(
+                "checkpoint step or adam count out of range",
+            ));
+        }
+        let n = state.params.len();
+        for v in [&cp.params, &cp.adam_m, &cp.adam_v] {
+            if v.len() != n {
+                return Err(EsError::ParamsLength {
+                    expected: n,
+                    got: v.len(),
+                });
+            }
+            if !v.iter().all(|x| x.is_finite()) {
+                return Err(EsError::NonFiniteParams);
+            }
+        }
+        if cp.adam_v.iter().any(|&x| x < 0.0) {
+            return Err(EsError::NonFiniteParams);
+        }
+        state.step = cp.step;
+        state.params = cp.params;
+        state.adam = Adam {
+            m: cp.adam_m,
+            v: cp.adam_v,
+            t: cp.adam_t,
+        };
+        Ok(state)
+    }
+}
+
 /// One point of a learning curve.
 #[derive(Debug, Clone, PartialEq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct CurvePoint {
@@ -1109,6 +1179,63 @@ mod tests {
             (500.0, 500.0, 500.0)
         );
         assert_eq!(stats.env_steps, 8000);
+    }
+
+    #[test]
+    fn checkpoint_resumes_bit_for_bit() {
+        let config = EsConfig {
+            eval_episodes: 2,
+            ..small(EnvKind::CartPole)
+        };
+        let run = |state: &mut EsState, steps: u32| {
+            let mut w = Worker::from_config(state.config()).unwrap();
+            let mut out = Vec::new();
+            for _ in 0..steps {
+                let results: Vec<_> = state
+                    .next_tasks()
+                    .into_iter()
+                    .map(|t| w.evaluate(state.params(), t).unwrap())
+                    .collect();
+                out.push(state.update(&results).unwrap());
+            }
+            out
+        };
+        let mut straight = EsState::new(config.clone()).unwrap();
+        let all = run(&mut straight, 6);
+        let mut first = EsState::new(config).unwrap();
+        let head = run(&mut first, 3);
+        // Through rkyv bytes, as a driver would store it.
+        let bytes = rkyv::to_bytes::<rkyv::rancor::Error>(&first.checkpoint()).unwrap();
+        let cp = rkyv::from_bytes::<EsCheckpoint, rkyv::rancor::Error>(&bytes).unwrap();
+        let mut resumed = EsState::restore(cp).unwrap();
+        assert_eq!(resumed.step(), 3);
+        let tail = run(&mut resumed, 3);
+        assert_eq!([head, tail].concat(), all);
+        assert_eq!(resumed.params(), straight.params());
+    }
+
+    #[test]
+    fn corrupt_checkpoints_are_rejected() {
+        let good = EsState::new(small(EnvKind::CartPole)).unwrap().checkpoint();
+        let mut short = good.clone();
+        short.adam_v.pop();
+        assert!(matches!(
+            EsState::restore(short),
+            Err(EsError::ParamsLength { .. })
+        ));
+        let mut nan = good.clone();
+        nan.adam_m[0] = f32::NAN;
+        assert_eq!(EsState::restore(nan).unwrap_err(), EsError::NonFiniteParams);
+        let mut neg = good.clone();
+        neg.adam_v[0] = -1.0;
+        assert_eq!(EsState::restore(neg).unwrap_err(), EsError::NonFiniteParams);
+        let mut late = good.clone();
+        late.step = late.config.steps + 1;
+        assert!(matches!(
+            EsState::restore(late),
+            Err(EsError::InvalidConfig(_))
+        ));
+        assert!(EsState::restore(good).is_ok());
     }
 
     #[test]
