@@ -41,7 +41,9 @@ fn main() {
         config.l2 = v as f32;
     }
     println!("{config:?}");
+    let mut env_steps = 0u64;
     let result = run_local_with(config, |s| {
+        env_steps += s.env_steps;
         println!(
             "step {:>3}  mean {:>8.2}  max {:>8.2}  eval {:>8.2}  |θ| {:.3}",
             s.step,
@@ -53,11 +55,15 @@ fn main() {
     });
     match result {
         Ok(curve) => {
+            let elapsed = curve.points.last().map_or(0.0, |p| p.elapsed_s);
             println!(
-                "solved_at {:?}  best eval {:?}  elapsed {:.2}s",
+                "solved_at {:?}  best eval {:?}  elapsed {:.3}s  steps {}  env steps {} ({:.1} M/s incl. eval)",
                 curve.solved_at,
                 curve.best_eval(),
-                curve.points.last().map_or(0.0, |p| p.elapsed_s)
+                elapsed,
+                curve.points.len(),
+                env_steps,
+                env_steps as f64 / elapsed.max(1e-9) / 1e6,
             );
             if let Ok(dir) = std::env::var("ES_OUT") {
                 let base = std::path::Path::new(&dir).join(curve.env.name());

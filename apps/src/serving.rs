@@ -197,16 +197,33 @@ impl Mlp {
             next.clear();
             next.resize(batch * out, 0.0);
             let relu = l + 1 < layers;
-            for (x, y) in cur.chunks_exact(fan_in).zip(next.chunks_exact_mut(out)) {
-                for ((yj, row), b) in y.iter_mut().zip(weights.chunks_exact(fan_in)).zip(biases) {
-                    let v = row.iter().zip(x).map(|(w, x)| w * x).sum::<f32>() + b;
-                    *yj = if relu { v.max(0.0) } else { v };
+            // Weight row outside, batch rows inside: each weight row is read from memory once per
+            // batch and then served from L1 for every input row.
+            for (j, (row, b)) in weights.chunks_exact(fan_in).zip(biases).enumerate() {
+                for (x, y) in cur.chunks_exact(fan_in).zip(next.chunks_exact_mut(out)) {
+                    let v = dot(row, x) + b;
+                    y[j] = if relu { v.max(0.0) } else { v };
                 }
             }
             std::mem::swap(&mut cur, &mut next);
         }
         Ok(cur)
     }
+}
+
+/// Dot product with eight independent partial sums: a plain `sum()` is one serial chain of float
+/// additions the compiler may not reorder, eight chains let it use SIMD lanes.
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let (a8, a_rest) = a.split_at(a.len() - a.len() % 8);
+    let (b8, b_rest) = b.split_at(a8.len().min(b.len()));
+    for (ca, cb) in a8.chunks_exact(8).zip(b8.chunks_exact(8)) {
+        for k in 0..8 {
+            acc[k] += ca[k] * cb[k];
+        }
+    }
+    let tail: f32 = a_rest.iter().zip(b_rest).map(|(x, y)| x * y).sum();
+    acc.iter().sum::<f32>() + tail
 }
 
 /// Softmax of each row of `width` logits, in place (max-subtracted, so large logits do not
@@ -315,6 +332,20 @@ mod tests {
             Err(ServingError::BatchTooLarge { .. })
         ));
         assert_eq!(m.forward_batch(&[], 0).unwrap(), Vec::<f32>::new());
+    }
+
+    #[test]
+    fn blocked_dot_matches_a_plain_sum() {
+        for n in [0usize, 1, 7, 8, 9, 16, 31, 100] {
+            let a: Vec<f32> = (0..n).map(|i| (i as f32 * 0.7).cos()).collect();
+            let b: Vec<f32> = (0..n).map(|i| (i as f32 * 1.3).sin()).collect();
+            let want: f64 = a
+                .iter()
+                .zip(&b)
+                .map(|(x, y)| f64::from(*x) * f64::from(*y))
+                .sum();
+            assert!((f64::from(dot(&a, &b)) - want).abs() < 1e-4, "n = {n}");
+        }
     }
 
     #[test]
