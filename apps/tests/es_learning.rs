@@ -89,3 +89,25 @@ fn split_driver_and_workers_with_losses_still_learns() {
     }
     assert!(solved, "not solved after {} steps", state.step());
 }
+
+/// The report files from a real run: the CSV has one row per step and ends at the solving step,
+/// the PNG is a real PNG.
+#[test]
+fn real_run_writes_csv_and_png() {
+    use oxray_apps::report::{save_csv, save_curve_png};
+    let curve = run_local(EsConfig::new(EnvKind::CartPole)).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (csv, png) = (dir.path().join("es.csv"), dir.path().join("es.png"));
+    save_csv(&curve, &csv).unwrap();
+    save_curve_png(&curve, &png).unwrap();
+    let text = std::fs::read_to_string(&csv).unwrap();
+    let rows: Vec<&str> = text.lines().collect();
+    assert_eq!(rows[0], "step,mean_reward,eval_reward,elapsed_s");
+    assert_eq!(rows.len(), curve.points.len() + 1);
+    let last: Vec<&str> = rows[rows.len() - 1].split(',').collect();
+    assert_eq!(last[0].parse::<u32>().unwrap(), curve.solved_at.unwrap());
+    assert!(last[2].parse::<f32>().unwrap() >= 475.0);
+    let bytes = std::fs::read(&png).unwrap();
+    assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n");
+    assert!(bytes.len() > 2000);
+}
