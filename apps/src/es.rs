@@ -17,6 +17,22 @@
 //! and Adam. Everything is a deterministic function of [`EsConfig::seed`]: results may arrive in any
 //! order or be missing (a lost worker), and the update is the same for the same set of results.
 //!
+//! With oxray the worker side becomes an actor along these lines (a sketch; the SDK is not a
+//! dependency of this crate):
+//!
+//! ```text
+//! pub struct EsWorker { w: Worker }
+//! #[oxray::actor]
+//! impl EsWorker {
+//!     pub fn new(config: EsConfig) -> Self { EsWorker { w: Worker::from_config(&config).expect("validated by the driver") } }
+//!     pub fn evaluate(&mut self, params: Vec<f32>, task: Task) -> Result<WorkerResult, String> {
+//!         self.w.evaluate(&params, task).map_err(|e| e.to_string())
+//!     }
+//! }
+//! // driver: let p = oxray::put(&state.params().to_vec())?;  one `evaluate(&p, task)` per worker,
+//! // oxray::get_all, drop the Err results (or retry them), state.update(&oks)?
+//! ```
+//!
 //! What this is not: no clock, no threads, no network — [`run_local`] is the one driver here, a
 //! sequential loop used by tests and as the reference for the distributed example; it is the only
 //! function that reads the clock (for `elapsed_s`). No shared noise table (regenerating ε per
@@ -567,7 +583,8 @@ impl EsState {
     ///
     /// # Errors
     /// [`EsError::NoResults`], [`EsError::UnknownTask`], [`EsError::DuplicateResult`] or
-    /// [`EsError::NonFiniteReward`]; the state is unchanged on error.
+    /// [`EsError::NonFiniteReward`], or [`EsError::NonFiniteParams`] if the step diverged; the state
+    /// is unchanged on error.
     pub fn update(&mut self, results: &[WorkerResult]) -> Result<StepStats, EsError> {
         if results.is_empty() {
             return Err(EsError::NoResults);
@@ -627,23 +644,31 @@ impl EsState {
         for (g, p) in grad.iter_mut().zip(&self.params) {
             *g = *g * scale - self.config.l2 * p;
         }
-        self.adam.ascend(&mut self.params, &grad, self.config.lr);
-
+        // Step a copy, evaluate it, and only then commit: an error leaves the state as it was.
+        let mut params = self.params.clone();
+        let mut adam = self.adam.clone();
+        adam.ascend(&mut params, &grad, self.config.lr);
         let stats_step = self.step;
-        self.step += 1;
         let eval_reward = if self.config.eval_episodes > 0 {
             let seed = derive(derive(self.config.seed, SALT_EVAL), u64::from(stats_step));
             let mut total = 0.0f64;
             for i in 0..self.config.eval_episodes {
                 total += f64::from(
                     self.evaluator
-                        .episode(&self.params, derive(seed, u64::from(i)))?,
+                        .episode(&params, derive(seed, u64::from(i)))?,
                 );
             }
             Some((total / f64::from(self.config.eval_episodes)) as f32)
         } else {
+            // The evaluator would have caught a diverged step; without it, check here.
+            if !params.iter().all(|p| p.is_finite()) {
+                return Err(EsError::NonFiniteParams);
+            }
             None
         };
+        self.params = params;
+        self.adam = adam;
+        self.step += 1;
         let sum: f64 = rewards.iter().map(|&r| f64::from(r)).sum();
         Ok(StepStats {
             step: stats_step,
