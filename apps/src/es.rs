@@ -567,7 +567,9 @@ impl EsState {
         self.tasks_for(self.step)
     }
 
-    fn tasks_for(&self, step: u32) -> Vec<Task> {
+    /// The tasks of any `step` (a pure function of the seed and the step), for drivers that want to
+    /// look ahead; `update` accepts only the current step's.
+    pub fn tasks_for(&self, step: u32) -> Vec<Task> {
         let noise = derive(derive(self.config.seed, SALT_NOISE), u64::from(step));
         let episode = derive(derive(self.config.seed, SALT_EPISODE), u64::from(step));
         (0..u64::from(self.config.population))

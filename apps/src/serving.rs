@@ -178,6 +178,15 @@ impl Mlp {
                 max: MAX_BATCH,
             });
         }
+        // A model deserialized from the wire skipped `new`'s checks; re-check the shape (cheap:
+        // one pass over the layer sizes) so slicing below cannot go out of bounds.
+        let n = params_for(&self.sizes)?;
+        if self.params.len() != n {
+            return Err(ServingError::ParamsLength {
+                expected: n,
+                got: self.params.len(),
+            });
+        }
         let expected = batch * self.input_dim();
         if xs.len() != expected {
             return Err(ServingError::InputLength {
@@ -370,6 +379,29 @@ mod tests {
         assert_eq!(a.params.len(), m.params().len());
         let back: Mlp = rkyv::deserialize::<Mlp, rkyv::rancor::Error>(a).unwrap();
         assert_eq!(back, m);
+        // A model whose sizes and params disagree (forged, or from another version) is refused
+        // at inference time instead of panicking.
+        let forged = Mlp {
+            sizes: vec![5, 7, 2],
+            params: vec![0.0; 10],
+        };
+        let bytes = rkyv::to_bytes::<rkyv::rancor::Error>(&forged).unwrap();
+        let forged: Mlp = rkyv::from_bytes::<Mlp, rkyv::rancor::Error>(&bytes).unwrap();
+        assert_eq!(
+            forged.forward(&[0.0; 5]),
+            Err(ServingError::ParamsLength {
+                expected: 58,
+                got: 10
+            })
+        );
+        let no_layers = Mlp {
+            sizes: vec![],
+            params: vec![],
+        };
+        assert!(matches!(
+            no_layers.forward(&[]),
+            Err(ServingError::InvalidShape(_))
+        ));
     }
 
     proptest! {
