@@ -57,7 +57,7 @@ fn main() {
         Ok(curve) => {
             let elapsed = curve.points.last().map_or(0.0, |p| p.elapsed_s);
             println!(
-                "solved_at {:?}  best eval {:?}  elapsed {:.3}s  steps {}  env steps {} ({:.1} M/s incl. eval)",
+                "solved_at {:?}  best eval {:?}  elapsed {:.3}s  steps {}  worker env steps {} ({:.2} M/s of wall time, eval included)",
                 curve.solved_at,
                 curve.best_eval(),
                 elapsed,
