@@ -112,7 +112,7 @@ pub enum EnvError {
 }
 
 /// A simulated task: the interface ES workers drive.
-pub trait Env: Send {
+pub trait Env: Send + std::fmt::Debug {
     /// The Gymnasium id, e.g. `"CartPole-v1"`.
     fn name(&self) -> &'static str;
     /// Length of every observation.

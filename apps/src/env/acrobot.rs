@@ -152,7 +152,8 @@ impl Env for Acrobot {
         self.steps += 1;
         // Tip height above the pivot is −cos θ1 − cos(θ1 + θ2); done when it exceeds one link.
         let terminated = -ns[0].cos() - (ns[1] + ns[0]).cos() > 1.0;
-        let truncated = !terminated && self.steps >= MAX_STEPS;
+        // Like Gymnasium's `TimeLimit`, the limit flags truncation even on a terminal step.
+        let truncated = self.steps >= MAX_STEPS;
         self.done = terminated || truncated;
         Ok(Step {
             obs: obs(&ns),

@@ -108,7 +108,8 @@ impl Env for CartPole {
         self.state = Some(next);
         self.steps += 1;
         let terminated = next[0].abs() > X_THRESHOLD || next[2].abs() > THETA_THRESHOLD;
-        let truncated = !terminated && self.steps >= MAX_STEPS;
+        // Like Gymnasium's `TimeLimit`, the limit flags truncation even on a terminal step.
+        let truncated = self.steps >= MAX_STEPS;
         self.done = terminated || truncated;
         // Gymnasium pays 1 on every step, including the one on which the pole falls.
         Ok(Step {
