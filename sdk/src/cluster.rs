@@ -419,14 +419,31 @@ impl Cluster {
         let free = (self.settings.num_cpus - running as f64).max(0.0);
         let available = resource_set(free, self.settings.num_gpus, &self.settings.resources);
         view.update_local(NodeId(rt.node), &available, queued as u32);
-        let d = oxray_scheduler::decide(&view, NodeId(rt.node), &req, &mut *self.rng.lock());
+        let mut d = oxray_scheduler::decide(&view, NodeId(rt.node), &req, &mut *self.rng.lock());
+        if matches!(d, Decision::Wait) && matches!(strategy, Strategy::Default | Strategy::Spread) {
+            // Every fitting node is busy: queue the task at the least-loaded one rather than hold it here. Nodes
+            // queue work in their pools, and the owner then needs no timer to retry.
+            if let Some(n) = view
+                .nodes()
+                .iter()
+                .filter(|n| {
+                    n.alive && n.total.fits(&req.resources) && n.functions.contains(&function)
+                })
+                .min_by_key(|n| n.queue_len)
+            {
+                d = if n.id.0 == rt.node {
+                    Decision::RunLocal
+                } else {
+                    Decision::Spill(n.id)
+                };
+            }
+        }
         // Count our own spill against the target until its next report, so a burst of submissions spreads instead
         // of landing on the node that looked idlest a heartbeat ago.
         if let Decision::Spill(n) = &d
             && let Some(info) = view.node(*n)
         {
-            let mut avail = info.available.clone();
-            avail.saturating_sub(&req.resources);
+            let avail = info.available.clone();
             let q = info.queue_len + 1;
             view.update_local(*n, &avail, q);
         }

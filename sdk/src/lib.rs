@@ -47,8 +47,12 @@
 //! - [`TaskOptions`], [`ActorOptions`]: resources, retries, names, lifetimes, strategies.
 //! - [`Error`]: every failure as a typed value.
 
+// Lets the macros' `::oxray::...` paths resolve inside this crate too (the benchmark functions use them).
+extern crate self as oxray;
+
 mod actor;
 mod arg;
+pub mod bench;
 mod cluster;
 mod error;
 pub mod node;

@@ -60,6 +60,30 @@ enum Command {
     },
     /// Stop every node of the cluster.
     Stop(Target),
+    /// Ray's microbenchmark rows: by default with the driver (this process) and a node in separate processes.
+    Microbenchmark(BenchArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct BenchArgs {
+    /// Run everything in this process instead of starting a separate node process.
+    #[arg(long)]
+    embedded: bool,
+    /// Print one JSON object keyed by Ray's result names, each `[mean, std]`.
+    #[arg(long)]
+    json: bool,
+    /// Trials per row after one warm-up.
+    #[arg(long, default_value_t = 5)]
+    trials: usize,
+    /// Scale the work per trial (1.0 = Ray's amounts; smaller is quicker and noisier).
+    #[arg(long, default_value_t = 1.0)]
+    scale: f64,
+    /// Only rows whose key contains this (also read from TESTS_TO_RUN, as in Ray).
+    #[arg(long, env = "TESTS_TO_RUN")]
+    filter: Option<String>,
+    /// CPUs of the node process (default: all cores).
+    #[arg(long)]
+    num_cpus: Option<usize>,
 }
 
 fn locate(t: &Target) -> Result<(String, String)> {
@@ -243,11 +267,103 @@ fn main() -> Result<()> {
                 }
             }
         }
+        Command::Microbenchmark(b) => microbenchmark(b)?,
         Command::Stop(t) => {
             let (addr, tok) = locate(&t)?;
             node::stop_cluster(&addr, &tok)?;
             println!("stop sent to the cluster at {addr}");
         }
+    }
+    Ok(())
+}
+
+/// Kills the node process when the benchmark ends, however it ends.
+struct Child(std::process::Child);
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn microbenchmark(b: BenchArgs) -> Result<()> {
+    use std::io::BufRead;
+    let cpus = b.num_cpus.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2)
+    });
+    let mut _node = None;
+    let mode;
+    if b.embedded {
+        oxray::init_with(oxray::Config {
+            num_cpus: cpus,
+            ..oxray::Config::default()
+        })?;
+        mode = "embedded (driver and node in one process)".to_string();
+    } else {
+        let dir = std::env::temp_dir().join(format!("oxray-bench-{}", std::process::id()));
+        let mut child = std::process::Command::new(std::env::current_exe()?)
+            .args([
+                "start",
+                "--head",
+                "--num-cpus",
+                &cpus.to_string(),
+                "--data-dir",
+            ])
+            .arg(&dir)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .context("cannot start the node process")?;
+        let out = child.stdout.take().context("no stdout from the node")?;
+        let guard = Child(child);
+        let mut address = None;
+        let mut token = None;
+        for line in std::io::BufReader::new(out).lines() {
+            let line = line?;
+            if let Some(a) = line.strip_prefix("address: ") {
+                address = Some(a.trim().to_string());
+            }
+            if let Some(t) = line.strip_prefix("token: ") {
+                token = Some(t.trim().to_string());
+            }
+            if address.is_some() && token.is_some() {
+                break;
+            }
+        }
+        let (address, token) = (
+            address.context("node printed no address")?,
+            token.context("node printed no token")?,
+        );
+        oxray::connect(&address, &token)?;
+        _node = Some(guard);
+        mode = format!("driver and node in separate processes (node: {cpus} CPUs at {address})");
+    }
+    let cfg = oxray::bench::BenchConfig {
+        trials: b.trials,
+        filter: b.filter.clone(),
+        scale: b.scale,
+        ..Default::default()
+    };
+    if !b.json {
+        println!(
+            "oxray microbenchmark: {mode}; {} trials per row, scale {}",
+            b.trials, b.scale
+        );
+    }
+    let json = b.json;
+    let rows = oxray::bench::run(&cfg, |r| {
+        if !json {
+            let what = if r.unit == "GB/s" { "" } else { " per second" };
+            println!("{}{} {:.2} +- {:.2}", r.name, what, r.mean, r.std);
+        }
+    })?;
+    if b.json {
+        let obj: serde_json::Map<String, serde_json::Value> = rows
+            .iter()
+            .map(|r| (r.key.to_string(), serde_json::json!([r.mean, r.std])))
+            .collect();
+        println!("{}", serde_json::Value::Object(obj));
     }
     Ok(())
 }
