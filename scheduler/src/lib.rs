@@ -7,6 +7,7 @@ pub mod local;
 pub mod pg;
 pub mod policy;
 pub mod resources;
+pub mod sim;
 pub mod view;
 
 pub use failure::{FailureConfig, FailureDetector, Heartbeat};
