@@ -451,6 +451,9 @@ impl LocalQueue {
             ..
         } = self;
         let mut chosen: Option<(Option<BundleKey>, usize)> = None;
+        // Pools whose FIFO turned out empty, removed after the scan (a few per call is plenty).
+        let mut empty: [Option<Option<BundleKey>>; 4] = [None; 4];
+        let mut n_empty = 0usize;
         for (key, fifo) in order.iter_mut() {
             if reserved[..n_reserved].contains(&Some(*key)) {
                 continue;
@@ -461,6 +464,13 @@ impl LocalQueue {
                     break;
                 }
                 fifo.pop_front();
+            }
+            if fifo.is_empty() {
+                if n_empty < empty.len() {
+                    empty[n_empty] = Some(*key);
+                    n_empty += 1;
+                }
+                continue;
             }
             let pool = match key {
                 None => Some(&*node),
@@ -489,7 +499,9 @@ impl LocalQueue {
                 break;
             }
         }
-        order.retain(|_, fifo| !fifo.is_empty());
+        for key in empty.iter().take(n_empty).flatten() {
+            order.remove(key);
+        }
         let (key, pos) = chosen?;
         let fifo = self.order.get_mut(&key)?;
         // Everyone live ahead of the winner in its pool was overtaken once more.

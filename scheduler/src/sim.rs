@@ -61,8 +61,8 @@ impl Default for Workload {
             cpu_half: 15,
             cpu2: 10,
             large_arg: 15,
-            gpu1: 5,
-            spread: 5,
+            gpu1: 2,
+            spread: 8,
             special: 0,
         }
     }
