@@ -18,8 +18,10 @@
 //! attempt number and stale ones are ignored.
 //!
 //! Known simplifications: the planner is greedy (largest bundle first), so a feasible STRICT_SPREAD
-//! with very uneven bundles can be missed; groups planned concurrently may overbook a node from
-//! the same stale view, which the prepare phase catches (one attempt fails and retries).
+//! with very uneven bundles can be missed. The coordinator subtracts the reservations of its own
+//! attempts in flight from the view before planning, so groups placed together do not overbook a
+//! node; reservations the view does not show yet from elsewhere are caught by the prepare phase
+//! (that attempt fails and retries).
 //! When a node holding a bundle of a created group dies, the whole group is released and placed
 //! again (rather than only the lost bundles), which keeps all-or-nothing simple at the cost of
 //! restarting tasks in the surviving bundles.
@@ -80,13 +82,32 @@ pub fn plan<R: Rng + ?Sized>(
     spec: &PlacementGroupSpec,
     rng: &mut R,
 ) -> Result<Vec<NodeId>, PlanError> {
+    plan_reserving(view, spec, rng, &HashMap::new())
+}
+
+/// Like [`plan`], but treats `in_flight` (per node) as already taken: reservations being
+/// prepared that the view may not show yet. Keeps groups planned close together from
+/// overbooking the same node and aborting each other.
+pub fn plan_reserving<R: Rng + ?Sized>(
+    view: &ClusterView,
+    spec: &PlacementGroupSpec,
+    rng: &mut R,
+    in_flight: &HashMap<NodeId, ResourceSet>,
+) -> Result<Vec<NodeId>, PlanError> {
     if spec.bundles.is_empty() || spec.bundles.len() > MAX_BUNDLES {
         return Err(PlanError::BadBundleCount);
     }
-    if let Some(p) = plan_with(view, spec, rng, |n| &n.available) {
+    let free = |n: &NodeInfo| {
+        let mut r = n.available.clone();
+        if let Some(taken) = in_flight.get(&n.id) {
+            r.saturating_sub(taken);
+        }
+        r
+    };
+    if let Some(p) = plan_with(view, spec, rng, free) {
         return Ok(p);
     }
-    if plan_with(view, spec, rng, |n| &n.total).is_some() {
+    if plan_with(view, spec, rng, |n| n.total.clone()).is_some() {
         Err(PlanError::Unavailable)
     } else {
         Err(PlanError::Infeasible)
@@ -102,7 +123,7 @@ fn plan_with<R: Rng + ?Sized>(
     view: &ClusterView,
     spec: &PlacementGroupSpec,
     rng: &mut R,
-    cap: impl Fn(&NodeInfo) -> &ResourceSet,
+    cap: impl Fn(&NodeInfo) -> ResourceSet,
 ) -> Option<Vec<NodeId>> {
     let nodes: Vec<&NodeInfo> = view.nodes().iter().filter(|n| n.alive).collect();
     if nodes.is_empty() {
@@ -113,7 +134,7 @@ fn plan_with<R: Rng + ?Sized>(
     let order: Vec<usize> = (0..nodes.len())
         .map(|i| (i + offset) % nodes.len())
         .collect();
-    let mut scratch: Vec<ResourceSet> = nodes.iter().map(|n| cap(n).clone()).collect();
+    let mut scratch: Vec<ResourceSet> = nodes.iter().map(|n| cap(n)).collect();
 
     let pack_one = |scratch: &[ResourceSet]| -> Option<usize> {
         let mut sum = ResourceSet::new();
@@ -596,6 +617,15 @@ impl PgCoordinator {
     pub fn poll<R: Rng + ?Sized>(&mut self, now: u64, view: &ClusterView, rng: &mut R) {
         let mut ids: Vec<PlacementGroupId> = self.groups.keys().copied().collect();
         ids.sort_unstable();
+        // Reservations of attempts in flight, which the view may not reflect yet.
+        let mut in_flight: HashMap<NodeId, ResourceSet> = HashMap::new();
+        for g in self.groups.values() {
+            if let PgPhase::Preparing { plan, .. } | PgPhase::Committing { plan, .. } = &g.phase {
+                for (node, r) in plan.iter().zip(&g.spec.bundles) {
+                    let _ = in_flight.entry(*node).or_default().add(r);
+                }
+            }
+        }
         for id in ids {
             let Some(g) = self.groups.get_mut(&id) else {
                 continue;
@@ -613,8 +643,11 @@ impl PgCoordinator {
                     if now < *retry_at {
                         continue;
                     }
-                    match plan(view, &g.spec, rng) {
+                    match plan_reserving(view, &g.spec, rng, &in_flight) {
                         Ok(placement) => {
+                            for (node, r) in placement.iter().zip(&g.spec.bundles) {
+                                let _ = in_flight.entry(*node).or_default().add(r);
+                            }
                             g.attempt = g.attempt.wrapping_add(1);
                             let attempt = g.attempt;
                             for node in distinct(&placement) {
@@ -801,5 +834,33 @@ mod tests {
             })
         );
         assert_eq!(c.poll_event(), None);
+    }
+
+    #[test]
+    fn groups_planned_together_do_not_overbook_a_node() {
+        let v = view(&[4, 4]);
+        for seed in 0..20 {
+            let mut r = SmallRng::seed_from_u64(seed);
+            let mut c = PgCoordinator::new(PgConfig::default());
+            for id in [1, 2] {
+                let spec = PlacementGroupSpec {
+                    id: PlacementGroupId(id),
+                    ..spec(PgStrategy::StrictPack, &[2, 2])
+                };
+                c.create(spec, 0).unwrap();
+            }
+            c.poll(0, &v, &mut r);
+            let nodes: Vec<NodeId> = std::iter::from_fn(|| c.poll_command())
+                .map(|cmd| match cmd {
+                    PgCommand::Prepare { node, .. } => node,
+                    other => panic!("unexpected {other:?}"),
+                })
+                .collect();
+            assert_eq!(nodes.len(), 2, "seed {seed}");
+            assert_ne!(
+                nodes[0], nodes[1],
+                "seed {seed}: both groups planned onto one node"
+            );
+        }
     }
 }
