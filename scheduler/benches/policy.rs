@@ -26,9 +26,13 @@ fn main() {
     let policy = measure_policy_decisions_per_s(nodes, tasks, seed);
     let sim = measure_decisions_per_s(nodes, tasks, seed);
     if json {
-        println!(
-            "{{\"sim_decisions_per_s\": {sim:.0}, \"policy_decisions_per_s\": {policy:.0}, \"nodes\": {nodes}, \"tasks\": {tasks}}}"
-        );
+        let out = serde_json::json!({
+            "sim_decisions_per_s": sim.round(),
+            "policy_decisions_per_s": policy.round(),
+            "nodes": nodes,
+            "tasks": tasks,
+        });
+        println!("{out}");
     } else {
         println!("scheduler policy benchmark: {nodes} nodes, {tasks} tasks, 1 thread");
         println!(
