@@ -347,17 +347,6 @@ impl LocalQueue {
             || self.infeasible.contains_key(&id)
     }
 
-    fn pool(&self, bundle: Option<BundleKey>) -> Option<&Pool> {
-        match bundle {
-            None => Some(&self.node),
-            Some(k) => self
-                .bundles
-                .get(&k)
-                .filter(|b| b.committed)
-                .map(|b| &b.pool),
-        }
-    }
-
     fn pool_mut(&mut self, bundle: Option<BundleKey>) -> Option<&mut Pool> {
         match bundle {
             None => Some(&mut self.node),
@@ -377,12 +366,13 @@ impl LocalQueue {
         if self.queued.len() >= self.config.max_queued {
             return Err(LocalError::QueueFull(self.queued.len()));
         }
-        let pool = self.pool(task.bundle).ok_or_else(|| {
-            LocalError::UnknownBundle(task.bundle.unwrap_or(BundleKey {
-                pg: PlacementGroupId(0),
-                index: 0,
-            }))
-        })?;
+        let pool = match task.bundle {
+            None => &self.node,
+            Some(k) => match self.bundles.get(&k) {
+                Some(b) if b.committed => &b.pool,
+                _ => return Err(LocalError::UnknownBundle(k)),
+            },
+        };
         if !pool.total.fits(&task.resources) {
             return Err(LocalError::NeverFits);
         }
