@@ -9,7 +9,8 @@
 //!
 //! Simplifications: a spill takes a fixed [`SimConfig::spill_latency_us`]; a node's own view
 //! entry is refreshed to its exact state right before it decides (the real runtime knows its own
-//! state), which other nodes then also see early; tasks never block in `get`.
+//! state), which other nodes then also see early; only `nested` tasks block in `get`, each on one
+//! child submitted from its own node.
 //!
 //! [`measure_decisions_per_s`] and [`measure_policy_decisions_per_s`] are the only code in this
 //! crate that reads a clock: they time the cores for benchmarks and never feed time into a decision.
@@ -52,6 +53,9 @@ pub struct Workload {
     pub spread: u32,
     /// Needs [`SPECIAL_RESOURCE`], which only nodes joining later offer.
     pub special: u32,
+    /// 1 CPU; halfway through it submits a 1-CPU child and blocks in `get` until the child is
+    /// done (nested tasks: needs blocked workers to lend their CPU, or a full pool deadlocks).
+    pub nested: u32,
 }
 
 impl Default for Workload {
@@ -64,6 +68,7 @@ impl Default for Workload {
             gpu1: 2,
             spread: 8,
             special: 0,
+            nested: 0,
         }
     }
 }
@@ -167,6 +172,8 @@ pub struct SimReport {
     pub max_wait_us: u64,
     /// Virtual time at the end.
     pub end_us: u64,
+    /// Child tasks submitted by `nested` tasks (not counted in `submitted`).
+    pub children: usize,
 }
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
@@ -178,6 +185,7 @@ enum Class {
     Gpu1,
     Spread,
     Special,
+    Nested,
 }
 
 const NOT_YET: u64 = u64::MAX;
@@ -197,12 +205,27 @@ struct Task {
     origin: u32,
     arrived: bool,
     infeasible: bool,
+    /// For a child of a `Nested` task: the parent.
+    parent: u32,
+    /// For a `Nested` parent: run time left after its child completes.
+    remaining: u64,
 }
 
 #[derive(Copy, Clone, Debug)]
 enum Ev {
-    Arrive { task: u32, node: u32 },
-    Finish { task: u32, node: u32 },
+    Arrive {
+        task: u32,
+        node: u32,
+    },
+    Finish {
+        task: u32,
+        node: u32,
+    },
+    /// A `Nested` task reaches its `get`: submit the child and block.
+    Spawn {
+        task: u32,
+        node: u32,
+    },
     Sync,
     Join(u32),
 }
@@ -323,6 +346,7 @@ impl Sim {
                 res(&[("CPU", 1.0), (SPECIAL_RESOURCE, 1.0)]),
                 Strategy::Default,
             ),
+            mk(res(&[("CPU", 1.0)]), Strategy::Default),
         ];
         let mut sim = Sim {
             policy: Policy::new(cfg.policy.clone()),
@@ -369,6 +393,7 @@ impl Sim {
             w.gpu1,
             w.spread,
             w.special,
+            w.nested,
         ];
         let classes = [
             Class::Cpu1,
@@ -378,6 +403,7 @@ impl Sim {
             Class::Gpu1,
             Class::Spread,
             Class::Special,
+            Class::Nested,
         ];
         let wsum: u32 = weights.iter().sum::<u32>().max(1);
         let capacity_cpus = (self.cfg.nodes as f64 * self.cfg.cpus_per_node as f64).max(1.0);
@@ -418,6 +444,8 @@ impl Sim {
                 start: NOT_YET,
                 end: NOT_YET,
                 ran_on: u32::MAX,
+                parent: u32::MAX,
+                remaining: 0,
                 origin: if self.nodes.is_empty() {
                     0
                 } else {
@@ -450,7 +478,12 @@ impl Sim {
                         self.arrivals_left = self.arrivals_left.saturating_sub(1);
                         self.outstanding += 1;
                         self.report.submitted += 1;
-                        if let Some(next) = self.tasks.get(task as usize + 1) {
+                        // Chain first arrivals of top-level tasks only (children follow them).
+                        if let Some(next) = self
+                            .tasks
+                            .get(task as usize + 1)
+                            .filter(|_| (task as usize + 1) < self.cfg.tasks)
+                        {
                             let (at, node) = (next.arrival, next.origin);
                             self.push(
                                 at,
@@ -469,10 +502,15 @@ impl Sim {
                     n.dirty = true;
                     let t = &mut self.tasks[task as usize];
                     t.end = at;
+                    let parent = t.parent;
                     self.outstanding -= 1;
                     self.report.completed += 1;
                     self.dispatch(node);
+                    if parent != u32::MAX {
+                        self.wake_parent(parent);
+                    }
                 }
+                Ev::Spawn { task, node } => self.spawn_child(task, node),
                 Ev::Sync => {
                     self.sync();
                     if self.outstanding > 0
@@ -572,16 +610,75 @@ impl Sim {
 
     fn dispatch(&mut self, node: u32) {
         while let Some(d) = self.nodes[node as usize].queue.poll_dispatch() {
-            if let Dispatch::Start(TaskId(t)) = d {
-                let t = t as u32;
-                let task = &mut self.tasks[t as usize];
-                task.start = self.now;
-                task.ran_on = node;
-                let at = self.now + task.duration;
-                self.push(at, Ev::Finish { task: t, node });
+            match d {
+                Dispatch::Start(TaskId(t)) => {
+                    let t = t as u32;
+                    let task = &mut self.tasks[t as usize];
+                    task.start = self.now;
+                    task.ran_on = node;
+                    if task.class == Class::Nested {
+                        let first = task.duration / 2;
+                        task.remaining = task.duration - first;
+                        let at = self.now + first;
+                        self.push(at, Ev::Spawn { task: t, node });
+                    } else {
+                        let at = self.now + task.duration;
+                        self.push(at, Ev::Finish { task: t, node });
+                    }
+                }
+                Dispatch::Resume(TaskId(t)) => {
+                    let t = t as u32;
+                    let at = self.now + self.tasks[t as usize].remaining;
+                    self.push(at, Ev::Finish { task: t, node });
+                }
             }
             self.nodes[node as usize].dirty = true;
         }
+    }
+
+    /// The parent reached `get`: it blocks (lending its CPU) and its child is submitted locally.
+    fn spawn_child(&mut self, parent: u32, node: u32) {
+        let n = &mut self.nodes[node as usize];
+        if n.queue.block(TaskId(u128::from(parent))).is_ok() {
+            n.dirty = true;
+        }
+        let d: f64 = self.rng.random_range(f64::EPSILON..1.0);
+        let duration = ((-d.ln()) * self.cfg.mean_duration_us as f64).max(1.0) as u64;
+        let child = self.tasks.len() as u32;
+        self.tasks.push(Task {
+            class: Class::Cpu1,
+            arg: 0,
+            spills: 0,
+            duration,
+            arrival: self.now,
+            start: NOT_YET,
+            end: NOT_YET,
+            ran_on: u32::MAX,
+            origin: node,
+            arrived: true,
+            infeasible: false,
+            parent,
+            remaining: 0,
+        });
+        self.outstanding += 1;
+        self.report.children += 1;
+        // The freed CPU may start queued work before the child is placed, as on a real node.
+        self.dispatch(node);
+        self.place(child, node);
+    }
+
+    /// The child finished: the parent takes its CPU back now, or when `poll_dispatch` says so.
+    fn wake_parent(&mut self, parent: u32) {
+        let node = self.tasks[parent as usize].ran_on;
+        let Some(n) = self.nodes.get_mut(node as usize) else {
+            return;
+        };
+        if let Ok(crate::local::Unblock::Resumed) = n.queue.unblock(TaskId(u128::from(parent))) {
+            let at = self.now + self.tasks[parent as usize].remaining;
+            self.push(at, Ev::Finish { task: parent, node });
+        }
+        self.nodes[node as usize].dirty = true;
+        self.dispatch(node);
     }
 
     fn sync(&mut self) {
@@ -684,7 +781,7 @@ impl Sim {
             .iter()
             .map(|n| n.queue.infeasible_tasks().count())
             .sum();
-        r.starved = r.submitted - r.completed - r.still_infeasible;
+        r.starved = (r.submitted + r.children).saturating_sub(r.completed + r.still_infeasible);
         r.mean_wait_us = if r.completed > 0 {
             wait_sum / r.completed as f64
         } else {

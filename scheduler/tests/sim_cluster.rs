@@ -66,6 +66,7 @@ fn locality_is_honoured_at_moderate_load() {
         gpu1: 0,
         spread: 0,
         special: 0,
+        nested: 0,
     };
     let r = Sim::new(SimConfig {
         nodes: 100,
@@ -131,5 +132,35 @@ fn infeasible_tasks_stay_reported_without_capacity() {
     assert!(r.still_infeasible > 0, "seed {seed}");
     assert_eq!(r.still_infeasible, r.infeasible_reported, "seed {seed}");
     assert_eq!(r.completed + r.still_infeasible, 1_000, "seed {seed}");
+    assert_eq!(r.starved, 0, "seed {seed}");
+}
+
+#[test]
+fn nested_tasks_on_a_saturated_cluster_do_not_deadlock() {
+    // Every task blocks on a child it submits; offered load above capacity keeps every pool full
+    // of parents. Without blocked workers lending their CPU the children could never start.
+    let seed = 13;
+    let workload = Workload {
+        cpu1: 0,
+        cpu_half: 0,
+        cpu2: 0,
+        large_arg: 0,
+        gpu1: 0,
+        spread: 0,
+        special: 0,
+        nested: 1,
+    };
+    let r = Sim::new(SimConfig {
+        nodes: 20,
+        tasks: 5_000,
+        utilization: 1.3,
+        workload,
+        seed,
+        ..Default::default()
+    })
+    .run();
+    println!("seed {seed}: {r:#?}");
+    assert_eq!(r.children, 5_000, "seed {seed}");
+    assert_eq!(r.completed, 10_000, "seed {seed}");
     assert_eq!(r.starved, 0, "seed {seed}");
 }
