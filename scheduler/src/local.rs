@@ -293,6 +293,9 @@ pub struct LocalQueue {
     /// so the scan order is deterministic.
     order: BTreeMap<Option<BundleKey>, VecDeque<(TaskId, u64)>>,
     next_seq: u64,
+    /// Cancelled entries still sitting in `order`. When they outnumber live ones (plus slack)
+    /// the FIFOs are compacted, so cancel storms cannot grow `order` without bound.
+    stale: usize,
     running: HashMap<TaskId, Running, IdBuild>,
     /// Blocked workers waiting to resume, in order; stale entries are skipped.
     resumes: VecDeque<TaskId>,
@@ -309,6 +312,7 @@ impl LocalQueue {
             queued: HashMap::default(),
             order: BTreeMap::new(),
             next_seq: 0,
+            stale: 0,
             running: HashMap::default(),
             resumes: VecDeque::new(),
             bundles: HashMap::new(),
@@ -438,6 +442,7 @@ impl LocalQueue {
             node,
             bundles,
             config,
+            stale,
             ..
         } = self;
         let mut chosen: Option<(Option<BundleKey>, usize)> = None;
@@ -454,6 +459,7 @@ impl LocalQueue {
                     break;
                 }
                 fifo.pop_front();
+                *stale = stale.saturating_sub(1);
             }
             if fifo.is_empty() {
                 if n_empty < empty.len() {
@@ -588,7 +594,16 @@ impl LocalQueue {
     /// Cancels a task that has not started (or reports that it is running).
     pub fn cancel(&mut self, id: TaskId) -> Cancel {
         if self.queued.remove(&id).is_some() {
-            // Its `order` entry becomes stale and is skipped.
+            // Its `order` entry becomes stale and is skipped (or compacted away here).
+            self.stale += 1;
+            if self.stale > self.queued.len() + 1_024 {
+                let queued = &self.queued;
+                for fifo in self.order.values_mut() {
+                    fifo.retain(|(id, seq)| queued.get(id).is_some_and(|q| q.seq == *seq));
+                }
+                self.order.retain(|_, fifo| !fifo.is_empty());
+                self.stale = 0;
+            }
             return Cancel::Removed;
         }
         if self.infeasible.remove(&id).is_some() {
@@ -1023,5 +1038,27 @@ mod tests {
         assert_eq!(q.infeasible_tasks().collect::<Vec<_>>(), vec![t(2)]);
         assert!(q.recheck_infeasible(&policy, &view).is_empty());
         assert_eq!(q.cancel(t(2)), Cancel::Removed);
+    }
+
+    #[test]
+    fn cancel_storm_behind_a_blocked_head_stays_bounded() {
+        let mut q = LocalQueue::new(ResourceSet::cpus(1), LocalQueueConfig::default());
+        q.enqueue(LocalTask::new(t(0), ResourceSet::cpus(1)))
+            .unwrap();
+        assert_eq!(drain(&mut q).len(), 1);
+        q.enqueue(LocalTask::new(t(1), ResourceSet::cpus(1)))
+            .unwrap(); // blocked head
+        for i in 2..50_000 {
+            q.enqueue(LocalTask::new(t(i), ResourceSet::cpus(1)))
+                .unwrap();
+            assert_eq!(q.cancel(t(i)), Cancel::Removed);
+        }
+        let entries: usize = q.order.values().map(|f| f.len()).sum();
+        assert!(
+            entries <= 2 + 1_025,
+            "{entries} entries kept for 1 live task"
+        );
+        q.finish(t(0)).unwrap();
+        assert_eq!(drain(&mut q), vec![Dispatch::Start(t(1))]);
     }
 }
