@@ -2,10 +2,11 @@
 //! talking to real `LocalQueue` participants over simulated per-node FIFO links with delays,
 //! lost replies, background load that makes prepares fail, and node deaths.
 //!
-//! Checks, at every step: a group the coordinator calls created has every bundle committed on
-//! its node, and tasks routed into it by the policy are accepted by that bundle. At quiescence:
-//! every group is all-or-nothing (created with every bundle held, or no node holds any of its
-//! bundles), removed groups hold nothing, and every node's resources add up.
+//! Checks, at every step: no bundle is committed before the group's first full commit (atomic
+//! creation), a group the coordinator calls created has every bundle committed on its node, and
+//! tasks routed into it by the policy are accepted by that bundle. At quiescence: nodes hold
+//! exactly the coordinator's placement (after a node death only the lost bundles moved),
+//! removed groups hold nothing, and every node's resources add up.
 //! Not a test of the network runtime itself.
 
 use std::collections::{HashMap, VecDeque};
@@ -61,6 +62,8 @@ struct World {
     bundle_tasks_run: usize,
     refusals: usize,
     lost_replies: usize,
+    rescheduled: usize,
+    ever_created: std::collections::HashSet<PlacementGroupId>,
 }
 
 const F: u64 = 1;
@@ -103,6 +106,8 @@ impl World {
             bundle_tasks_run: 0,
             refusals: 0,
             lost_replies: 0,
+            rescheduled: 0,
+            ever_created: Default::default(),
         }
     }
 
@@ -142,6 +147,7 @@ impl World {
         while let Some(ev) = self.coord.poll_event() {
             match ev {
                 PgEvent::Created { pg, placement } => {
+                    self.ever_created.insert(pg);
                     let spec = &self.specs[&pg];
                     let bundles = placement
                         .iter()
@@ -156,11 +162,14 @@ impl World {
                         state: PlacementGroupState::Created(bundles),
                     }]);
                 }
-                PgEvent::Rescheduling { pg } => {
-                    self.view.apply([ViewDelta::PlacementGroup {
-                        pg,
-                        state: PlacementGroupState::Pending,
-                    }]);
+                // The published placement keeps the lost bundles on the dead node, for which the
+                // policy answers `Wait`; survivors keep serving until the next `Created`.
+                PgEvent::Rescheduling { pg, lost } => {
+                    self.rescheduled += 1;
+                    assert!(
+                        !lost.is_empty(),
+                        "{pg:?}: rescheduling without a lost bundle"
+                    );
                 }
                 PgEvent::Infeasible { .. } => {}
             }
@@ -289,7 +298,19 @@ impl World {
         let policy = Policy::new(PolicyConfig::default());
         let ids: Vec<_> = self.specs.keys().copied().collect();
         for pg in ids {
-            if let Some(PgPhase::Created { plan }) = self.coord.phase(pg) {
+            let placed = self.coord.placement(pg).unwrap_or(&[]);
+            // Atomic creation: nothing is committed before the first full commit.
+            if placed.iter().any(Option::is_some) {
+                assert!(
+                    self.ever_created.contains(&pg),
+                    "{pg:?} partly placed before creation"
+                );
+            }
+            if self.coord.phase(pg) == Some(&PgPhase::Created) {
+                let plan: Vec<NodeId> = placed
+                    .iter()
+                    .map(|n| n.expect("created means fully placed"))
+                    .collect();
                 for (index, node) in plan.iter().enumerate() {
                     let key = BundleKey {
                         pg,
@@ -358,7 +379,7 @@ impl World {
     }
 }
 
-fn run(seed: u64) -> (usize, usize) {
+fn run(seed: u64) -> (usize, usize, usize) {
     let mut w = World::new(seed, 12);
     let mut next_pg = 1u128;
     let strategies = [
@@ -395,7 +416,7 @@ fn run(seed: u64) -> (usize, usize) {
                 .specs
                 .keys()
                 .copied()
-                .filter(|pg| matches!(w.coord.phase(*pg), Some(PgPhase::Created { .. })))
+                .filter(|pg| w.coord.phase(*pg) == Some(&PgPhase::Created))
                 .collect();
             if !created.is_empty() {
                 let pg = created[w.rng.random_range(0..created.len())];
@@ -445,33 +466,38 @@ fn run(seed: u64) -> (usize, usize) {
         "seed {seed}: not quiescent"
     );
 
-    // All or nothing, per group.
+    // Exactly the committed placement is held: bundle i is held by node n (alive) iff the
+    // coordinator placed it there. With atomic creation (checked at every step) this means a
+    // group was never partly reserved; after a node death only its lost bundles were re-placed.
     let mut created = 0;
     for (pg, spec) in &w.specs {
-        let held: Vec<bool> = (0..spec.bundles.len())
-            .map(|index| {
-                let key = BundleKey {
-                    pg: *pg,
-                    index: index as u32,
-                };
-                w.nodes
-                    .iter()
-                    .filter(|n| n.alive)
-                    .any(|n| n.queue.bundle_state(key).is_some())
-            })
-            .collect();
-        match w.coord.phase(*pg) {
-            Some(PgPhase::Created { .. }) => {
-                created += 1;
-                assert!(
-                    held.iter().all(|h| *h),
-                    "seed {seed}: created {pg:?} missing a bundle"
-                )
+        let placed = w.coord.placement(*pg).expect("tracked");
+        assert_eq!(placed.len(), spec.bundles.len());
+        for (index, slot) in placed.iter().enumerate() {
+            let key = BundleKey {
+                pg: *pg,
+                index: index as u32,
+            };
+            let holders: Vec<NodeId> = w
+                .nodes
+                .iter()
+                .filter(|n| n.alive && n.queue.bundle_state(key).is_some())
+                .map(|n| n.id)
+                .collect();
+            let expect: Vec<NodeId> = slot.iter().copied().collect();
+            assert_eq!(holders, expect, "seed {seed}: {pg:?} bundle {index}");
+            if let Some(n) = slot {
+                let i = (n.0 - 1) as usize;
+                assert_eq!(
+                    w.nodes[i].queue.bundle_state(key),
+                    Some(true),
+                    "seed {seed}: not committed"
+                );
             }
-            other => assert!(
-                held.iter().all(|h| !*h),
-                "seed {seed}: {pg:?} in {other:?} holds a partial reservation"
-            ),
+        }
+        if w.coord.phase(*pg) == Some(&PgPhase::Created) {
+            created += 1;
+            assert!(placed.iter().all(Option::is_some));
         }
     }
     for pg in &w.removed {
@@ -513,28 +539,30 @@ fn run(seed: u64) -> (usize, usize) {
         "seed {seed}: no task ran in a bundle"
     );
     println!(
-        "seed {seed}: {} groups live ({created} created), {} removed, {} bundle tasks, {} refused prepares, {} lost replies",
+        "seed {seed}: {} groups live ({created} created), {} removed, {} bundle tasks, {} refused prepares, {} lost replies, {} repairs",
         w.specs.len(),
         w.removed.len(),
         w.bundle_tasks_run,
         w.refusals,
-        w.lost_replies
+        w.lost_replies,
+        w.rescheduled
     );
-    (w.refusals, w.lost_replies)
+    (w.refusals, w.lost_replies, w.rescheduled)
 }
 
 #[test]
 fn placement_groups_are_all_or_nothing_under_faults() {
     let seeds: u64 = if cfg!(debug_assertions) { 4 } else { 16 };
-    let (mut refusals, mut lost) = (0, 0);
+    let (mut refusals, mut lost, mut repairs) = (0, 0, 0);
     for seed in 0..seeds {
-        let (r, l) = run(seed);
+        let (r, l, p) = run(seed);
         refusals += r;
         lost += l;
+        repairs += p;
     }
-    // The abort paths were exercised, not just the happy path.
+    // The abort and repair paths were exercised, not just the happy path.
     assert!(
-        refusals > 0 && lost > 0,
-        "refusals {refusals}, lost replies {lost}"
+        refusals > 0 && lost > 0 && repairs > 0,
+        "refusals {refusals}, lost replies {lost}, repairs {repairs}"
     );
 }
