@@ -80,6 +80,8 @@
 //! two benchmark helpers in [`sim`]) or uses a global RNG; all state can be rebuilt from the
 //! view deltas and the runtime's task table.
 
+#![warn(missing_docs)]
+
 pub mod failure;
 pub mod local;
 pub mod pg;
