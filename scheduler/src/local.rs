@@ -16,15 +16,17 @@
 //!   CPU releases before anyone new starts. Past the bound the resume waits in a priority queue
 //!   ahead of every new task of that pool, so it cannot deadlock: waiting resumers hold no CPU,
 //!   and every running non-blocked task eventually finishes or blocks.
-//! - Dispatch is FIFO with bounded skipping: a task that does not fit can be overtaken by a
-//!   smaller one behind it, but once overtaken [`LocalQueueConfig::max_skips`] times it reserves
-//!   its pool, so a large task is never starved by a stream of small ones.
+//! - Dispatch is FIFO per pool (the node's free pool, and each bundle), so a backlog in one pool
+//!   never hides a task that fits another. Within a pool, a task that does not fit can be
+//!   overtaken by a smaller one behind it (looking at most [`LocalQueueConfig::dispatch_window`]
+//!   tasks deep), but once overtaken [`LocalQueueConfig::max_skips`] times it reserves its pool,
+//!   so a large task is never starved by a stream of small ones.
 //! - Every collection is bounded ([`LocalQueueConfig`]); hitting a bound is an error the
 //!   runtime turns into backpressure.
 //!
 //! It is not the placement policy (see [`crate::policy`]) and does no I/O and reads no clock.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use oxray_transport::NodeId;
 
@@ -277,7 +279,7 @@ struct Bundle {
     committed: bool,
 }
 
-/// Most distinct pools a single dispatch scan can hold reserved before it stops scanning.
+/// Most distinct pools with a waiting resume tracked per dispatch scan (beyond it the scan stops).
 const MAX_RESERVED_POOLS: usize = 8;
 
 /// One node's local scheduler. See the module docs.
@@ -286,9 +288,14 @@ pub struct LocalQueue {
     config: LocalQueueConfig,
     node: Pool,
     queued: HashMap<TaskId, Queued, IdBuild>,
-    /// FIFO of `(task, seq)`; entries whose seq no longer matches `queued` are stale (cancelled).
-    order: VecDeque<(TaskId, u64)>,
+    /// One FIFO of `(task, seq)` per pool (`None`: the node's free pool); entries whose seq
+    /// no longer matches `queued` are stale (cancelled). Empty FIFOs are removed. A `BTreeMap`
+    /// so the scan order is deterministic.
+    order: BTreeMap<Option<BundleKey>, VecDeque<(TaskId, u64)>>,
     next_seq: u64,
+    /// Cancelled entries still sitting in `order`. When they outnumber live ones (plus slack)
+    /// the FIFOs are compacted, so cancel storms cannot grow `order` without bound.
+    stale: usize,
     running: HashMap<TaskId, Running, IdBuild>,
     /// Blocked workers waiting to resume, in order; stale entries are skipped.
     resumes: VecDeque<TaskId>,
@@ -303,8 +310,9 @@ impl LocalQueue {
             node: Pool::new(total, config.max_cpu_overcommit),
             config,
             queued: HashMap::default(),
-            order: VecDeque::new(),
+            order: BTreeMap::new(),
             next_seq: 0,
+            stale: 0,
             running: HashMap::default(),
             resumes: VecDeque::new(),
             bundles: HashMap::new(),
@@ -343,17 +351,6 @@ impl LocalQueue {
             || self.infeasible.contains_key(&id)
     }
 
-    fn pool(&self, bundle: Option<BundleKey>) -> Option<&Pool> {
-        match bundle {
-            None => Some(&self.node),
-            Some(k) => self
-                .bundles
-                .get(&k)
-                .filter(|b| b.committed)
-                .map(|b| &b.pool),
-        }
-    }
-
     fn pool_mut(&mut self, bundle: Option<BundleKey>) -> Option<&mut Pool> {
         match bundle {
             None => Some(&mut self.node),
@@ -373,18 +370,22 @@ impl LocalQueue {
         if self.queued.len() >= self.config.max_queued {
             return Err(LocalError::QueueFull(self.queued.len()));
         }
-        let pool = self.pool(task.bundle).ok_or_else(|| {
-            LocalError::UnknownBundle(task.bundle.unwrap_or(BundleKey {
-                pg: PlacementGroupId(0),
-                index: 0,
-            }))
-        })?;
+        let pool = match task.bundle {
+            None => &self.node,
+            Some(k) => match self.bundles.get(&k) {
+                Some(b) if b.committed => &b.pool,
+                _ => return Err(LocalError::UnknownBundle(k)),
+            },
+        };
         if !pool.total.fits(&task.resources) {
             return Err(LocalError::NeverFits);
         }
         let seq = self.next_seq;
         self.next_seq += 1;
-        self.order.push_back((task.id, seq));
+        self.order
+            .entry(task.bundle)
+            .or_default()
+            .push_back((task.id, seq));
         self.queued.insert(
             task.id,
             Queued {
@@ -433,53 +434,82 @@ impl LocalQueue {
             i += 1;
         }
 
-        // Drop stale heads so the window counts live entries.
-        while let Some(&(id, seq)) = self.order.front() {
-            if self.queued.get(&id).is_some_and(|q| q.seq == seq) {
-                break;
-            }
-            self.order.pop_front();
-        }
-        let mut live_seen = 0usize;
-        let mut pos = 0usize;
-        let mut found: Option<usize> = None;
-        while pos < self.order.len() && live_seen < self.config.dispatch_window {
-            let (id, seq) = self.order[pos];
-            let Some(q) = self.queued.get(&id).filter(|q| q.seq == seq) else {
-                pos += 1;
+        // Each pool has its own FIFO, so a backlog in one pool (say the node's) never hides a
+        // task that fits another (a bundle). Node pool first, then bundles in key order.
+        let LocalQueue {
+            order,
+            queued,
+            node,
+            bundles,
+            config,
+            stale,
+            ..
+        } = self;
+        let mut chosen: Option<(Option<BundleKey>, usize)> = None;
+        // Pools whose FIFO turned out empty, removed after the scan (a few per call is plenty).
+        let mut empty: [Option<Option<BundleKey>>; 4] = [None; 4];
+        let mut n_empty = 0usize;
+        for (key, fifo) in order.iter_mut() {
+            if reserved[..n_reserved].contains(&Some(*key)) {
                 continue;
+            }
+            // Drop stale heads so the window counts live entries.
+            while let Some(&(id, seq)) = fifo.front() {
+                if queued.get(&id).is_some_and(|q| q.seq == seq) {
+                    break;
+                }
+                fifo.pop_front();
+                *stale = stale.saturating_sub(1);
+            }
+            if fifo.is_empty() {
+                if n_empty < empty.len() {
+                    empty[n_empty] = Some(*key);
+                    n_empty += 1;
+                }
+                continue;
+            }
+            let pool = match key {
+                None => Some(&*node),
+                Some(k) => bundles.get(k).filter(|b| b.committed).map(|b| &b.pool),
             };
-            live_seen += 1;
-            let bundle = q.task.bundle;
-            if !reserved[..n_reserved].contains(&Some(bundle)) {
-                match self.pool(bundle) {
-                    // Bundle gone: the entry is dropped by `release_bundle`; skip defensively.
-                    None => {}
-                    Some(p) if p.can_start(&q.task.resources) => {
-                        found = Some(pos);
+            // Bundle gone: its entries were dropped by `release_bundle`.
+            let Some(pool) = pool else { continue };
+            let mut live_seen = 0usize;
+            let mut pos = 0usize;
+            while pos < fifo.len() && live_seen < config.dispatch_window {
+                let (id, seq) = fifo[pos];
+                if let Some(q) = queued.get(&id).filter(|q| q.seq == seq) {
+                    live_seen += 1;
+                    if pool.can_start(&q.task.resources) {
+                        chosen = Some((*key, pos));
                         break;
                     }
-                    Some(_) if q.skips >= self.config.max_skips => {
-                        if n_reserved == MAX_RESERVED_POOLS {
-                            break;
-                        }
-                        reserved[n_reserved] = Some(bundle);
-                        n_reserved += 1;
+                    if q.skips >= config.max_skips {
+                        // Starving: it reserves the pool until it fits.
+                        break;
                     }
-                    Some(_) => {}
                 }
+                pos += 1;
             }
-            pos += 1;
+            if chosen.is_some() {
+                break;
+            }
         }
-        let pos = found?;
-        // Everyone live ahead of the winner was overtaken once more.
-        for k in 0..pos {
-            let (id, seq) = self.order[k];
+        for key in empty.iter().take(n_empty).flatten() {
+            order.remove(key);
+        }
+        let (key, pos) = chosen?;
+        let fifo = self.order.get_mut(&key)?;
+        // Everyone live ahead of the winner in its pool was overtaken once more.
+        for &(id, seq) in fifo.iter().take(pos) {
             if let Some(q) = self.queued.get_mut(&id).filter(|q| q.seq == seq) {
                 q.skips = q.skips.saturating_add(1);
             }
         }
-        let (id, _) = self.order.remove(pos)?;
+        let (id, _) = fifo.remove(pos)?;
+        if fifo.is_empty() {
+            self.order.remove(&key);
+        }
         let q = self.queued.remove(&id)?;
         let pool = self.pool_mut(q.task.bundle)?;
         // Checked by `can_start` above.
@@ -564,7 +594,16 @@ impl LocalQueue {
     /// Cancels a task that has not started (or reports that it is running).
     pub fn cancel(&mut self, id: TaskId) -> Cancel {
         if self.queued.remove(&id).is_some() {
-            // Its `order` entry becomes stale and is skipped.
+            // Its `order` entry becomes stale and is skipped (or compacted away here).
+            self.stale += 1;
+            if self.stale > self.queued.len() + 1_024 {
+                let queued = &self.queued;
+                for fifo in self.order.values_mut() {
+                    fifo.retain(|(id, seq)| queued.get(id).is_some_and(|q| q.seq == *seq));
+                }
+                self.order.retain(|_, fifo| !fifo.is_empty());
+                self.stale = 0;
+            }
             return Cancel::Removed;
         }
         if self.infeasible.remove(&id).is_some() {
@@ -740,6 +779,7 @@ impl LocalQueue {
         for id in &dropped {
             self.queued.remove(id);
         }
+        self.order.remove(&Some(key));
         out.dropped = dropped;
         out.running.sort_unstable();
         out.dropped.sort_unstable();
@@ -946,7 +986,7 @@ mod tests {
             .unwrap();
         assert_eq!(
             drain(&mut q),
-            vec![Dispatch::Start(t(1)), Dispatch::Start(t(3))]
+            vec![Dispatch::Start(t(3)), Dispatch::Start(t(1))]
         );
         assert_eq!(q.available(), &ResourceSet::new());
         let rel = q.release_bundle(key).unwrap();
@@ -998,5 +1038,27 @@ mod tests {
         assert_eq!(q.infeasible_tasks().collect::<Vec<_>>(), vec![t(2)]);
         assert!(q.recheck_infeasible(&policy, &view).is_empty());
         assert_eq!(q.cancel(t(2)), Cancel::Removed);
+    }
+
+    #[test]
+    fn cancel_storm_behind_a_blocked_head_stays_bounded() {
+        let mut q = LocalQueue::new(ResourceSet::cpus(1), LocalQueueConfig::default());
+        q.enqueue(LocalTask::new(t(0), ResourceSet::cpus(1)))
+            .unwrap();
+        assert_eq!(drain(&mut q).len(), 1);
+        q.enqueue(LocalTask::new(t(1), ResourceSet::cpus(1)))
+            .unwrap(); // blocked head
+        for i in 2..50_000 {
+            q.enqueue(LocalTask::new(t(i), ResourceSet::cpus(1)))
+                .unwrap();
+            assert_eq!(q.cancel(t(i)), Cancel::Removed);
+        }
+        let entries: usize = q.order.values().map(|f| f.len()).sum();
+        assert!(
+            entries <= 2 + 1_025,
+            "{entries} entries kept for 1 live task"
+        );
+        q.finish(t(0)).unwrap();
+        assert_eq!(drain(&mut q), vec![Dispatch::Start(t(1))]);
     }
 }

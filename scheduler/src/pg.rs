@@ -18,11 +18,13 @@
 //! attempt number and stale ones are ignored.
 //!
 //! Known simplifications: the planner is greedy (largest bundle first), so a feasible STRICT_SPREAD
-//! with very uneven bundles can be missed; groups planned concurrently may overbook a node from
-//! the same stale view, which the prepare phase catches (one attempt fails and retries).
-//! When a node holding a bundle of a created group dies, the whole group is released and placed
-//! again (rather than only the lost bundles), which keeps all-or-nothing simple at the cost of
-//! restarting tasks in the surviving bundles.
+//! with very uneven bundles can be missed. The coordinator subtracts the reservations of its own
+//! attempts in flight from the view before planning, so groups placed together do not overbook a
+//! node; reservations the view does not show yet from elsewhere are caught by the prepare phase
+//! (that attempt fails and retries).
+//! When a node holding bundles of a created group dies, only those bundles are placed again
+//! (around the survivors, under the same strategy), so tasks in the surviving bundles keep
+//! running; under STRICT_PACK the whole group moves.
 
 use std::collections::{HashMap, VecDeque};
 
@@ -80,13 +82,52 @@ pub fn plan<R: Rng + ?Sized>(
     spec: &PlacementGroupSpec,
     rng: &mut R,
 ) -> Result<Vec<NodeId>, PlanError> {
-    if spec.bundles.is_empty() || spec.bundles.len() > MAX_BUNDLES {
+    plan_reserving(view, spec, rng, &HashMap::new())
+}
+
+/// Like [`plan`], but treats `in_flight` (per node) as already taken: reservations being
+/// prepared that the view may not show yet. Keeps groups planned close together from
+/// overbooking the same node and aborting each other.
+pub fn plan_reserving<R: Rng + ?Sized>(
+    view: &ClusterView,
+    spec: &PlacementGroupSpec,
+    rng: &mut R,
+    in_flight: &HashMap<NodeId, ResourceSet>,
+) -> Result<Vec<NodeId>, PlanError> {
+    plan_around(view, spec, rng, in_flight, &vec![None; spec.bundles.len()])
+}
+
+/// Like [`plan_reserving`], for a group some of whose bundles are already placed (`fixed[i]`
+/// is `Some(node)`): only the others are assigned, under the strategy's rules relative to the
+/// fixed ones (STRICT_SPREAD avoids their nodes, PACK prefers them, STRICT_PACK must join them).
+/// Fixed bundles' resources are assumed already reserved and absent from the view's free pool.
+pub fn plan_around<R: Rng + ?Sized>(
+    view: &ClusterView,
+    spec: &PlacementGroupSpec,
+    rng: &mut R,
+    in_flight: &HashMap<NodeId, ResourceSet>,
+    fixed: &[Option<NodeId>],
+) -> Result<Vec<NodeId>, PlanError> {
+    if spec.bundles.is_empty()
+        || spec.bundles.len() > MAX_BUNDLES
+        || fixed.len() != spec.bundles.len()
+    {
         return Err(PlanError::BadBundleCount);
     }
-    if let Some(p) = plan_with(view, spec, rng, |n| &n.available) {
+    let free = |n: &NodeInfo| {
+        let mut r = n.available.clone();
+        if let Some(taken) = in_flight.get(&n.id) {
+            r.saturating_sub(taken);
+        }
+        r
+    };
+    if let Some(p) = plan_with(view, spec, rng, fixed, free) {
         return Ok(p);
     }
-    if plan_with(view, spec, rng, |n| &n.total).is_some() {
+    // Against totals the fixed bundles are not yet subtracted, so plan from scratch there:
+    // "could it ever fit", not "does it fit next to what is kept".
+    let none = vec![None; spec.bundles.len()];
+    if plan_with(view, spec, rng, &none, |n| n.total.clone()).is_some() {
         Err(PlanError::Unavailable)
     } else {
         Err(PlanError::Infeasible)
@@ -102,23 +143,36 @@ fn plan_with<R: Rng + ?Sized>(
     view: &ClusterView,
     spec: &PlacementGroupSpec,
     rng: &mut R,
-    cap: impl Fn(&NodeInfo) -> &ResourceSet,
+    fixed: &[Option<NodeId>],
+    cap: impl Fn(&NodeInfo) -> ResourceSet,
 ) -> Option<Vec<NodeId>> {
     let nodes: Vec<&NodeInfo> = view.nodes().iter().filter(|n| n.alive).collect();
     if nodes.is_empty() {
         return None;
     }
+    // Dense index of each fixed bundle's node; a fixed node that is gone cannot be planned around.
+    let mut fixed_idx: Vec<Option<usize>> = Vec::with_capacity(fixed.len());
+    for f in fixed {
+        fixed_idx.push(match f {
+            None => None,
+            Some(id) => Some(nodes.iter().position(|n| n.id == *id)?),
+        });
+    }
+    let open: Vec<usize> = (0..spec.bundles.len())
+        .filter(|&b| fixed_idx[b].is_none())
+        .collect();
     // Random rotation so that equal nodes do not always get the first group.
     let offset = rng.random_range(0..nodes.len());
     let order: Vec<usize> = (0..nodes.len())
         .map(|i| (i + offset) % nodes.len())
         .collect();
-    let mut scratch: Vec<ResourceSet> = nodes.iter().map(|n| cap(n).clone()).collect();
+    let mut scratch: Vec<ResourceSet> = nodes.iter().map(|n| cap(n)).collect();
 
+    // Node that can take every open bundle at once, least loaded first.
     let pack_one = |scratch: &[ResourceSet]| -> Option<usize> {
         let mut sum = ResourceSet::new();
-        for b in &spec.bundles {
-            sum.add(b).ok()?;
+        for &b in &open {
+            sum.add(&spec.bundles[b]).ok()?;
         }
         order
             .iter()
@@ -130,7 +184,7 @@ fn plan_with<R: Rng + ?Sized>(
                 la.total_cmp(&lb)
             })
     };
-    let mut by_size: Vec<usize> = (0..spec.bundles.len()).collect();
+    let mut by_size: Vec<usize> = open.clone();
     by_size.sort_by_key(|&i| std::cmp::Reverse(size_key(&spec.bundles[i])));
     let least_loaded =
         |scratch: &[ResourceSet], need: &ResourceSet, allowed: &dyn Fn(usize) -> bool| {
@@ -145,17 +199,39 @@ fn plan_with<R: Rng + ?Sized>(
                 })
         };
 
-    let mut out = vec![usize::MAX; spec.bundles.len()];
+    let mut out: Vec<usize> = fixed_idx.iter().map(|f| f.unwrap_or(usize::MAX)).collect();
+    let used_fixed: Vec<usize> = {
+        let mut u: Vec<usize> = fixed_idx.iter().flatten().copied().collect();
+        u.sort_unstable();
+        u.dedup();
+        u
+    };
     match spec.strategy {
         PgStrategy::StrictPack => {
-            let i = pack_one(&scratch)?;
-            out.iter_mut().for_each(|o| *o = i);
+            let i = match used_fixed.as_slice() {
+                [] => pack_one(&scratch)?,
+                // Survivors pin the node: the open bundles must join them.
+                [only] => {
+                    let mut sum = ResourceSet::new();
+                    for &b in &open {
+                        sum.add(&spec.bundles[b]).ok()?;
+                    }
+                    scratch[*only].fits(&sum).then_some(*only)?
+                }
+                _ => return None,
+            };
+            open.iter().for_each(|&b| out[b] = i);
         }
         PgStrategy::Pack => {
-            if let Some(i) = pack_one(&scratch) {
-                out.iter_mut().for_each(|o| *o = i);
+            let one = if used_fixed.is_empty() {
+                pack_one(&scratch)
             } else {
-                let mut used: Vec<usize> = Vec::new();
+                None
+            };
+            if let Some(i) = one {
+                open.iter().for_each(|&b| out[b] = i);
+            } else {
+                let mut used: Vec<usize> = used_fixed.clone();
                 for &b in &by_size {
                     let need = &spec.bundles[b];
                     let i = match used.iter().copied().find(|&u| scratch[u].fits(need)) {
@@ -173,6 +249,9 @@ fn plan_with<R: Rng + ?Sized>(
         PgStrategy::StrictSpread | PgStrategy::Spread => {
             let strict = spec.strategy == PgStrategy::StrictSpread;
             let mut taken = vec![false; nodes.len()];
+            for &u in &used_fixed {
+                taken[u] = true;
+            }
             for &b in &by_size {
                 let need = &spec.bundles[b];
                 let fresh = least_loaded(&scratch, need, &|i| !taken[i]);
@@ -232,6 +311,7 @@ pub enum PgCommand {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum PgEvent {
     /// Every bundle is reserved and committed: publish the placement, tasks may use it.
+    /// Emitted again after a repair (see [`PgEvent::Rescheduling`]).
     Created {
         /// Group.
         pg: PlacementGroupId,
@@ -244,10 +324,15 @@ pub enum PgEvent {
         /// Group.
         pg: PlacementGroupId,
     },
-    /// A created group lost a node and is being placed again (its bundles were released).
+    /// A created group lost bundles (their node died) and they are being placed again. The other
+    /// bundles stay reserved and their tasks keep running; the published placement may keep
+    /// pointing the lost bundles at the dead node (the policy answers `Wait` for them) until
+    /// the next [`PgEvent::Created`]. For STRICT_PACK every bundle is lost together.
     Rescheduling {
         /// Group.
         pg: PlacementGroupId,
+        /// Bundle indices being placed again.
+        lost: Vec<u32>,
     },
 }
 
@@ -289,10 +374,11 @@ impl Default for PgConfig {
     }
 }
 
-/// The lifecycle of one group.
+/// The lifecycle of one group. Bundles already committed are kept in the group's placement
+/// ([`PgCoordinator::placement`]); an attempt only ever reserves the bundles not yet placed.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum PgPhase {
-    /// Waiting to be (re)placed at or after `retry_at`.
+    /// Waiting to place its unplaced bundles at or after `retry_at`.
     Pending {
         /// Earliest time of the next attempt.
         retry_at: u64,
@@ -301,8 +387,8 @@ pub enum PgPhase {
     },
     /// Waiting for every node's prepare reply.
     Preparing {
-        /// Node of each bundle.
-        plan: Vec<NodeId>,
+        /// `(bundle index, node)` reserved by this attempt.
+        bundles: Vec<(u32, NodeId)>,
         /// Nodes that replied ok.
         prepared: Vec<NodeId>,
         /// Abort if not all replied by then.
@@ -310,18 +396,15 @@ pub enum PgPhase {
     },
     /// Waiting for every node's commit reply.
     Committing {
-        /// Node of each bundle.
-        plan: Vec<NodeId>,
+        /// `(bundle index, node)` reserved by this attempt.
+        bundles: Vec<(u32, NodeId)>,
         /// Nodes that confirmed.
         committed: Vec<NodeId>,
         /// Abort if not all replied by then.
         deadline: u64,
     },
-    /// Reserved everywhere.
-    Created {
-        /// Node of each bundle.
-        plan: Vec<NodeId>,
-    },
+    /// Every bundle reserved and committed.
+    Created,
 }
 
 #[derive(Clone, Debug)]
@@ -329,12 +412,14 @@ struct Group {
     spec: PlacementGroupSpec,
     phase: PgPhase,
     attempt: u32,
+    /// Committed bundles; `None` while a bundle is unplaced.
+    placed: Vec<Option<NodeId>>,
 }
 
-/// Distinct nodes of a plan, in first-use order.
-fn distinct(plan: &[NodeId]) -> Vec<NodeId> {
+/// Distinct nodes of `(index, node)` pairs, in first-use order.
+fn distinct(bundles: &[(u32, NodeId)]) -> Vec<NodeId> {
     let mut out: Vec<NodeId> = Vec::new();
-    for n in plan {
+    for (_, n) in bundles {
         if !out.contains(n) {
             out.push(*n);
         }
@@ -342,12 +427,19 @@ fn distinct(plan: &[NodeId]) -> Vec<NodeId> {
     out
 }
 
-fn indices_on(plan: &[NodeId], node: NodeId) -> Vec<u32> {
-    plan.iter()
-        .enumerate()
-        .filter(|(_, n)| **n == node)
-        .map(|(i, _)| i as u32)
+fn indices_on(bundles: &[(u32, NodeId)], node: NodeId) -> Vec<u32> {
+    bundles
+        .iter()
+        .filter(|(_, n)| *n == node)
+        .map(|(i, _)| *i)
         .collect()
+}
+
+fn attempt_bundles(phase: &PgPhase) -> &[(u32, NodeId)] {
+    match phase {
+        PgPhase::Preparing { bundles, .. } | PgPhase::Committing { bundles, .. } => bundles,
+        PgPhase::Pending { .. } | PgPhase::Created => &[],
+    }
 }
 
 /// The two-phase placement-group coordinator. See the module docs.
@@ -384,6 +476,7 @@ impl PgCoordinator {
             return Err(PgError::BadBundleCount);
         }
         let id = spec.id;
+        let placed = vec![None; spec.bundles.len()];
         self.groups.insert(
             id,
             Group {
@@ -393,32 +486,36 @@ impl PgCoordinator {
                     reported_infeasible: false,
                 },
                 attempt: 0,
+                placed,
             },
         );
         Ok(())
     }
 
-    /// Removes a group: every reservation is released. Returns `(bundle index, node)` for each
-    /// bundle that was placed (so the runtime stops what runs in them).
+    /// Removes a group: every reservation (committed or in flight) is released. Returns
+    /// `(bundle index, node)` for each of them, so the runtime stops what runs in them.
     pub fn remove(&mut self, pg: PlacementGroupId) -> Result<Vec<(u32, NodeId)>, PgError> {
         let g = self.groups.remove(&pg).ok_or(PgError::Unknown(pg))?;
-        let plan = match g.phase {
-            PgPhase::Pending { .. } => return Ok(Vec::new()),
-            PgPhase::Preparing { plan, .. }
-            | PgPhase::Committing { plan, .. }
-            | PgPhase::Created { plan } => plan,
-        };
-        self.release_all(pg, &plan);
-        Ok(plan
+        let mut all: Vec<(u32, NodeId)> = g
+            .placed
             .iter()
             .enumerate()
-            .map(|(i, n)| (i as u32, *n))
-            .collect())
+            .filter_map(|(i, n)| n.map(|n| (i as u32, n)))
+            .collect();
+        all.extend_from_slice(attempt_bundles(&g.phase));
+        all.sort_unstable();
+        self.release(pg, &all);
+        Ok(all)
     }
 
     /// Current phase of a group.
     pub fn phase(&self, pg: PlacementGroupId) -> Option<&PgPhase> {
         self.groups.get(&pg).map(|g| &g.phase)
+    }
+
+    /// Committed node of each bundle (`None`: not placed, or lost and being placed again).
+    pub fn placement(&self, pg: PlacementGroupId) -> Option<&[Option<NodeId>]> {
+        self.groups.get(&pg).map(|g| g.placed.as_slice())
     }
 
     /// Number of groups tracked.
@@ -450,43 +547,39 @@ impl PgCoordinator {
                 PgPhase::Preparing { deadline, .. } | PgPhase::Committing { deadline, .. } => {
                     Some(*deadline)
                 }
-                PgPhase::Created { .. } => None,
+                PgPhase::Created => None,
             })
             .min()
     }
 
-    fn release_all(&mut self, pg: PlacementGroupId, plan: &[NodeId]) {
-        for node in distinct(plan) {
+    fn release(&mut self, pg: PlacementGroupId, bundles: &[(u32, NodeId)]) {
+        for node in distinct(bundles) {
             self.commands.push_back(PgCommand::Release {
                 pg,
                 node,
-                indices: indices_on(plan, node),
+                indices: indices_on(bundles, node),
             });
         }
     }
 
-    /// Aborts the current attempt of `pg` (releasing everything it may hold) and schedules a retry.
+    /// Aborts the current attempt of `pg` (releasing what it may have reserved; committed
+    /// bundles stay) and schedules a retry.
     fn abort(&mut self, pg: PlacementGroupId, now: u64) {
         let retry_at = now.saturating_add(self.config.retry_ms);
         let Some(g) = self.groups.get_mut(&pg) else {
             return;
         };
-        let plan = match std::mem::replace(
-            &mut g.phase,
-            PgPhase::Pending {
-                retry_at,
-                reported_infeasible: false,
-            },
-        ) {
-            PgPhase::Preparing { plan, .. }
-            | PgPhase::Committing { plan, .. }
-            | PgPhase::Created { plan } => plan,
-            p @ PgPhase::Pending { .. } => {
-                g.phase = p;
-                return;
+        let bundles = match &mut g.phase {
+            PgPhase::Preparing { bundles, .. } | PgPhase::Committing { bundles, .. } => {
+                std::mem::take(bundles)
             }
+            PgPhase::Pending { .. } | PgPhase::Created => return,
         };
-        self.release_all(pg, &plan);
+        g.phase = PgPhase::Pending {
+            retry_at,
+            reported_infeasible: false,
+        };
+        self.release(pg, &bundles);
     }
 
     /// A node answered a prepare: `ok == false` means it could not reserve its bundles.
@@ -504,10 +597,13 @@ impl PgCoordinator {
         if g.attempt != attempt {
             return;
         }
-        let PgPhase::Preparing { plan, prepared, .. } = &mut g.phase else {
+        let PgPhase::Preparing {
+            bundles, prepared, ..
+        } = &mut g.phase
+        else {
             return;
         };
-        if !plan.contains(&node) {
+        if !bundles.iter().any(|(_, n)| *n == node) {
             return;
         }
         if !ok {
@@ -517,19 +613,19 @@ impl PgCoordinator {
         if !prepared.contains(&node) {
             prepared.push(node);
         }
-        let nodes = distinct(plan);
+        let nodes = distinct(bundles);
         if prepared.len() == nodes.len() {
-            let plan = std::mem::take(plan);
+            let bundles = std::mem::take(bundles);
             for node in nodes {
                 self.commands.push_back(PgCommand::Commit {
                     pg,
                     attempt,
                     node,
-                    indices: indices_on(&plan, node),
+                    indices: indices_on(&bundles, node),
                 });
             }
             g.phase = PgPhase::Committing {
-                plan,
+                bundles,
                 committed: Vec::new(),
                 deadline: now.saturating_add(self.config.phase_timeout_ms),
             };
@@ -545,57 +641,98 @@ impl PgCoordinator {
             return;
         }
         let PgPhase::Committing {
-            plan, committed, ..
+            bundles, committed, ..
         } = &mut g.phase
         else {
             return;
         };
-        if !plan.contains(&node) {
+        if !bundles.iter().any(|(_, n)| *n == node) {
             return;
         }
         if !committed.contains(&node) {
             committed.push(node);
         }
-        if committed.len() == distinct(plan).len() {
-            let plan = std::mem::take(plan);
-            self.events.push_back(PgEvent::Created {
-                pg,
-                placement: plan.clone(),
-            });
-            g.phase = PgPhase::Created { plan };
-        }
-    }
-
-    /// A node died: every group with a bundle there (being placed or created) is released and
-    /// placed again. Returns the affected groups.
-    pub fn on_node_dead(&mut self, node: NodeId, now: u64) -> Vec<PlacementGroupId> {
-        let mut hit: Vec<(PlacementGroupId, bool)> = self
-            .groups
-            .iter()
-            .filter_map(|(id, g)| match &g.phase {
-                PgPhase::Preparing { plan, .. } | PgPhase::Committing { plan, .. }
-                    if plan.contains(&node) =>
-                {
-                    Some((*id, false))
+        if committed.len() == distinct(bundles).len() {
+            for (i, n) in std::mem::take(bundles) {
+                if let Some(slot) = g.placed.get_mut(i as usize) {
+                    *slot = Some(n);
                 }
-                PgPhase::Created { plan } if plan.contains(&node) => Some((*id, true)),
-                _ => None,
-            })
-            .collect();
-        hit.sort_unstable_by_key(|(id, _)| *id);
-        for (id, was_created) in &hit {
-            self.abort(*id, now);
-            if *was_created {
-                self.events.push_back(PgEvent::Rescheduling { pg: *id });
+            }
+            g.phase = PgPhase::Created;
+            let placement: Option<Vec<NodeId>> = g.placed.iter().copied().collect();
+            if let Some(placement) = placement {
+                self.events.push_back(PgEvent::Created { pg, placement });
             }
         }
-        hit.into_iter().map(|(id, _)| id).collect()
     }
 
-    /// Handles timeouts and (re)places pending groups whose retry time has come.
+    /// A node died: attempts reserving on it are aborted, and bundles committed on it are
+    /// placed again (the group's other bundles stay, except under STRICT_PACK where the whole
+    /// group moves). Returns the affected groups.
+    pub fn on_node_dead(&mut self, node: NodeId, now: u64) -> Vec<PlacementGroupId> {
+        let mut hit: Vec<PlacementGroupId> = self
+            .groups
+            .iter()
+            .filter(|(_, g)| {
+                g.placed.contains(&Some(node))
+                    || attempt_bundles(&g.phase).iter().any(|(_, n)| *n == node)
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        hit.sort_unstable();
+        let retry_at = now.saturating_add(self.config.retry_ms);
+        for id in &hit {
+            // Any attempt in flight is abandoned; it is planned again around the survivors.
+            self.abort(*id, now);
+            let Some(g) = self.groups.get_mut(id) else {
+                continue;
+            };
+            let strict_pack = g.spec.strategy == PgStrategy::StrictPack;
+            let mut lost: Vec<u32> = Vec::new();
+            let mut survivors: Vec<(u32, NodeId)> = Vec::new();
+            for (i, slot) in g.placed.iter_mut().enumerate() {
+                match *slot {
+                    Some(n) if n == node => {
+                        *slot = None;
+                        lost.push(i as u32);
+                    }
+                    Some(n) if strict_pack => {
+                        *slot = None;
+                        lost.push(i as u32);
+                        survivors.push((i as u32, n));
+                    }
+                    _ => {}
+                }
+            }
+            if lost.is_empty() {
+                continue;
+            }
+            if g.phase == PgPhase::Created {
+                g.phase = PgPhase::Pending {
+                    retry_at,
+                    reported_infeasible: false,
+                };
+            }
+            self.release(*id, &survivors);
+            self.events
+                .push_back(PgEvent::Rescheduling { pg: *id, lost });
+        }
+        hit
+    }
+
+    /// Handles timeouts and places pending groups' unplaced bundles when their retry time has come.
     pub fn poll<R: Rng + ?Sized>(&mut self, now: u64, view: &ClusterView, rng: &mut R) {
         let mut ids: Vec<PlacementGroupId> = self.groups.keys().copied().collect();
         ids.sort_unstable();
+        // Reservations of attempts in flight, which the view may not reflect yet.
+        let mut in_flight: HashMap<NodeId, ResourceSet> = HashMap::new();
+        for g in self.groups.values() {
+            for (i, node) in attempt_bundles(&g.phase) {
+                if let Some(r) = g.spec.bundles.get(*i as usize) {
+                    let _ = in_flight.entry(*node).or_default().add(r);
+                }
+            }
+        }
         for id in ids {
             let Some(g) = self.groups.get_mut(&id) else {
                 continue;
@@ -613,12 +750,24 @@ impl PgCoordinator {
                     if now < *retry_at {
                         continue;
                     }
-                    match plan(view, &g.spec, rng) {
-                        Ok(placement) => {
+                    match plan_around(view, &g.spec, rng, &in_flight, &g.placed) {
+                        Ok(full) => {
+                            let bundles: Vec<(u32, NodeId)> = full
+                                .iter()
+                                .enumerate()
+                                .filter(|(i, _)| g.placed[*i].is_none())
+                                .map(|(i, n)| (i as u32, *n))
+                                .collect();
+                            for (i, node) in &bundles {
+                                let _ = in_flight
+                                    .entry(*node)
+                                    .or_default()
+                                    .add(&g.spec.bundles[*i as usize]);
+                            }
                             g.attempt = g.attempt.wrapping_add(1);
                             let attempt = g.attempt;
-                            for node in distinct(&placement) {
-                                let bundles = indices_on(&placement, node)
+                            for node in distinct(&bundles) {
+                                let reserve = indices_on(&bundles, node)
                                     .into_iter()
                                     .map(|i| (i, g.spec.bundles[i as usize].clone()))
                                     .collect();
@@ -626,11 +775,11 @@ impl PgCoordinator {
                                     pg: id,
                                     attempt,
                                     node,
-                                    bundles,
+                                    bundles: reserve,
                                 });
                             }
                             g.phase = PgPhase::Preparing {
-                                plan: placement,
+                                bundles,
                                 prepared: Vec::new(),
                                 deadline: now.saturating_add(self.config.phase_timeout_ms),
                             };
@@ -644,7 +793,7 @@ impl PgCoordinator {
                         }
                     }
                 }
-                PgPhase::Created { .. } => {}
+                PgPhase::Created => {}
             }
         }
     }
@@ -663,6 +812,17 @@ mod tests {
             ViewDelta::NodeJoined(NodeInfo::new(NodeId(i as u128 + 1), ResourceSet::cpus(*c)))
         }));
         v
+    }
+
+    fn n_distinct(p: &[NodeId]) -> usize {
+        let mut v = p.to_vec();
+        v.sort_unstable();
+        v.dedup();
+        v.len()
+    }
+
+    fn drain(c: &mut PgCoordinator) -> Vec<PgCommand> {
+        std::iter::from_fn(|| c.poll_command()).collect()
     }
 
     fn spec(strategy: PgStrategy, bundles: &[u64]) -> PlacementGroupSpec {
@@ -686,13 +846,13 @@ mod tests {
         let p = plan(&v, &spec(PgStrategy::Pack, &[3, 2]), &mut r).unwrap();
         assert_ne!(p[0], p[1]);
         let p = plan(&v, &spec(PgStrategy::StrictSpread, &[1, 1, 1]), &mut r).unwrap();
-        assert_eq!(distinct(&p).len(), 3);
+        assert_eq!(n_distinct(&p), 3);
         assert_eq!(
             plan(&v, &spec(PgStrategy::StrictSpread, &[1, 1, 1, 1]), &mut r),
             Err(PlanError::Infeasible)
         );
         let p = plan(&v, &spec(PgStrategy::Spread, &[1, 1, 1, 1]), &mut r).unwrap();
-        assert_eq!(distinct(&p).len(), 3);
+        assert_eq!(n_distinct(&p), 3);
         assert_eq!(
             plan(&v, &spec(PgStrategy::Pack, &[]), &mut r),
             Err(PlanError::BadBundleCount)
@@ -801,5 +961,135 @@ mod tests {
             })
         );
         assert_eq!(c.poll_event(), None);
+    }
+
+    #[test]
+    fn groups_planned_together_do_not_overbook_a_node() {
+        let v = view(&[4, 4]);
+        for seed in 0..20 {
+            let mut r = SmallRng::seed_from_u64(seed);
+            let mut c = PgCoordinator::new(PgConfig::default());
+            for id in [1, 2] {
+                let spec = PlacementGroupSpec {
+                    id: PlacementGroupId(id),
+                    ..spec(PgStrategy::StrictPack, &[2, 2])
+                };
+                c.create(spec, 0).unwrap();
+            }
+            c.poll(0, &v, &mut r);
+            let nodes: Vec<NodeId> = std::iter::from_fn(|| c.poll_command())
+                .map(|cmd| match cmd {
+                    PgCommand::Prepare { node, .. } => node,
+                    other => panic!("unexpected {other:?}"),
+                })
+                .collect();
+            assert_eq!(nodes.len(), 2, "seed {seed}");
+            assert_ne!(
+                nodes[0], nodes[1],
+                "seed {seed}: both groups planned onto one node"
+            );
+        }
+    }
+
+    #[test]
+    fn node_death_replaces_only_the_lost_bundle() {
+        let mut v = view(&[4, 4, 4, 4]);
+        let mut r = SmallRng::seed_from_u64(3);
+        let mut c = PgCoordinator::new(PgConfig::default());
+        let pg = PlacementGroupId(1);
+        c.create(spec(PgStrategy::StrictSpread, &[1, 1, 1]), 0)
+            .unwrap();
+        c.poll(0, &v, &mut r);
+        for cmd in drain(&mut c) {
+            if let PgCommand::Prepare { attempt, node, .. } = cmd {
+                c.on_prepared(pg, attempt, node, true, 1);
+            }
+        }
+        for cmd in drain(&mut c) {
+            if let PgCommand::Commit { attempt, node, .. } = cmd {
+                c.on_committed(pg, attempt, node);
+            }
+        }
+        let Some(PgEvent::Created {
+            placement: before, ..
+        }) = c.poll_event()
+        else {
+            panic!("not created")
+        };
+        let dead = before[1];
+        v.apply([ViewDelta::NodeDied(dead)]);
+        assert_eq!(c.on_node_dead(dead, 10), vec![pg]);
+        assert_eq!(
+            c.poll_event(),
+            Some(PgEvent::Rescheduling { pg, lost: vec![1] })
+        );
+        // The survivors are not released.
+        assert!(drain(&mut c).is_empty());
+        assert_eq!(
+            c.placement(pg).unwrap(),
+            &[Some(before[0]), None, Some(before[2])]
+        );
+        c.poll(200, &v, &mut r);
+        let cmds = drain(&mut c);
+        assert_eq!(cmds.len(), 1);
+        let PgCommand::Prepare {
+            attempt,
+            node,
+            bundles,
+            ..
+        } = &cmds[0]
+        else {
+            panic!("expected a prepare, got {cmds:?}")
+        };
+        assert_eq!(bundles.len(), 1);
+        assert_eq!(bundles[0].0, 1);
+        // STRICT_SPREAD: the replacement avoids the survivors' nodes (and the dead one).
+        assert!(!before.contains(node));
+        let (attempt, node) = (*attempt, *node);
+        c.on_prepared(pg, attempt, node, true, 201);
+        drain(&mut c);
+        c.on_committed(pg, attempt, node);
+        assert_eq!(
+            c.poll_event(),
+            Some(PgEvent::Created {
+                pg,
+                placement: vec![before[0], node, before[2]]
+            })
+        );
+        assert_eq!(c.phase(pg), Some(&PgPhase::Created));
+        // Removal releases all three.
+        assert_eq!(c.remove(pg).unwrap().len(), 3);
+        assert_eq!(drain(&mut c).len(), 3);
+    }
+
+    #[test]
+    fn strict_pack_moves_as_a_whole() {
+        let mut v = view(&[4, 4]);
+        let mut r = SmallRng::seed_from_u64(3);
+        let mut c = PgCoordinator::new(PgConfig::default());
+        let pg = PlacementGroupId(1);
+        c.create(spec(PgStrategy::StrictPack, &[1, 1]), 0).unwrap();
+        c.poll(0, &v, &mut r);
+        let PgCommand::Prepare { attempt, node, .. } = drain(&mut c).remove(0) else {
+            panic!()
+        };
+        c.on_prepared(pg, attempt, node, true, 1);
+        drain(&mut c);
+        c.on_committed(pg, attempt, node);
+        assert!(matches!(c.poll_event(), Some(PgEvent::Created { .. })));
+        v.apply([ViewDelta::NodeDied(node)]);
+        c.on_node_dead(node, 5);
+        assert_eq!(
+            c.poll_event(),
+            Some(PgEvent::Rescheduling {
+                pg,
+                lost: vec![0, 1]
+            })
+        );
+        c.poll(200, &v, &mut r);
+        let cmds = drain(&mut c);
+        assert!(
+            matches!(&cmds[..], [PgCommand::Prepare { node: n, bundles, .. }] if *n != node && bundles.len() == 2)
+        );
     }
 }

@@ -159,8 +159,11 @@ pub struct PolicyConfig {
     pub queue_weight: f64,
     /// After this many spills a feasible node runs the task rather than spill again.
     pub max_spill_hops: u32,
-    /// Whether a node must have the function in its table to be chosen.
+    /// Whether a node must have the function in its table to be chosen. When `false` it is a
+    /// soft preference weighted by `function_weight` (for runtimes that can load code lazily).
     pub require_function: bool,
+    /// Score bonus of a node that has the function, when `require_function` is off.
+    pub function_weight: f64,
 }
 
 impl Default for PolicyConfig {
@@ -174,6 +177,7 @@ impl Default for PolicyConfig {
             queue_weight: 1.0,
             max_spill_hops: 3,
             require_function: true,
+            function_weight: 0.5,
         }
     }
 }
@@ -325,8 +329,12 @@ impl Policy {
         n.queue_len < self.config.spill_queue_len && n.available.fits(&req.resources)
     }
 
-    fn score(&self, n: &NodeInfo, locs: &ArgLocs<'_>) -> f64 {
+    fn score(&self, n: &NodeInfo, req: &TaskRequest, locs: &ArgLocs<'_>) -> f64 {
         let mut s = -ResourceSet::load(&n.total, &n.available);
+        // With the function table as a soft preference, nodes that have it rank higher.
+        if !self.config.require_function && n.functions.contains(&req.function) {
+            s += self.config.function_weight;
+        }
         s -= self.config.queue_weight * f64::from(n.queue_len)
             / f64::from(self.config.spill_queue_len.max(1));
         if locs.enabled() {
@@ -520,7 +528,7 @@ impl Policy {
         let mut best: Option<(f64, NodeId)> = None;
         let consider = |n: &NodeInfo, best: &mut Option<(f64, NodeId)>| {
             if (spread || n.id != local) && self.is_feasible_on(n, req) && self.has_room(n, req) {
-                let s = self.score(n, &locs);
+                let s = self.score(n, req, &locs);
                 if best.is_none_or(|(bs, _)| s > bs) {
                     *best = Some((s, n.id));
                 }
@@ -552,7 +560,7 @@ impl Policy {
             let st = self.stage(n, req);
             furthest = furthest.max(st);
             if st == Stage::Feasible && (spread || n.id != local) && self.has_room(n, req) {
-                top.offer(self.score(n, &locs), i as u32);
+                top.offer(self.score(n, req, &locs), i as u32);
             }
         }
         if let Some(i) = top.pick(rng) {
@@ -844,5 +852,36 @@ mod tests {
         }
         let req = TaskRequest::new(F, ResourceSet::cpus(1));
         assert_eq!(decide(&v, n(0), &req, &mut rng()), Decision::Spill(n(777)));
+    }
+
+    #[test]
+    fn function_table_as_a_soft_preference() {
+        let mut v = ClusterView::new();
+        v.apply([
+            ViewDelta::NodeJoined(NodeInfo::new(n(1), ResourceSet::cpus(4))),
+            ViewDelta::NodeJoined(NodeInfo::new(n(2), ResourceSet::cpus(4))),
+            ViewDelta::NodeJoined(NodeInfo::new(n(3), ResourceSet::cpus(4)).with_functions([F])),
+        ]);
+        busy(&mut v, 1, 100);
+        let req = TaskRequest::new(F, ResourceSet::cpus(1));
+        let soft = Policy::new(PolicyConfig {
+            require_function: false,
+            top_k: 1,
+            ..Default::default()
+        });
+        for seed in 0..10 {
+            let mut r = SmallRng::seed_from_u64(seed);
+            assert_eq!(soft.decide(&v, n(1), &req, &mut r), Decision::Spill(n(3)));
+        }
+        // Without the preference node 2 would do as well; with the hard rule it is excluded too.
+        let other = TaskRequest::new(99, ResourceSet::cpus(1));
+        assert!(matches!(
+            soft.decide(&v, n(1), &other, &mut rng()),
+            Decision::Spill(_)
+        ));
+        assert_eq!(
+            Policy::default().decide(&v, n(1), &other, &mut rng()),
+            Decision::Infeasible(InfeasibleReason::NoNodeHasFunction)
+        );
     }
 }

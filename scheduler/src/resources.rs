@@ -275,6 +275,32 @@ impl ResourceSet {
         Ok(out)
     }
 
+    /// Builds a set from exact `(name, raw fixed-point units)` pairs, the lossless wire form
+    /// produced by [`ResourceSet::to_raw_pairs`]. Validates names; repeated names are summed.
+    pub fn try_from_raw_pairs<'a>(
+        pairs: impl IntoIterator<Item = (&'a str, u64)>,
+    ) -> Result<Self, ResourceError> {
+        let mut out = ResourceSet::new();
+        for (name, raw) in pairs {
+            let kind = ResourceKind::parse(name)?;
+            let sum = out
+                .get(&kind)
+                .checked_add(Quantity::from_raw(raw))
+                .ok_or_else(|| ResourceError::Overflow {
+                    resource: name.to_owned(),
+                })?;
+            out.set(kind, sum)?;
+        }
+        Ok(out)
+    }
+
+    /// Every non-zero amount as `(Ray-style name, raw units)`: a lossless form for the wire.
+    pub fn to_raw_pairs(&self) -> Vec<(String, u64)> {
+        self.iter()
+            .map(|(k, q)| (k.name().to_owned(), q.raw()))
+            .collect()
+    }
+
     /// The amount of `kind` (zero if absent).
     pub fn get(&self, kind: &ResourceKind) -> Quantity {
         match kind {
@@ -715,5 +741,15 @@ mod tests {
             }
             .matches(&l)
         );
+    }
+
+    #[test]
+    fn raw_pairs_round_trip() {
+        let a = ResourceSet::try_from_pairs([("CPU", 1.5), ("memory", 1e9), ("x", 0.25)]).unwrap();
+        let pairs = a.to_raw_pairs();
+        let b =
+            ResourceSet::try_from_raw_pairs(pairs.iter().map(|(n, q)| (n.as_str(), *q))).unwrap();
+        assert_eq!(a, b);
+        assert!(ResourceSet::try_from_raw_pairs([("CPU", u64::MAX), ("CPU", 1)]).is_err());
     }
 }

@@ -31,6 +31,14 @@ pub struct PlacementGroupId(pub u128);
 /// (a handful of copies is all locality scoring needs) so one hot object cannot grow without bound.
 pub const MAX_LOCATIONS_PER_OBJECT: usize = 8;
 
+/// Most functions remembered per node; further announcements are ignored (a peer cannot grow
+/// the table without bound).
+pub const MAX_FUNCTIONS_PER_NODE: usize = 65_536;
+
+/// Most objects whose locations are tracked. Locality is only a hint, so objects beyond this
+/// are simply not considered for it.
+pub const MAX_TRACKED_OBJECTS: usize = 1_000_000;
+
 /// Hasher for ids that are already uniformly distributed (function hashes, random node and
 /// object ids): SipHash would cost more than the lookup it protects, and these keys are not
 /// attacker-chosen in a way that matters for a per-node table.
@@ -241,8 +249,17 @@ impl ClusterView {
 
     fn apply_one(&mut self, d: ViewDelta, changes: &mut ViewChanges) {
         match d {
-            ViewDelta::NodeJoined(info) => {
+            ViewDelta::NodeJoined(mut info) => {
                 let id = info.id;
+                if info.functions.len() > MAX_FUNCTIONS_PER_NODE {
+                    let keep: HashSet<FunctionId, IdBuild> = info
+                        .functions
+                        .iter()
+                        .copied()
+                        .take(MAX_FUNCTIONS_PER_NODE)
+                        .collect();
+                    info.functions = keep;
+                }
                 match self.index.get(&id) {
                     Some(&i) => self.nodes[i as usize] = info,
                     None => {
@@ -269,7 +286,8 @@ impl ClusterView {
             }
             ViewDelta::FunctionsAdded { node, functions } => {
                 if let Some(n) = self.node_mut(node) {
-                    n.functions.extend(functions);
+                    let room = MAX_FUNCTIONS_PER_NODE.saturating_sub(n.functions.len());
+                    n.functions.extend(functions.into_iter().take(room));
                 }
             }
             ViewDelta::LabelsChanged { node, labels } => {
@@ -296,6 +314,10 @@ impl ClusterView {
                 }
             }
             ViewDelta::ObjectAdded { object, size, node } => {
+                if self.objects.len() >= MAX_TRACKED_OBJECTS && !self.objects.contains_key(&object)
+                {
+                    return;
+                }
                 let e = self.objects.entry(object).or_insert_with(|| ObjectInfo {
                     size,
                     nodes: Vec::new(),
