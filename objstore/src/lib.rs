@@ -67,6 +67,7 @@ mod spill;
 pub use config::{StoreConfig, is_inline};
 pub use error::{FailureReason, MemoryReport, ObjectStoreError};
 pub use id::ObjectId;
+pub use pull::{PullAction, PullConfig, PullError, PullManager, Requested};
 
 pub use refs::{RefAction, RefTable};
 pub use store::{Object, ObjectBuffer, ObjectGuard, ObjectStore, ObjectWriter, StoreStats};
