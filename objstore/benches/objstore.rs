@@ -147,7 +147,10 @@ fn main() {
 
     if json {
         let map = |rows: &[(usize, f64)]| {
-            let fields: Vec<String> = rows.iter().map(|(s, v)| format!("\"{}\":{:.4}", label(*s), v)).collect();
+            let fields: Vec<String> = rows
+                .iter()
+                .map(|(s, v)| format!("\"{}\":{:.4}", label(*s), v))
+                .collect();
             format!("{{{}}}", fields.join(","))
         };
         println!(
@@ -160,8 +163,14 @@ fn main() {
         );
         return;
     }
-    println!("oxray-objstore benchmark (single process, {} threads available)", available());
-    println!("{:<34} {:>12} {:>12} {:>12} {:>12}", "row", "1KiB", "1MiB", "100MiB", "1GiB");
+    println!(
+        "oxray-objstore benchmark (single process, {} threads available)",
+        available()
+    );
+    println!(
+        "{:<34} {:>12} {:>12} {:>12} {:>12}",
+        "row", "1KiB", "1MiB", "100MiB", "1GiB"
+    );
     let row = |name: &str, rows: &[(usize, f64)], unit: &str| {
         let cells: Vec<String> = rows.iter().map(|(_, v)| format!("{v:>12.3}")).collect();
         println!("{:<34} {} {unit}", name, cells.join(" "));
