@@ -29,6 +29,8 @@ pub struct MemoryReport {
     pub pinned_bytes: usize,
     /// Number of pinned objects.
     pub pinned_count: usize,
+    /// Bytes of objects already freed but still referenced by a live guard or `get_bytes` handle.
+    pub freed_pinned_bytes: usize,
     /// Bytes of unpinned primary copies that could not be spilled (spilling disabled).
     pub primary_bytes: usize,
     /// Number of those primary copies.
@@ -41,8 +43,8 @@ pub enum ObjectStoreError {
     /// Nothing more can be evicted or spilled: everything left is pinned (or spilling is off). Retryable: release
     /// guards, free objects or enable spilling, then try again.
     #[error(
-        "object store full: need {} bytes of {} limit, {} used; {} bytes pinned in {} objects, {} bytes in {} unspillable primary copies",
-        .0.needed, .0.limit, .0.used, .0.pinned_bytes, .0.pinned_count, .0.primary_bytes, .0.primary_count
+        "object store full: need {} bytes of {} limit, {} used; {} bytes pinned in {} objects, {} bytes freed but still held, {} bytes in {} unspillable primary copies",
+        .0.needed, .0.limit, .0.used, .0.pinned_bytes, .0.pinned_count, .0.freed_pinned_bytes, .0.primary_bytes, .0.primary_count
     )]
     ObjectStoreFull(MemoryReport),
     /// The object alone is larger than the store's whole memory limit; no amount of eviction helps. Raise the limit.

@@ -13,8 +13,9 @@
 //! - [`store`]: [`ObjectStore`], [`ObjectGuard`], [`ObjectBuffer`] — the driver that owns memory and files.
 //! - [`memory`]: the eviction policy, a pure function (sans-IO core).
 //! - [`refs`]: [`RefTable`], the owner's reference counting and copy locations (sans-IO core, driven by the SDK).
-//! - [`pull`]: [`PullManager`], which copy to pull from, dedup, admission and retries (sans-IO core; the network
-//!   driver that feeds it lives above the transport).
+//! - [`pull`]: [`PullManager`], which copy to pull from, dedup, admission and retries (sans-IO core).
+//! - [`transfer`]: [`Transfer`], the network driver around that core: chunked, checksummed pulls over the mesh
+//!   into the object's final aligned buffer.
 //! - `buffer` and `spill` (private): aligned buffers with memory accounting, and spill files with checksums.
 //!
 //! What this crate is not: it does not decide where tasks run, does not keep lineage (the owner in the SDK does),
@@ -60,6 +61,7 @@ pub mod memory;
 pub mod pull;
 pub mod refs;
 pub mod store;
+pub mod transfer;
 
 mod buffer;
 mod spill;
@@ -67,9 +69,11 @@ mod spill;
 pub use config::{StoreConfig, is_inline};
 pub use error::{FailureReason, MemoryReport, ObjectStoreError};
 pub use id::ObjectId;
+pub use pull::{PullAction, PullConfig, PullError, PullManager, Requested};
 
 pub use refs::{RefAction, RefTable};
 pub use store::{Object, ObjectBuffer, ObjectGuard, ObjectStore, ObjectWriter, StoreStats};
+pub use transfer::{Transfer, TransferConfig, TransferHandler};
 
 /// Re-exported so users name the same node id the transport authenticates.
 pub use oxray_transport::NodeId;

@@ -614,13 +614,21 @@ impl ObjectStore {
             Plan::Full(report) => report,
             Plan::Evict(_) => MemoryReport::default(),
         };
-        self.full_error(report, needed)
+        self.full_error(report, needed, &cands)
     }
 
-    fn full_error(&self, mut report: MemoryReport, needed: usize) -> ObjectStoreError {
+    fn full_error(
+        &self,
+        mut report: MemoryReport,
+        needed: usize,
+        cands: &[Candidate],
+    ) -> ObjectStoreError {
         report.needed = needed;
         report.limit = self.inner.accounts.limit();
         report.used = self.inner.accounts.used();
+        // Whatever is charged but not resident in the map belongs to freed objects that a guard still holds.
+        let resident: usize = cands.iter().map(|c| c.bytes).sum();
+        report.freed_pinned_bytes = report.used.saturating_sub(resident);
         ObjectStoreError::ObjectStoreFull(report)
     }
 
@@ -636,7 +644,7 @@ impl ObjectStore {
         let (cands, entries) = self.candidates();
         let actions = match plan_eviction(&cands, short, self.inner.config.spill_dir.is_some()) {
             Plan::Evict(actions) => actions,
-            Plan::Full(report) => return Err(self.full_error(report, needed)),
+            Plan::Full(report) => return Err(self.full_error(report, needed, &cands)),
         };
         for action in actions {
             let (id, spill_it) = match action {

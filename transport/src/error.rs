@@ -141,12 +141,12 @@ pub(crate) fn from_connection(peer: NodeId, e: quinn::ConnectionError) -> Transp
             }
         }
         C::ApplicationClosed(ref a) if a.error_code == close::SHUTDOWN => TransportError::Closed,
-        C::TransportError(ref t) if is_crypto(t.code) => {
-            TransportError::NotAuthorized { why: e.to_string() }
-        }
-        C::ConnectionClosed(ref c) if is_crypto(c.error_code) => {
-            TransportError::NotAuthorized { why: e.to_string() }
-        }
+        C::TransportError(ref t) if is_crypto(t.code) => TransportError::NotAuthorized {
+            why: explain(&e.to_string()),
+        },
+        C::ConnectionClosed(ref c) if is_crypto(c.error_code) => TransportError::NotAuthorized {
+            why: explain(&e.to_string()),
+        },
         C::LocallyClosed => TransportError::Closed,
         C::VersionMismatch => TransportError::Handshake { why: e.to_string() },
         other => TransportError::Connect {
@@ -159,4 +159,26 @@ pub(crate) fn from_connection(peer: NodeId, e: quinn::ConnectionError) -> Transp
 /// TLS alerts travel as QUIC CRYPTO_ERROR codes 0x100..=0x1ff.
 fn is_crypto(code: quinn_proto::TransportErrorCode) -> bool {
     (0x100..=0x1ff).contains(&u64::from(code))
+}
+
+/// Prefixes rustls' terse verdicts with what they mean in a cluster.
+fn explain(raw: &str) -> String {
+    let meaning = if raw.contains("UnknownIssuer") || raw.contains("BadSignature") {
+        "peer certificate is not signed by this cluster's ca"
+    } else if raw.contains("not valid for name") {
+        "peer certificate belongs to another node"
+    } else if raw.contains("CertificateRequired") || raw.contains("error 116") {
+        "peer requires a client certificate"
+    } else if raw.contains("BadCertificate")
+        || raw.contains("error 42")
+        || raw.contains("UnknownCA")
+        || raw.contains("error 48")
+    {
+        "peer refused our certificate (another cluster?)"
+    } else if raw.contains("NoApplicationProtocol") || raw.contains("error 120") {
+        "peer does not speak this protocol (not an oxray node, or not a head for joins)"
+    } else {
+        "tls handshake refused"
+    };
+    format!("{meaning}: {raw}")
 }

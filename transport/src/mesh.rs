@@ -234,7 +234,13 @@ impl Mesh {
         let mut client_cfg = quinn::ClientConfig::new(Arc::new(quic_client));
         client_cfg.transport_config(transport);
         let reset_key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &identity.reset_key_seed());
-        let endpoint_cfg = quinn::EndpointConfig::new(Arc::new(reset_key));
+        let mut endpoint_cfg = quinn::EndpointConfig::new(Arc::new(reset_key));
+        // Connection ids carry a keyed hash so that garbage gets no reset; the key is derived from the identity
+        // like the reset key, so a restarted node recognises its predecessor's ids and resets them.
+        let cid_key = identity.cid_key();
+        endpoint_cfg.cid_generator(move || {
+            Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+        });
         let socket = bind_socket(bind, limits.socket_buffer_bytes)?;
         let endpoint = quinn::Endpoint::new(
             endpoint_cfg,
@@ -483,8 +489,9 @@ impl Mesh {
             warn!(node = %inner.node_id, active = inner.active.load(Ordering::Relaxed), "shutdown grace expired");
         }
         inner.endpoint.close(close::SHUTDOWN, b"shutdown");
-        // Give the close frames a moment to leave; a peer that misses them times out by itself.
-        let _ = tokio::time::timeout(Duration::from_millis(200), inner.endpoint.wait_idle()).await;
+        // Let the close frames leave and the connections drain (a few round trips); a peer that misses them
+        // times out by itself.
+        let _ = tokio::time::timeout(Duration::from_secs(1), inner.endpoint.wait_idle()).await;
     }
 }
 

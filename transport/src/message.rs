@@ -45,7 +45,8 @@ pub(crate) fn aligned(body: Bytes) -> Bytes {
     if (body.as_ptr() as usize).is_multiple_of(16) {
         return body;
     }
-    let mut v = AlignedVec::<16>::with_capacity(body.len());
+    // A zero-capacity vector does not allocate and its dangling pointer is not aligned: reserve at least 16.
+    let mut v = AlignedVec::<16>::with_capacity(body.len().max(16));
     v.extend_from_slice(&body);
     Bytes::from_owner(v)
 }
@@ -300,7 +301,7 @@ impl IncomingStream {
             size: self.len,
             limit: 0,
         })?;
-        let mut v = AlignedVec::<16>::with_capacity(len);
+        let mut v = AlignedVec::<16>::with_capacity(len.max(16));
         let Source::Remote(recv) = &mut self.source else {
             unreachable!("local handled above")
         };

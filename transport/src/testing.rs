@@ -65,3 +65,29 @@ pub fn bind_socket(
 ) -> Result<std::net::UdpSocket, TransportError> {
     crate::mesh::bind_socket(addr, limits.socket_buffer_bytes)
 }
+
+/// A quinn client config that presents `presented`'s certificate but trusts `trusted`'s CA: a node of another
+/// cluster that knows our CA, to check that the server side refuses foreign client certificates.
+pub fn foreign_client_config(
+    presented: &NodeIdentity,
+    trusted: &NodeIdentity,
+    limits: &Limits,
+) -> Result<quinn::ClientConfig, TransportError> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(trusted.ca_der().clone())
+        .map_err(tls::TlsError::from)?;
+    let chain = vec![presented.cert_der().clone(), presented.ca_der().clone()];
+    let mut tls_cfg = rustls::ClientConfig::builder_with_provider(tls::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(tls::TlsError::from)?
+        .with_root_certificates(Arc::new(roots))
+        .with_client_auth_cert(chain, presented.key_der())
+        .map_err(tls::TlsError::from)?;
+    tls_cfg.alpn_protocols = vec![tls::ALPN_MESH.to_vec()];
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls_cfg)
+        .map_err(|e| TransportError::Handshake { why: e.to_string() })?;
+    let mut cfg = quinn::ClientConfig::new(Arc::new(quic));
+    cfg.transport_config(Arc::new(crate::mesh::transport_config(limits)?));
+    Ok(cfg)
+}

@@ -82,12 +82,18 @@ pub(crate) fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-fn ca_params() -> CertificateParams {
-    // The CA's parameters are a pure function of nothing, so a CA loaded from disk rebuilds the same issuer
-    // name and key-identifier method that signed the certificates already issued.
+fn ca_params(key: &KeyPair) -> CertificateParams {
+    // The CA's parameters are a pure function of its public key, so a CA loaded from disk rebuilds the same
+    // issuer name and key-identifier method that signed the certificates already issued. The name includes a
+    // digest of the key so that two clusters' CAs never share a name (a foreign certificate then reads as
+    // "unknown issuer" instead of "bad signature").
     let mut params = CertificateParams::default();
     let mut dn = DistinguishedName::new();
-    dn.push(DnType::CommonName, CA_COMMON_NAME);
+    let digest = fingerprint(key.public_key_raw());
+    dn.push(
+        DnType::CommonName,
+        format!("{CA_COMMON_NAME} {}", hex::encode(&digest[..8])),
+    );
     params.distinguished_name = dn;
     params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
     params.key_usages = vec![
@@ -238,7 +244,7 @@ impl ClusterCa {
     /// A new CA with a fresh ECDSA P-256 key.
     pub fn generate() -> Result<ClusterCa, TlsError> {
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-        let cert = ca_params().self_signed(&key)?;
+        let cert = ca_params(&key).self_signed(&key)?;
         Ok(ClusterCa {
             cert: cert.der().clone(),
             key: Arc::new(key),
@@ -292,7 +298,7 @@ impl ClusterCa {
         node: NodeId,
         public: &impl PublicKeyData,
     ) -> Result<CertificateDer<'static>, TlsError> {
-        let issuer = Issuer::new(ca_params(), &*self.key);
+        let issuer = Issuer::new(ca_params(&self.key), &*self.key);
         let cert = node_params(node)?.signed_by(public, &issuer)?;
         Ok(cert.der().clone())
     }
@@ -407,6 +413,10 @@ impl NodeIdentity {
         NodeIdentity::from_parts(cert, key, ca)
     }
 
+    pub(crate) fn key_der(&self) -> PrivateKeyDer<'static> {
+        PrivateKeyDer::Pkcs8(self.key.clone_key())
+    }
+
     fn chain(&self) -> Vec<CertificateDer<'static>> {
         // The CA certificate travels with the leaf so that a joining node can find the CA its token pins.
         vec![self.cert.clone(), self.ca.clone()]
@@ -427,6 +437,17 @@ impl NodeIdentity {
         let mut out = [0u8; 32];
         out.copy_from_slice(ctx.finish().as_ref());
         out
+    }
+
+    /// Key of the connection-id hash, derived from the private key apart from the reset key (see `mesh`).
+    pub(crate) fn cid_key(&self) -> u64 {
+        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+        ctx.update(b"oxray connection ids v1");
+        ctx.update(self.key.secret_pkcs8_der());
+        let d = ctx.finish();
+        let mut out = [0u8; 8];
+        out.copy_from_slice(&d.as_ref()[..8]);
+        u64::from_le_bytes(out)
     }
 
     /// Server side of the mesh: requires a client certificate from our CA, unless `optional_client_auth`
