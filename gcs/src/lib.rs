@@ -7,11 +7,13 @@
 //! - [`storage`]: raft-rs `Storage` over the WAL and an atomically replaced snapshot file.
 //! - [`replica`]: one Raft replica of one shard: the Ready loop, batching, ReadIndex, completions.
 //! - [`router`]: the documented key-to-shard rule.
+//! - [`linearizability`]: a WGL-style checker for register/CAS histories (test tooling).
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod codec;
+pub mod linearizability;
 pub mod replica;
 pub mod router;
 pub mod shard;

@@ -22,11 +22,11 @@
 //! pending write completes with [`ReplicaError::LeadershipLost`]: the outcome is unknown and the client retries
 //! with the *same* seq, which the shard's dedup table makes exactly-once.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::path::Path;
 
-use raft::prelude::{Entry, EntryType, Message};
-use raft::{Config, RawNode, StateRole};
+use raft::prelude::{Entry, EntryType, Message, MessageType};
+use raft::{Config, RawNode, SnapshotStatus, StateRole};
 
 use crate::shard::{
     Command, CommandError, KeyValue, Limits, ShardState, ValidateError, WriteResult, decode_batch,
@@ -188,11 +188,11 @@ pub struct Replica {
     batch: Vec<Command>,
     batch_bytes: usize,
     /// Writes awaiting apply, by `(client, seq)`.
-    pending_writes: HashMap<(u64, u64), Vec<Token>>,
+    pending_writes: BTreeMap<(u64, u64), Vec<Token>>,
     /// Reads not yet sent as a ReadIndex request.
     reads_unsent: Vec<(Token, Query)>,
     /// Reads whose ReadIndex request is out, by request context.
-    reads_in_flight: HashMap<u64, Vec<(Token, Query)>>,
+    reads_in_flight: BTreeMap<u64, Vec<(Token, Query)>>,
     /// Reads whose read index is known; served once applied reaches it.
     reads_ready: Vec<(u64, Vec<(Token, Query)>)>,
     next_read_ctx: u64,
@@ -246,9 +246,9 @@ impl Replica {
             state,
             batch: Vec::new(),
             batch_bytes: 0,
-            pending_writes: HashMap::new(),
+            pending_writes: BTreeMap::new(),
             reads_unsent: Vec::new(),
-            reads_in_flight: HashMap::new(),
+            reads_in_flight: BTreeMap::new(),
             reads_ready: Vec::new(),
             next_read_ctx: 1,
             leader_term: 0,
@@ -471,10 +471,26 @@ impl Replica {
             // The commit index from the light ready is written lazily with the next sync; that is safe
             // because commit can always be re-learned from the leader.
         }
+        self.report_snapshots_sent();
         self.serve_reads();
         self.maybe_snapshot()?;
         self.check_leadership();
         Ok(())
+    }
+
+    /// raft-rs holds a follower in "snapshot" state until the snapshot is reported. The network may drop it
+    /// silently, so report it finished as soon as it is handed to the driver: the leader then probes, and if
+    /// the snapshot was lost the probe is rejected and a fresh snapshot goes out (costs a resend, never safety).
+    fn report_snapshots_sent(&mut self) {
+        let targets: Vec<u64> = self
+            .outbox
+            .iter()
+            .filter(|m| m.get_msg_type() == MessageType::MsgSnapshot)
+            .map(|m| m.to)
+            .collect();
+        for to in targets {
+            self.raw.report_snapshot(to, SnapshotStatus::Finish);
+        }
     }
 
     fn apply_entries(&mut self, entries: Vec<Entry>) {
@@ -576,7 +592,7 @@ impl Replica {
     }
 
     fn fail_all(&mut self, err: impl Fn(bool) -> ReplicaError) {
-        for (_, tokens) in self.pending_writes.drain() {
+        for (_, tokens) in std::mem::take(&mut self.pending_writes) {
             for token in tokens {
                 self.completions.push(Completion {
                     token,
@@ -586,7 +602,11 @@ impl Replica {
         }
         let reads = std::mem::take(&mut self.reads_unsent)
             .into_iter()
-            .chain(self.reads_in_flight.drain().flat_map(|(_, v)| v))
+            .chain(
+                std::mem::take(&mut self.reads_in_flight)
+                    .into_values()
+                    .flatten(),
+            )
             .chain(self.reads_ready.drain(..).flat_map(|(_, v)| v))
             .collect::<Vec<_>>();
         for (token, _) in reads {

@@ -131,7 +131,10 @@ fn seg_name(seq: u64) -> String {
 }
 
 /// Fsyncs a directory so that creates, renames and deletes in it are durable.
-pub(crate) fn sync_dir(dir: &Path) -> Result<(), StorageError> {
+pub(crate) fn sync_dir(dir: &Path, fsync: bool) -> Result<(), StorageError> {
+    if !fsync {
+        return Ok(());
+    }
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(StorageError::io("fsync dir", dir))
@@ -182,7 +185,7 @@ impl Wal {
             }
             None => {
                 let path = dir.join(seg_name(1));
-                let f = create_segment(dir, &path)?;
+                let f = create_segment(dir, &path, cfg.fsync)?;
                 segments.push(Segment {
                     seq: 1,
                     path,
@@ -278,7 +281,8 @@ impl Wal {
         self.sync()?;
         let seq = self.segments.last().map_or(1, |s| s.seq + 1);
         let path = self.dir.join(seg_name(seq));
-        let f = create_segment(&self.dir, &path).inspect_err(|_| self.poisoned = true)?;
+        let f = create_segment(&self.dir, &path, self.cfg.fsync)
+            .inspect_err(|_| self.poisoned = true)?;
         self.active = f;
         self.active_len = 0;
         self.segments.push(Segment {
@@ -299,7 +303,7 @@ impl Wal {
             n += 1;
         }
         if n > 0 {
-            sync_dir(&self.dir)?;
+            sync_dir(&self.dir, self.cfg.fsync)?;
         }
         Ok(n)
     }
@@ -309,19 +313,24 @@ impl Wal {
         self.purge(u64::MAX)
     }
 
+    /// Whether syncs are real (see [`WalConfig::fsync`]).
+    pub fn fsync(&self) -> bool {
+        self.cfg.fsync
+    }
+
     /// Number of segment files.
     pub fn segment_count(&self) -> usize {
         self.segments.len()
     }
 }
 
-fn create_segment(dir: &Path, path: &Path) -> Result<File, StorageError> {
+fn create_segment(dir: &Path, path: &Path, fsync: bool) -> Result<File, StorageError> {
     let f = OpenOptions::new()
         .create(true)
         .append(true)
         .open(path)
         .map_err(StorageError::io("create", path))?;
-    sync_dir(dir)?;
+    sync_dir(dir, fsync)?;
     Ok(f)
 }
 
