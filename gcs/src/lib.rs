@@ -8,14 +8,24 @@
 //! - [`replica`]: one Raft replica of one shard: the Ready loop, batching, ReadIndex, completions.
 //! - [`router`]: the documented key-to-shard rule.
 //! - [`linearizability`]: a WGL-style checker for register/CAS histories (test tooling).
+//! - [`wire`]: request/response messages and their encoding.
+//! - [`server`]: [`GcsServer`] (one member: a thread per shard replica) and the in-process [`LocalNet`].
+//! - [`client`]: [`GcsClient`] with leader discovery, retries, deadlines and resumable watches.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod client;
 pub mod codec;
 pub mod linearizability;
 pub mod replica;
 pub mod router;
+pub mod server;
 pub mod shard;
 pub mod storage;
 pub mod wal;
+pub mod wire;
+
+pub use client::{ClientConfig, GcsClient, GcsError, WatchStream};
+pub use server::{GcsServer, LocalNet, ServerConfig};
+pub use shard::{Event, Expect, KeyValue, WriteResult};
