@@ -11,6 +11,7 @@
 //! - [`wire`]: request/response messages and their encoding.
 //! - [`server`]: [`GcsServer`] (one member: a thread per shard replica) and the in-process [`LocalNet`].
 //! - [`client`]: [`GcsClient`] with leader discovery, retries, deadlines and resumable watches.
+//! - [`tables`]: typed tables (nodes, actors, functions, jobs, placement groups, user KV).
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -23,6 +24,7 @@ pub mod router;
 pub mod server;
 pub mod shard;
 pub mod storage;
+pub mod tables;
 pub mod wal;
 pub mod wire;
 

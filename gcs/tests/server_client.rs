@@ -290,3 +290,65 @@ async fn concurrent_writers_on_many_shards() {
         Err(GcsError::WatchSpansShards(_))
     ));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn typed_tables() {
+    use oxray_gcs::tables::*;
+    use oxray_transport::NodeId;
+    let dir = tempfile::tempdir().unwrap();
+    let (_server, client) = GcsServer::embedded(dir.path()).unwrap();
+    let t = Tables::new(client.clone());
+    let node = NodeInfo {
+        node: NodeId(42),
+        address: "127.0.0.1:7000".into(),
+        resources: vec![("CPU".into(), 4.0)],
+        labels: vec![],
+        state: NodeState::Alive,
+        heartbeat_ms: 1,
+    };
+    let id = Tables::node_id(node.node);
+    assert!(t.nodes.insert_new(&id, &node).await.unwrap());
+    assert!(
+        !t.nodes.insert_new(&id, &node).await.unwrap(),
+        "second insert refused"
+    );
+    let (list, rev) = t.nodes.list().await.unwrap();
+    assert_eq!(list.len(), 1);
+    let mut watch = t.nodes.watch(rev).unwrap();
+    let cur = t.nodes.get(&id).await.unwrap().unwrap();
+    let dead = NodeInfo {
+        state: NodeState::Dead,
+        ..node.clone()
+    };
+    assert!(t.nodes.update(&id, cur.mod_revision, &dead).await.unwrap());
+    assert!(
+        !t.nodes.update(&id, cur.mod_revision, &node).await.unwrap(),
+        "stale revision refused"
+    );
+    let ev = watch.next().await.unwrap().unwrap();
+    assert_eq!(ev.id, id);
+    assert_eq!(ev.value.unwrap().state, NodeState::Dead);
+
+    assert!(t.register_actor_name("ns", "counter", 9).await.unwrap());
+    assert!(!t.register_actor_name("ns", "counter", 10).await.unwrap());
+    assert_eq!(t.lookup_actor_name("ns", "counter").await.unwrap(), Some(9));
+    assert!(!t.unregister_actor_name("ns", "counter", 10).await.unwrap());
+    assert!(t.unregister_actor_name("ns", "counter", 9).await.unwrap());
+
+    t.kv_put("app", "a", Bytes::from_static(b"1"))
+        .await
+        .unwrap();
+    assert_eq!(
+        t.kv_list("app").await.unwrap(),
+        vec![("a".to_string(), Bytes::from_static(b"1"))]
+    );
+    // A foreign value in a typed table is a decode error, not a panic.
+    client
+        .put("jobs/bad", Bytes::from_static(b"xx"))
+        .await
+        .unwrap();
+    assert!(matches!(
+        t.jobs.get("bad").await,
+        Err(TableError::Decode { .. })
+    ));
+}
