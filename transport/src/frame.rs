@@ -1,0 +1,327 @@
+//! Envelope framing: the sans-IO core that encodes and validates frames.
+//!
+//! A frame on a QUIC stream is
+//!
+//! ```text
+//! +---------------+----------------+---------------+----------------------+-------------+
+//! | magic "OXR1"  | header_len u32 | body_len u64  | header (rkyv archive)| body        |
+//! |   4 bytes     |   LE           |   LE          | header_len bytes     | body_len    |
+//! +---------------+----------------+---------------+----------------------+-------------+
+//! ```
+//!
+//! The 16-byte prefix is checked against the limits *before* anything is allocated, so a 4 GiB length is refused
+//! for the price of 16 bytes. The receiver then reads header and body with one copy into one 16-byte-aligned
+//! buffer; the header length is a multiple of 16, so the body starts aligned too. The header is validated with
+//! bytecheck before a field is read. A streamed payload (`FrameType::Stream`) follows its frame as raw bytes.
+//!
+//! This module does no I/O and reads no clock: deadlines travel as a remaining budget in microseconds.
+
+use rkyv::rancor;
+
+use crate::{Limits, NodeId};
+
+/// The four magic bytes that open every frame: a cheap check that the peer speaks this protocol version.
+pub const MAGIC: [u8; 4] = *b"OXR1";
+/// Length of the fixed prefix.
+pub const PREFIX_LEN: usize = 16;
+
+/// What a frame is.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum FrameType {
+    /// A request that expects one response on the same stream.
+    Request = 1,
+    /// A successful response.
+    Response = 2,
+    /// A failed response: `kind` holds an [`ErrorCode`], the body a UTF-8 message.
+    Error = 3,
+    /// A one-way message.
+    Oneway = 4,
+    /// A request followed by `payload_len` raw bytes on the same stream.
+    Stream = 5,
+}
+
+impl FrameType {
+    fn from_u8(v: u8) -> Option<FrameType> {
+        Some(match v {
+            1 => FrameType::Request,
+            2 => FrameType::Response,
+            3 => FrameType::Error,
+            4 => FrameType::Oneway,
+            5 => FrameType::Stream,
+            _ => return None,
+        })
+    }
+}
+
+/// Why a remote side answered with an error frame (carried in the `kind` of an error frame).
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+#[repr(u16)]
+pub enum ErrorCode {
+    /// The handler replied with an error.
+    Handler = 1,
+    /// The request or payload exceeded a limit of the receiver.
+    TooLarge = 2,
+    /// The request was malformed.
+    Malformed = 3,
+    /// The handler did not answer before the deadline.
+    Timeout = 4,
+    /// The receiver is shutting down.
+    ShuttingDown = 5,
+    /// The handler dropped the request without answering.
+    Dropped = 6,
+}
+
+impl ErrorCode {
+    /// Decodes a code; unknown codes are treated as handler errors (forward compatible).
+    pub fn from_u16(v: u16) -> ErrorCode {
+        match v {
+            2 => ErrorCode::TooLarge,
+            3 => ErrorCode::Malformed,
+            4 => ErrorCode::Timeout,
+            5 => ErrorCode::ShuttingDown,
+            6 => ErrorCode::Dropped,
+            _ => ErrorCode::Handler,
+        }
+    }
+}
+
+/// W3C-style trace context carried across the wire so spans on both sides join one trace.
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct TraceContext {
+    /// Trace id; 0 means "not traced".
+    pub trace_id: u128,
+    /// Parent span id.
+    pub span_id: u64,
+}
+
+/// The envelope header. Its archived form is what travels; fields are plain scalars so the archive has a
+/// fixed size (a multiple of 16, see the assertion below).
+#[derive(Copy, Clone, Debug, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct Header {
+    /// [`FrameType`] as a byte (validated on decode).
+    pub frame: u8,
+    /// Application message kind (or [`ErrorCode`] in an error frame).
+    pub kind: u16,
+    /// Correlates a response with its request (informational: each request has its own stream).
+    pub request_id: u64,
+    /// Sender node id.
+    pub source: u128,
+    /// Destination node id.
+    pub dest: u128,
+    /// Remaining time budget in microseconds when sent; 0 = no deadline.
+    pub budget_us: u64,
+    /// Trace id (0 = none).
+    pub trace_id: u128,
+    /// Parent span id.
+    pub span_id: u64,
+    /// Length of the raw payload that follows a `Stream` frame; 0 otherwise.
+    pub payload_len: u64,
+}
+
+/// Size of an archived header on the wire.
+pub const HEADER_LEN: usize = std::mem::size_of::<ArchivedHeader>();
+const _: () = assert!(
+    HEADER_LEN.is_multiple_of(16),
+    "the body must start 16-byte aligned"
+);
+
+impl Header {
+    /// The decoded frame type (always valid for a header that came out of [`decode_header`]).
+    pub fn frame_type(&self) -> Option<FrameType> {
+        FrameType::from_u8(self.frame)
+    }
+    /// Source as a node id.
+    pub fn source(&self) -> NodeId {
+        NodeId(self.source)
+    }
+    /// Destination as a node id.
+    pub fn dest(&self) -> NodeId {
+        NodeId(self.dest)
+    }
+    /// Trace context.
+    pub fn trace(&self) -> TraceContext {
+        TraceContext {
+            trace_id: self.trace_id,
+            span_id: self.span_id,
+        }
+    }
+}
+
+/// Decoding failures. Each one ends the stream it happened on (never the process).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    /// The prefix did not start with the magic bytes: garbage or another protocol version.
+    #[error("bad magic {0:02x?}")]
+    BadMagic([u8; 4]),
+    /// The header length is not the one this protocol version uses.
+    #[error("bad header length {0}")]
+    BadHeaderLen(u32),
+    /// The body (or streamed payload) is larger than the limit; nothing was allocated for it.
+    #[error("message of {size} bytes exceeds the limit of {limit}")]
+    TooLarge {
+        /// Announced size.
+        size: u64,
+        /// Limit in force.
+        limit: u64,
+    },
+    /// The header bytes failed validation.
+    #[error("invalid header: {0}")]
+    BadHeader(String),
+    /// The header names an unknown frame type.
+    #[error("unknown frame type {0}")]
+    BadFrameType(u8),
+    /// The buffer holding the header was not 16-byte aligned (a bug in the caller, not the peer).
+    #[error("header buffer not aligned")]
+    Misaligned,
+}
+
+/// Lengths announced by a valid prefix.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct Prefix {
+    /// Header bytes that follow the prefix.
+    pub header_len: usize,
+    /// Body bytes that follow the header.
+    pub body_len: usize,
+}
+
+/// Encodes the prefix and header of a frame whose body is `body_len` bytes long.
+pub fn encode_head(header: &Header, body_len: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(PREFIX_LEN + HEADER_LEN);
+    out.extend_from_slice(&MAGIC);
+    out.extend_from_slice(&(HEADER_LEN as u32).to_le_bytes());
+    out.extend_from_slice(&(body_len as u64).to_le_bytes());
+    // The prefix is 16 bytes, so positions the serializer pads to are aligned in the receiver's buffer too.
+    match rkyv::api::high::to_bytes_in::<_, rancor::Failure>(header, out) {
+        Ok(out) => out,
+        // Serializing plain scalars into a Vec cannot fail; if rkyv ever disagrees, that is a bug to see loudly.
+        Err(e) => unreachable!("serializing a header of scalars failed: {e}"),
+    }
+}
+
+/// Checks a prefix against the limits. Runs before any allocation for the frame.
+pub fn decode_prefix(prefix: &[u8; PREFIX_LEN], limits: &Limits) -> Result<Prefix, FrameError> {
+    let magic = [prefix[0], prefix[1], prefix[2], prefix[3]];
+    if magic != MAGIC {
+        return Err(FrameError::BadMagic(magic));
+    }
+    let header_len = u32::from_le_bytes([prefix[4], prefix[5], prefix[6], prefix[7]]);
+    if header_len as usize != HEADER_LEN {
+        return Err(FrameError::BadHeaderLen(header_len));
+    }
+    let mut len8 = [0u8; 8];
+    len8.copy_from_slice(&prefix[8..16]);
+    let body_len = u64::from_le_bytes(len8);
+    let limit = limits.max_message_bytes as u64;
+    if body_len > limit {
+        return Err(FrameError::TooLarge {
+            size: body_len,
+            limit,
+        });
+    }
+    // body_len <= max_message_bytes, a usize, so the conversion is lossless.
+    Ok(Prefix {
+        header_len: HEADER_LEN,
+        body_len: body_len as usize,
+    })
+}
+
+/// Validates and decodes a header from the start of a 16-byte-aligned buffer.
+pub fn decode_header(bytes: &[u8]) -> Result<Header, FrameError> {
+    let bytes = bytes
+        .get(..HEADER_LEN)
+        .ok_or(FrameError::BadHeaderLen(bytes.len() as u32))?;
+    if !(bytes.as_ptr() as usize).is_multiple_of(16) {
+        return Err(FrameError::Misaligned);
+    }
+    let archived = rkyv::access::<ArchivedHeader, rancor::Error>(bytes)
+        .map_err(|e| FrameError::BadHeader(e.to_string()))?;
+    let header = Header {
+        frame: archived.frame,
+        kind: archived.kind.to_native(),
+        request_id: archived.request_id.to_native(),
+        source: archived.source.to_native(),
+        dest: archived.dest.to_native(),
+        budget_us: archived.budget_us.to_native(),
+        trace_id: archived.trace_id.to_native(),
+        span_id: archived.span_id.to_native(),
+        payload_len: archived.payload_len.to_native(),
+    };
+    if FrameType::from_u8(header.frame).is_none() {
+        return Err(FrameError::BadFrameType(header.frame));
+    }
+    Ok(header)
+}
+
+/// Decodes a whole frame held in one aligned buffer (prefix included): the fuzz target's entry point, and
+/// the reference the streaming reader must agree with.
+pub fn decode_frame<'a>(buf: &'a [u8], limits: &Limits) -> Result<(Header, &'a [u8]), FrameError> {
+    let prefix: &[u8; PREFIX_LEN] = buf
+        .get(..PREFIX_LEN)
+        .and_then(|p| p.try_into().ok())
+        .ok_or(FrameError::BadHeaderLen(0))?;
+    let p = decode_prefix(prefix, limits)?;
+    let rest = &buf[PREFIX_LEN..];
+    let header = decode_header(rest)?;
+    let body = rest
+        .get(p.header_len..p.header_len + p.body_len)
+        .ok_or(FrameError::TooLarge {
+            size: p.body_len as u64,
+            limit: rest.len() as u64,
+        })?;
+    Ok((header, body))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn header() -> Header {
+        Header {
+            frame: FrameType::Request as u8,
+            kind: 7,
+            request_id: 42,
+            source: 1,
+            dest: 2,
+            budget_us: 1000,
+            trace_id: 3,
+            span_id: 4,
+            payload_len: 0,
+        }
+    }
+
+    #[test]
+    fn head_is_prefix_plus_header() {
+        let head = encode_head(&header(), 5);
+        assert_eq!(head.len(), PREFIX_LEN + HEADER_LEN);
+    }
+
+    #[test]
+    fn four_gib_prefix_refused() {
+        let mut prefix = [0u8; PREFIX_LEN];
+        prefix[..4].copy_from_slice(&MAGIC);
+        prefix[4..8].copy_from_slice(&(HEADER_LEN as u32).to_le_bytes());
+        prefix[8..].copy_from_slice(&(4u64 << 30).to_le_bytes());
+        let err = decode_prefix(&prefix, &Limits::default()).unwrap_err();
+        assert_eq!(
+            err,
+            FrameError::TooLarge {
+                size: 4 << 30,
+                limit: 64 << 20
+            }
+        );
+    }
+
+    #[test]
+    fn unknown_frame_type_refused() {
+        let mut h = header();
+        h.frame = 99;
+        let head = encode_head(&h, 0);
+        let mut buf = rkyv::util::AlignedVec::<16>::new();
+        buf.extend_from_slice(&head);
+        assert_eq!(
+            decode_frame(&buf, &Limits::default()).unwrap_err(),
+            FrameError::BadFrameType(99)
+        );
+    }
+}

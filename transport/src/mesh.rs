@@ -1,0 +1,1058 @@
+//! The mesh driver: one QUIC endpoint per node, the peer table, and the tokio tasks that move frames.
+//!
+//! Each request travels on its own bidirectional QUIC stream (request frame, then response frame), each one-way
+//! message on its own unidirectional stream, each streamed payload on its own bidirectional stream after its
+//! header frame. Streams are cheap in QUIC (no handshake, no round trip to open), a slow or broken message only
+//! ever kills its own stream, and cancelling a request is dropping its stream. QUIC multiplexes them over one
+//! connection per peer pair and packs frames of many streams into each datagram, which batches writes.
+//!
+//! Decisions about bytes (framing, validation, limits on sizes) live in [`crate::frame`]; this file owns the
+//! sockets, the clock and the tasks. It does not interpret message bodies.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use dashmap::DashMap;
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use rkyv::util::AlignedVec;
+use tokio::sync::Notify;
+use tracing::{debug, warn};
+
+use crate::error::{TransportError, close, from_connection};
+use crate::frame::{self, ErrorCode, FrameType, HEADER_LEN, Header, PREFIX_LEN, TraceContext};
+use crate::message::{IncomingStream, Message, Reply, Responder, Source, read_error};
+use crate::tls::{self, JoinAuthority, NodeIdentity};
+use crate::{Body, Limits, NodeId};
+
+/// What a node serves. Called on the connection's tasks: answer inline if cheap, otherwise move the
+/// [`Responder`] into a task of your own. Never block.
+pub trait Handler: Send + Sync + 'static {
+    /// A request; answer exactly once through `reply`.
+    fn on_request(&self, msg: Message, reply: Responder);
+    /// A one-way message.
+    fn on_oneway(&self, msg: Message) {
+        let _ = msg;
+    }
+    /// A streamed payload announced by `header`; read `incoming`, then reply through it.
+    fn on_stream(&self, header: Message, incoming: IncomingStream) {
+        let _ = header;
+        incoming.error("this node does not accept streams");
+    }
+    /// The connection to `node` was lost (the next request re-dials).
+    fn on_peer_lost(&self, node: NodeId) {
+        let _ = node;
+    }
+}
+
+/// Configuration of one mesh endpoint.
+#[derive(Debug)]
+pub struct MeshConfig {
+    /// UDP address to bind (`127.0.0.1:0` picks a port; read it back with [`Mesh::local_addr`]).
+    pub bind: SocketAddr,
+    /// This node's certificate and key; the node id is read from it.
+    pub identity: NodeIdentity,
+    /// Limits and QUIC tuning.
+    pub limits: Limits,
+    /// Head only: the CA and token with which this node answers join requests (see [`crate::join`]).
+    pub join_secret: Option<JoinAuthority>,
+}
+
+impl MeshConfig {
+    /// A config with default limits and no join service.
+    pub fn new(bind: SocketAddr, identity: NodeIdentity) -> MeshConfig {
+        MeshConfig {
+            bind,
+            identity,
+            limits: Limits::default(),
+            join_secret: None,
+        }
+    }
+}
+
+/// Handle to one node's endpoint. Cheap to clone; all clones drive the same endpoint.
+///
+/// Dropping the last handle closes the endpoint abruptly; call [`Mesh::shutdown`] first to drain.
+#[derive(Clone, Debug)]
+pub struct Mesh {
+    inner: Arc<Inner>,
+}
+
+struct Peer {
+    /// Where to dial. Learned from `add_peer` or from an accepted connection (one socket serves both roles,
+    /// so a peer's source address is its listening address).
+    addr: parking_lot::Mutex<Option<SocketAddr>>,
+    /// The connection in use. A std-style mutex: held for a clone, never across an await.
+    conn: parking_lot::Mutex<Option<quinn::Connection>>,
+    /// Serialises dialling so concurrent first requests share one connection.
+    dial: tokio::sync::Mutex<()>,
+    /// Requests in flight to this peer, against `Limits::max_inflight_per_peer`.
+    inflight: AtomicUsize,
+}
+
+impl Peer {
+    fn new(addr: Option<SocketAddr>) -> Peer {
+        Peer {
+            addr: parking_lot::Mutex::new(addr),
+            conn: parking_lot::Mutex::new(None),
+            dial: tokio::sync::Mutex::new(()),
+            inflight: AtomicUsize::new(0),
+        }
+    }
+
+    fn live(&self) -> Option<quinn::Connection> {
+        self.conn
+            .lock()
+            .as_ref()
+            .filter(|c| c.close_reason().is_none())
+            .cloned()
+    }
+
+    fn forget(&self, conn: &quinn::Connection) -> bool {
+        let mut slot = self.conn.lock();
+        if slot
+            .as_ref()
+            .is_some_and(|c| c.stable_id() == conn.stable_id())
+        {
+            *slot = None;
+            return true;
+        }
+        false
+    }
+}
+
+/// Counts a peer's request slot; released on drop.
+struct Slot<'a>(&'a AtomicUsize);
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Release);
+    }
+}
+
+/// Counts work that shutdown must wait for.
+struct Active<'a>(&'a Inner);
+impl Drop for Active<'_> {
+    fn drop(&mut self) {
+        if self.0.active.fetch_sub(1, Ordering::AcqRel) == 1
+            && self.0.closing.load(Ordering::Acquire)
+        {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
+struct Inner {
+    /// Ourselves, weakly: background tasks hold this so that dropping every `Mesh` ends them.
+    me: Weak<Inner>,
+    node_id: NodeId,
+    endpoint: quinn::Endpoint,
+    local_addr: SocketAddr,
+    client_cfg: quinn::ClientConfig,
+    limits: Limits,
+    handler: Arc<dyn Handler>,
+    peers: DashMap<NodeId, Arc<Peer>>,
+    next_request: AtomicU64,
+    join: Option<JoinAuthority>,
+    closing: AtomicBool,
+    active: AtomicUsize,
+    idle: Notify,
+}
+
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Mesh")
+            .field("node", &self.node_id)
+            .field("addr", &self.local_addr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // Background tasks hold only weak references; closing the endpoint ends them.
+        self.endpoint.close(close::SHUTDOWN, b"dropped");
+    }
+}
+
+/// quinn's transport parameters from our limits. Everything that bounds memory is set explicitly.
+pub(crate) fn transport_config(l: &Limits) -> Result<quinn::TransportConfig, TransportError> {
+    let varint = |v: u64, what: &str| {
+        quinn::VarInt::from_u64(v).map_err(|_| TransportError::Handshake {
+            why: format!("{what} out of range"),
+        })
+    };
+    let mut t = quinn::TransportConfig::default();
+    t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(l.max_concurrent_bidi_streams))
+        .max_concurrent_uni_streams(quinn::VarInt::from_u32(l.max_concurrent_uni_streams))
+        .stream_receive_window(varint(l.stream_receive_window, "stream_receive_window")?)
+        .receive_window(varint(
+            l.connection_receive_window,
+            "connection_receive_window",
+        )?)
+        .send_window(l.send_window)
+        .max_idle_timeout(Some(quinn::IdleTimeout::try_from(l.idle_timeout).map_err(
+            |_| TransportError::Handshake {
+                why: "idle_timeout out of range".into(),
+            },
+        )?))
+        .keep_alive_interval(Some(l.keep_alive));
+    Ok(t)
+}
+
+/// Binds a UDP socket with the configured buffer sizes (the kernel caps them at `net.core.[rw]mem_max`).
+pub(crate) fn bind_socket(
+    addr: SocketAddr,
+    buffer: usize,
+) -> Result<std::net::UdpSocket, TransportError> {
+    let socket = std::net::UdpSocket::bind(addr)?;
+    let s = socket2::SockRef::from(&socket);
+    // Best effort: larger buffers cut loss under bursts; failure here is not an error.
+    let _ = s.set_recv_buffer_size(buffer);
+    let _ = s.set_send_buffer_size(buffer);
+    Ok(socket)
+}
+
+impl Mesh {
+    /// Binds the endpoint and starts accepting connections. Must run inside a tokio runtime.
+    pub async fn bind(cfg: MeshConfig, handler: Arc<dyn Handler>) -> Result<Mesh, TransportError> {
+        let MeshConfig {
+            bind,
+            identity,
+            limits,
+            join_secret,
+        } = cfg;
+        let transport = Arc::new(transport_config(&limits)?);
+        let server_tls = identity.server_config(join_secret.is_some())?;
+        let quic_server = QuicServerConfig::try_from(server_tls)
+            .map_err(|e| TransportError::Handshake { why: e.to_string() })?;
+        let mut server_cfg = quinn::ServerConfig::with_crypto(Arc::new(quic_server));
+        server_cfg.transport_config(transport.clone());
+        let quic_client = QuicClientConfig::try_from(identity.client_config()?)
+            .map_err(|e| TransportError::Handshake { why: e.to_string() })?;
+        let mut client_cfg = quinn::ClientConfig::new(Arc::new(quic_client));
+        client_cfg.transport_config(transport);
+        let reset_key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &identity.reset_key_seed());
+        let mut endpoint_cfg = quinn::EndpointConfig::new(Arc::new(reset_key));
+        // Connection ids carry a keyed hash so that garbage gets no reset; the key is derived from the identity
+        // like the reset key, so a restarted node recognises its predecessor's ids and resets them.
+        let cid_key = identity.cid_key();
+        endpoint_cfg.cid_generator(move || {
+            Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+        });
+        let socket = bind_socket(bind, limits.socket_buffer_bytes)?;
+        let endpoint = quinn::Endpoint::new(
+            endpoint_cfg,
+            Some(server_cfg),
+            socket,
+            Arc::new(quinn::TokioRuntime),
+        )?;
+        let local_addr = endpoint.local_addr()?;
+        let inner = Arc::new_cyclic(|me| Inner {
+            me: me.clone(),
+            node_id: identity.node_id(),
+            endpoint,
+            local_addr,
+            client_cfg,
+            limits,
+            handler,
+            peers: DashMap::new(),
+            next_request: AtomicU64::new(1),
+            join: join_secret,
+            closing: AtomicBool::new(false),
+            active: AtomicUsize::new(0),
+            idle: Notify::new(),
+        });
+        tokio::spawn(accept_loop(Arc::downgrade(&inner), inner.endpoint.clone()));
+        debug!(node = %inner.node_id, addr = %local_addr, "mesh bound");
+        Ok(Mesh { inner })
+    }
+
+    /// This node's id (from its certificate).
+    pub fn node_id(&self) -> NodeId {
+        self.inner.node_id
+    }
+
+    /// The bound UDP address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.inner.local_addr
+    }
+
+    /// The limits in force.
+    pub fn limits(&self) -> &Limits {
+        &self.inner.limits
+    }
+
+    /// Records where `node` listens. Connections are made lazily on first use and reused.
+    pub fn add_peer(&self, node: NodeId, addr: SocketAddr) {
+        match self.inner.peers.get(&node) {
+            Some(p) => *p.addr.lock() = Some(addr),
+            None => {
+                self.inner
+                    .peers
+                    .entry(node)
+                    .or_insert_with(|| Arc::new(Peer::new(Some(addr))));
+            }
+        }
+    }
+
+    /// Removes `node` from the address book and closes its connection.
+    pub fn remove_peer(&self, node: NodeId) {
+        if let Some((_, p)) = self.inner.peers.remove(&node)
+            && let Some(c) = p.conn.lock().take()
+        {
+            c.close(close::SHUTDOWN, b"peer removed");
+        }
+    }
+
+    /// Nodes with a live connection right now.
+    pub fn connected_peers(&self) -> Vec<NodeId> {
+        self.inner
+            .peers
+            .iter()
+            .filter(|e| e.value().live().is_some())
+            .map(|e| *e.key())
+            .collect()
+    }
+
+    /// Sends a request and waits for its response, at most `deadline`.
+    pub async fn request(
+        &self,
+        to: NodeId,
+        kind: u16,
+        body: Body,
+        deadline: Duration,
+    ) -> Result<Message, TransportError> {
+        self.request_traced(to, kind, body, deadline, TraceContext::default())
+            .await
+    }
+
+    /// [`Mesh::request`] carrying a trace context to the receiver.
+    pub async fn request_traced(
+        &self,
+        to: NodeId,
+        kind: u16,
+        body: Body,
+        deadline: Duration,
+        trace: TraceContext,
+    ) -> Result<Message, TransportError> {
+        let inner = &*self.inner;
+        let _active = inner.enter()?;
+        let header = inner.header(FrameType::Request, kind, to, deadline, trace, 0);
+        if to == inner.node_id {
+            return inner.local_request(header, body, deadline).await;
+        }
+        let peer = inner.peer(to)?;
+        let _slot = inner.slot(to, &peer)?;
+        let started = Instant::now();
+        match tokio::time::timeout(
+            deadline,
+            inner.remote_request(to, &peer, header, body, None, started, deadline),
+        )
+        .await
+        {
+            Ok(r) => r,
+            Err(_) => Err(TransportError::Timeout),
+        }
+    }
+
+    /// Sends a one-way message. Returns once it is handed to QUIC (delivery is reliable while the connection lives).
+    pub async fn send(&self, to: NodeId, kind: u16, body: Body) -> Result<(), TransportError> {
+        let inner = &*self.inner;
+        let _active = inner.enter()?;
+        let header = inner.header(
+            FrameType::Oneway,
+            kind,
+            to,
+            Duration::ZERO,
+            TraceContext::default(),
+            0,
+        );
+        if to == inner.node_id {
+            inner.handler.on_oneway(Message::local(header, body, None));
+            return Ok(());
+        }
+        if body.len() > inner.limits.max_message_bytes {
+            return Err(TransportError::MessageTooLarge {
+                size: body.len() as u64,
+                limit: inner.limits.max_message_bytes as u64,
+            });
+        }
+        let peer = inner.peer(to)?;
+        let handshake = inner.limits.handshake_timeout;
+        let fut = async {
+            let conn = inner.connection(to, &peer).await?;
+            let mut send = match conn.open_uni().await {
+                Ok(s) => s,
+                Err(_) => {
+                    peer.forget(&conn);
+                    let conn = inner.connection(to, &peer).await?;
+                    conn.open_uni().await.map_err(|e| from_connection(to, e))?
+                }
+            };
+            write_frame(&mut send, &header, body, None)
+                .await
+                .map_err(|e| write_error(to, e))?;
+            let _ = send.finish();
+            Ok(())
+        };
+        // Opening a stream can wait for stream credit; bound it like a handshake.
+        tokio::time::timeout(handshake + inner.limits.keep_alive, fut)
+            .await
+            .map_err(|_| TransportError::Timeout)?
+    }
+
+    /// Streams a large payload after a small header; returns the receiver's reply once it has stored it.
+    /// Bounded by `Limits::stream_reply_timeout`.
+    pub async fn send_stream(
+        &self,
+        to: NodeId,
+        kind: u16,
+        header: Body,
+        payload: Bytes,
+    ) -> Result<Message, TransportError> {
+        let deadline = self.inner.limits.stream_reply_timeout;
+        self.send_stream_with_deadline(to, kind, header, payload, deadline)
+            .await
+    }
+
+    /// [`Mesh::send_stream`] with an explicit deadline for the whole transfer and reply.
+    pub async fn send_stream_with_deadline(
+        &self,
+        to: NodeId,
+        kind: u16,
+        header_body: Body,
+        payload: Bytes,
+        deadline: Duration,
+    ) -> Result<Message, TransportError> {
+        let inner = &*self.inner;
+        let _active = inner.enter()?;
+        let len = payload.len() as u64;
+        if len > inner.limits.max_stream_payload_bytes {
+            return Err(TransportError::MessageTooLarge {
+                size: len,
+                limit: inner.limits.max_stream_payload_bytes,
+            });
+        }
+        let header = inner.header(
+            FrameType::Stream,
+            kind,
+            to,
+            deadline,
+            TraceContext::default(),
+            len,
+        );
+        if to == inner.node_id {
+            let (responder, rx) = Responder::new();
+            let msg = Message::local(header, header_body, Some(Instant::now() + deadline));
+            let incoming = IncomingStream::new(Source::Local(Some(payload)), len, responder);
+            inner.handler.on_stream(msg, incoming);
+            return inner.local_reply(to, header, rx, deadline).await;
+        }
+        let peer = inner.peer(to)?;
+        let _slot = inner.slot(to, &peer)?;
+        let started = Instant::now();
+        let fut = inner.remote_request(
+            to,
+            &peer,
+            header,
+            header_body,
+            Some(payload),
+            started,
+            deadline,
+        );
+        tokio::time::timeout(deadline, fut)
+            .await
+            .map_err(|_| TransportError::Timeout)?
+    }
+
+    /// Stops accepting, waits (at most `Limits::shutdown_grace`) for in-flight requests in both directions to
+    /// finish, then closes every connection.
+    pub async fn shutdown(&self) {
+        let inner = &*self.inner;
+        inner.closing.store(true, Ordering::Release);
+        inner.endpoint.set_server_config(None);
+        let drained = async {
+            loop {
+                let notified = inner.idle.notified();
+                if inner.active.load(Ordering::Acquire) == 0 {
+                    return;
+                }
+                notified.await;
+            }
+        };
+        if tokio::time::timeout(inner.limits.shutdown_grace, drained)
+            .await
+            .is_err()
+        {
+            warn!(node = %inner.node_id, active = inner.active.load(Ordering::Relaxed), "shutdown grace expired");
+        }
+        inner.endpoint.close(close::SHUTDOWN, b"shutdown");
+        // Let the close frames leave and the connections drain (a few round trips); a peer that misses them
+        // times out by itself.
+        let _ = tokio::time::timeout(Duration::from_secs(1), inner.endpoint.wait_idle()).await;
+    }
+}
+
+impl Inner {
+    fn enter(&self) -> Result<Active<'_>, TransportError> {
+        self.active.fetch_add(1, Ordering::AcqRel);
+        let guard = Active(self);
+        if self.closing.load(Ordering::Acquire) {
+            return Err(TransportError::Closed);
+        }
+        Ok(guard)
+    }
+
+    fn header(
+        &self,
+        frame: FrameType,
+        kind: u16,
+        to: NodeId,
+        deadline: Duration,
+        trace: TraceContext,
+        payload_len: u64,
+    ) -> Header {
+        Header {
+            frame: frame as u8,
+            kind,
+            request_id: self.next_request.fetch_add(1, Ordering::Relaxed),
+            source: self.node_id.0,
+            dest: to.0,
+            // A deadline of zero would read as "none"; the smallest real budget is 1 µs.
+            budget_us: u64::try_from(deadline.as_micros())
+                .unwrap_or(u64::MAX)
+                .max(u64::from(!deadline.is_zero())),
+            trace_id: trace.trace_id,
+            span_id: trace.span_id,
+            payload_len,
+        }
+    }
+
+    fn peer(&self, node: NodeId) -> Result<Arc<Peer>, TransportError> {
+        self.peers
+            .get(&node)
+            .map(|p| p.value().clone())
+            .ok_or(TransportError::PeerUnknown(node))
+    }
+
+    fn slot<'a>(&self, node: NodeId, peer: &'a Peer) -> Result<Slot<'a>, TransportError> {
+        let limit = self.limits.max_inflight_per_peer;
+        if peer.inflight.fetch_add(1, Ordering::AcqRel) >= limit {
+            peer.inflight.fetch_sub(1, Ordering::AcqRel);
+            return Err(TransportError::Busy { peer: node, limit });
+        }
+        Ok(Slot(&peer.inflight))
+    }
+
+    async fn local_request(
+        &self,
+        header: Header,
+        body: Body,
+        deadline: Duration,
+    ) -> Result<Message, TransportError> {
+        let (responder, rx) = Responder::new();
+        let msg = Message::local(header, body, Some(Instant::now() + deadline));
+        self.handler.on_request(msg, responder);
+        self.local_reply(self.node_id, header, rx, deadline).await
+    }
+
+    async fn local_reply(
+        &self,
+        to: NodeId,
+        req: Header,
+        rx: tokio::sync::oneshot::Receiver<Reply>,
+        deadline: Duration,
+    ) -> Result<Message, TransportError> {
+        let reply = tokio::time::timeout(deadline, rx)
+            .await
+            .map_err(|_| TransportError::Timeout)?;
+        match reply {
+            Ok(Reply::Ok { kind, body }) => {
+                let header = Header {
+                    frame: FrameType::Response as u8,
+                    kind,
+                    source: to.0,
+                    dest: self.node_id.0,
+                    ..req
+                };
+                Ok(Message::local(header, body, None))
+            }
+            Ok(Reply::Err { code, text }) => {
+                Err(TransportError::from_remote(code as u16, text.as_bytes()))
+            }
+            // Responder dropped inside its own Drop always sends; a closed channel means the runtime is going away.
+            Err(_) => Err(TransportError::Closed),
+        }
+    }
+
+    /// The connection to `to`, dialled if there is none.
+    async fn connection(
+        self: &Inner,
+        to: NodeId,
+        peer: &Peer,
+    ) -> Result<quinn::Connection, TransportError> {
+        // Fast path without asking quinn (which takes the connection's lock): a closed connection is removed by
+        // its serving task, and a request that finds it closed anyway re-dials once (see `remote_request`).
+        if let Some(c) = peer.conn.lock().as_ref() {
+            return Ok(c.clone());
+        }
+        let _dialing = peer.dial.lock().await;
+        if let Some(c) = peer.live() {
+            return Ok(c);
+        }
+        let addr = (*peer.addr.lock()).ok_or(TransportError::PeerUnknown(to))?;
+        let connecting = self
+            .endpoint
+            .connect_with(self.client_cfg.clone(), addr, &tls::node_dns_name(to))
+            .map_err(|e| TransportError::Connect {
+                peer: to,
+                why: e.to_string(),
+            })?;
+        let conn = match tokio::time::timeout(self.limits.handshake_timeout, connecting).await {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => return Err(from_connection(to, e)),
+            Err(_) => {
+                return Err(TransportError::Connect {
+                    peer: to,
+                    why: format!("no handshake with {addr} within the timeout"),
+                });
+            }
+        };
+        debug!(node = %self.node_id, peer = %to, %addr, "connected");
+        *peer.conn.lock() = Some(conn.clone());
+        // The connection carries traffic both ways: serve what the peer opens on it.
+        let weak = self.weak();
+        tokio::spawn(serve_bi(weak.clone(), conn.clone(), to));
+        tokio::spawn(serve_uni(weak, conn.clone(), to));
+        Ok(conn)
+    }
+
+    fn weak(&self) -> Weak<Inner> {
+        self.me.clone()
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn remote_request(
+        &self,
+        to: NodeId,
+        peer: &Peer,
+        header: Header,
+        body: Body,
+        payload: Option<Bytes>,
+        _started: Instant,
+        _deadline: Duration,
+    ) -> Result<Message, TransportError> {
+        if body.len() > self.limits.max_message_bytes {
+            return Err(TransportError::MessageTooLarge {
+                size: body.len() as u64,
+                limit: self.limits.max_message_bytes as u64,
+            });
+        }
+        let conn = self.connection(to, peer).await?;
+        let (mut send, mut recv) = match conn.open_bi().await {
+            Ok(s) => s,
+            Err(_) => {
+                // The connection died since we last used it and nothing was sent yet: dial once more.
+                peer.forget(&conn);
+                let conn = self.connection(to, peer).await?;
+                conn.open_bi().await.map_err(|e| from_connection(to, e))?
+            }
+        };
+        let written = write_frame(&mut send, &header, body, payload).await;
+        if let Err(e) = written {
+            // A receiver that refuses a payload answers with an error frame and stops reading: prefer its answer.
+            if let Ok(Ok((h, buf))) =
+                tokio::time::timeout(Duration::from_secs(1), read_frame(&mut recv, &self.limits))
+                    .await
+                && h.frame_type() == Some(FrameType::Error)
+            {
+                return Err(TransportError::from_remote(h.kind, &buf[HEADER_LEN..]));
+            }
+            return Err(write_error(to, e));
+        }
+        let _ = send.finish();
+        let (h, buf) = read_frame(&mut recv, &self.limits).await?;
+        if h.source != to.0 || h.dest != self.node_id.0 || h.request_id != header.request_id {
+            return Err(TransportError::malformed(
+                "response does not match the request",
+            ));
+        }
+        match h.frame_type() {
+            Some(FrameType::Response) => {
+                Ok(Message::from_frame(h, buf, HEADER_LEN, Instant::now()))
+            }
+            Some(FrameType::Error) => Err(TransportError::from_remote(h.kind, &buf[HEADER_LEN..])),
+            _ => Err(TransportError::malformed(
+                "unexpected frame type in response",
+            )),
+        }
+    }
+}
+
+/// Writes one frame (and, for streams, the raw payload after it) without copying the body or payload.
+async fn write_frame(
+    send: &mut quinn::SendStream,
+    header: &Header,
+    body: Body,
+    payload: Option<Bytes>,
+) -> Result<(), quinn::WriteError> {
+    let head = Bytes::from(frame::encode_head(header, body.len()));
+    match payload {
+        None => send.write_all_chunks(&mut [head, body]).await,
+        Some(p) => send.write_all_chunks(&mut [head, body, p]).await,
+    }
+}
+
+fn write_error(peer: NodeId, e: quinn::WriteError) -> TransportError {
+    match e {
+        quinn::WriteError::ConnectionLost(c) => from_connection(peer, c),
+        quinn::WriteError::Stopped(code) => TransportError::Connect {
+            peer,
+            why: format!("peer stopped the stream (code {code})"),
+        },
+        other => TransportError::Connect {
+            peer,
+            why: other.to_string(),
+        },
+    }
+}
+
+/// Reads one frame: the prefix (checked against the limits before allocating), then header and body with one
+/// copy into one 16-byte-aligned buffer. Returns the decoded header and that buffer (header at 0, body at
+/// `HEADER_LEN`).
+pub(crate) async fn read_frame(
+    recv: &mut quinn::RecvStream,
+    limits: &Limits,
+) -> Result<(Header, Bytes), TransportError> {
+    let mut prefix = [0u8; PREFIX_LEN];
+    recv.read_exact(&mut prefix).await.map_err(|e| match e {
+        quinn::ReadExactError::FinishedEarly(n) => TransportError::malformed(format!(
+            "truncated frame prefix ({n} of {PREFIX_LEN} bytes)"
+        )),
+        quinn::ReadExactError::ReadError(e) => read_error(e),
+    })?;
+    let p = frame::decode_prefix(&prefix, limits)?;
+    let total = p.header_len + p.body_len;
+    let mut buf = AlignedVec::<16>::with_capacity(total);
+    while buf.len() < total {
+        match recv
+            .read_chunk(total - buf.len(), true)
+            .await
+            .map_err(read_error)?
+        {
+            Some(chunk) => buf.extend_from_slice(&chunk.bytes),
+            None => {
+                return Err(TransportError::malformed(format!(
+                    "truncated frame ({} of {total} bytes)",
+                    buf.len()
+                )));
+            }
+        }
+    }
+    let header = frame::decode_header(&buf)?;
+    if header.frame_type() != Some(FrameType::Stream) {
+        // Everything but a stream header is alone on its stream. Reading the end (already here: the sender
+        // finishes right after writing) also lets quinn free the stream without a STOP_SENDING round.
+        if recv
+            .read_chunk(1, true)
+            .await
+            .map_err(read_error)?
+            .is_some()
+        {
+            return Err(TransportError::malformed("bytes after the frame"));
+        }
+    }
+    Ok((header, Bytes::from_owner(buf)))
+}
+
+async fn accept_loop(weak: Weak<Inner>, endpoint: quinn::Endpoint) {
+    while let Some(incoming) = endpoint.accept().await {
+        let Some(inner) = weak.upgrade() else { break };
+        if inner.closing.load(Ordering::Acquire) {
+            incoming.refuse();
+            continue;
+        }
+        tokio::spawn(async move { inner.handshake(incoming).await });
+    }
+}
+
+impl Inner {
+    /// Completes an incoming handshake and routes the connection by ALPN.
+    async fn handshake(self: Arc<Inner>, incoming: quinn::Incoming) {
+        let remote = incoming.remote_address();
+        let conn = match tokio::time::timeout(self.limits.handshake_timeout, incoming).await {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => {
+                // A peer without a valid certificate ends here; other peers are unaffected.
+                warn!(node = %self.node_id, %remote, cause = %e, "incoming handshake refused");
+                return;
+            }
+            Err(_) => {
+                warn!(node = %self.node_id, %remote, "incoming handshake timed out");
+                return;
+            }
+        };
+        let alpn = conn
+            .handshake_data()
+            .and_then(|d| d.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+            .and_then(|d| d.protocol);
+        if alpn.as_deref() == Some(tls::ALPN_JOIN) {
+            match &self.join {
+                Some(auth) => crate::join::serve(auth.clone(), conn, self.node_id).await,
+                None => conn.close(close::JOIN_REFUSED, b"this node does not accept joins"),
+            }
+            return;
+        }
+        let leaf = conn
+            .peer_identity()
+            .and_then(|i| {
+                i.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+                    .ok()
+            })
+            .and_then(|certs| certs.first().cloned());
+        let Some(leaf) = leaf else {
+            // Only a head (optional client auth, for joins) gets this far without a certificate.
+            warn!(node = %self.node_id, %remote, "mesh connection without client certificate refused");
+            conn.close(close::NO_CLIENT_CERT, b"client certificate required");
+            return;
+        };
+        let peer = match tls::node_id_from_cert(&leaf) {
+            Ok(p) => p,
+            Err(e) => {
+                conn.close(close::NO_CLIENT_CERT, e.to_string().as_bytes());
+                return;
+            }
+        };
+        debug!(node = %self.node_id, %peer, %remote, "accepted");
+        let entry = self
+            .peers
+            .entry(peer)
+            .or_insert_with(|| Arc::new(Peer::new(Some(remote))))
+            .clone();
+        {
+            let mut addr = entry.addr.lock();
+            if addr.is_none() {
+                *addr = Some(remote);
+            }
+        }
+        // Newest wins: after a restart the peer's new connection replaces the dead one at once.
+        *entry.conn.lock() = Some(conn.clone());
+        let weak = self.weak();
+        drop(self);
+        tokio::spawn(serve_uni(weak.clone(), conn.clone(), peer));
+        serve_bi(weak, conn, peer).await;
+    }
+
+    fn connection_lost(
+        &self,
+        peer: NodeId,
+        conn: &quinn::Connection,
+        why: &quinn::ConnectionError,
+    ) {
+        let current = self.peers.get(&peer).is_some_and(|p| p.forget(conn));
+        if current && !self.closing.load(Ordering::Acquire) {
+            debug!(node = %self.node_id, %peer, cause = %why, "peer lost");
+            self.handler.on_peer_lost(peer);
+        }
+    }
+
+    /// Sends a reply frame on a request's stream.
+    async fn respond(&self, send: &mut quinn::SendStream, req: &Header, reply: Reply) {
+        let (frame, kind, body) = match reply {
+            Reply::Ok { kind, body } => (FrameType::Response, kind, body),
+            Reply::Err { code, text } => (FrameType::Error, code as u16, Bytes::from(text)),
+        };
+        let header = Header {
+            frame: frame as u8,
+            kind,
+            request_id: req.request_id,
+            source: self.node_id.0,
+            dest: req.source,
+            budget_us: 0,
+            trace_id: req.trace_id,
+            span_id: req.span_id,
+            payload_len: 0,
+        };
+        if let Err(e) = write_frame(send, &header, body, None).await {
+            debug!(node = %self.node_id, cause = %e, "reply not delivered");
+        }
+        let _ = send.finish();
+    }
+
+    async fn reject(
+        &self,
+        send: &mut quinn::SendStream,
+        recv: &mut quinn::RecvStream,
+        req: &Header,
+        code: ErrorCode,
+        why: String,
+    ) {
+        let _ = recv.stop(close::STREAM_MALFORMED);
+        self.respond(send, req, Reply::Err { code, text: why })
+            .await;
+    }
+
+    /// Serves one incoming bidirectional stream: a request or a streamed payload.
+    async fn serve_request(
+        self: Arc<Inner>,
+        peer: NodeId,
+        mut send: quinn::SendStream,
+        mut recv: quinn::RecvStream,
+    ) {
+        let _active = Active(&self);
+        self.active.fetch_add(1, Ordering::AcqRel);
+        let blank = Header {
+            frame: FrameType::Error as u8,
+            kind: 0,
+            request_id: 0,
+            source: peer.0,
+            dest: self.node_id.0,
+            budget_us: 0,
+            trace_id: 0,
+            span_id: 0,
+            payload_len: 0,
+        };
+        let (header, buf) = match read_frame(&mut recv, &self.limits).await {
+            Ok(f) => f,
+            Err(e) => {
+                warn!(node = %self.node_id, %peer, cause = %e, "bad request frame");
+                let code = match e {
+                    TransportError::MessageTooLarge { .. } => ErrorCode::TooLarge,
+                    _ => ErrorCode::Malformed,
+                };
+                self.reject(&mut send, &mut recv, &blank, code, e.to_string())
+                    .await;
+                return;
+            }
+        };
+        if header.source != peer.0 || header.dest != self.node_id.0 {
+            let why = "envelope source or destination does not match the authenticated connection"
+                .to_string();
+            self.reject(&mut send, &mut recv, &header, ErrorCode::Malformed, why)
+                .await;
+            return;
+        }
+        if self.closing.load(Ordering::Acquire) {
+            self.reject(
+                &mut send,
+                &mut recv,
+                &header,
+                ErrorCode::ShuttingDown,
+                "node is shutting down".into(),
+            )
+            .await;
+            return;
+        }
+        let received = Instant::now();
+        let (responder, rx) = Responder::new();
+        match header.frame_type() {
+            Some(FrameType::Request) => {
+                self.handler.on_request(
+                    Message::from_frame(header, buf, HEADER_LEN, received),
+                    responder,
+                );
+            }
+            Some(FrameType::Stream) => {
+                if header.payload_len > self.limits.max_stream_payload_bytes {
+                    let e = TransportError::MessageTooLarge {
+                        size: header.payload_len,
+                        limit: self.limits.max_stream_payload_bytes,
+                    };
+                    drop(responder);
+                    self.reject(
+                        &mut send,
+                        &mut recv,
+                        &header,
+                        ErrorCode::TooLarge,
+                        e.to_string(),
+                    )
+                    .await;
+                    return;
+                }
+                let msg = Message::from_frame(header, buf, HEADER_LEN, received);
+                let incoming =
+                    IncomingStream::new(Source::Remote(recv), header.payload_len, responder);
+                self.handler.on_stream(msg, incoming);
+            }
+            _ => {
+                drop(responder);
+                let why = format!("frame type {} not valid on a request stream", header.frame);
+                self.reject(&mut send, &mut recv, &header, ErrorCode::Malformed, why)
+                    .await;
+                return;
+            }
+        }
+        let mut rx = rx;
+        let reply = match (rx.try_recv(), header.budget_us) {
+            // Answered inline (the common case for cheap handlers): no timer needed.
+            (Ok(reply), _) => Ok(reply),
+            (Err(tokio::sync::oneshot::error::TryRecvError::Closed), _) => Ok(Reply::Err {
+                code: ErrorCode::Dropped,
+                text: "handler went away".into(),
+            }),
+            (Err(_), 0) => rx.await,
+            (Err(_), us) => {
+                match tokio::time::timeout_at((received + Duration::from_micros(us)).into(), rx)
+                    .await
+                {
+                    Ok(r) => r,
+                    Err(_) => Ok(Reply::Err {
+                        code: ErrorCode::Timeout,
+                        text: "handler missed the deadline".into(),
+                    }),
+                }
+            }
+        };
+        let reply = reply.unwrap_or(Reply::Err {
+            code: ErrorCode::Dropped,
+            text: "handler went away".into(),
+        });
+        self.respond(&mut send, &header, reply).await;
+    }
+
+    /// Serves one incoming unidirectional stream: a one-way message.
+    async fn serve_oneway(self: Arc<Inner>, peer: NodeId, mut recv: quinn::RecvStream) {
+        let (header, buf) = match read_frame(&mut recv, &self.limits).await {
+            Ok(f) => f,
+            Err(e) => {
+                warn!(node = %self.node_id, %peer, cause = %e, "bad one-way frame");
+                let _ = recv.stop(close::STREAM_MALFORMED);
+                return;
+            }
+        };
+        if header.source != peer.0
+            || header.dest != self.node_id.0
+            || header.frame_type() != Some(FrameType::Oneway)
+        {
+            warn!(node = %self.node_id, %peer, "one-way frame with wrong type or addresses dropped");
+            let _ = recv.stop(close::STREAM_MALFORMED);
+            return;
+        }
+        self.handler
+            .on_oneway(Message::from_frame(header, buf, HEADER_LEN, Instant::now()));
+    }
+}
+
+async fn serve_bi(weak: Weak<Inner>, conn: quinn::Connection, peer: NodeId) {
+    let why = loop {
+        match conn.accept_bi().await {
+            Ok((send, recv)) => {
+                let Some(inner) = weak.upgrade() else { return };
+                tokio::spawn(inner.serve_request(peer, send, recv));
+            }
+            Err(e) => break e,
+        }
+    };
+    if let Some(inner) = weak.upgrade() {
+        inner.connection_lost(peer, &conn, &why);
+    }
+}
+
+async fn serve_uni(weak: Weak<Inner>, conn: quinn::Connection, peer: NodeId) {
+    while let Ok(recv) = conn.accept_uni().await {
+        let Some(inner) = weak.upgrade() else { return };
+        tokio::spawn(inner.serve_oneway(peer, recv));
+    }
+}

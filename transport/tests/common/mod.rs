@@ -1,0 +1,128 @@
+//! Shared fixtures for the transport integration tests: a CA, meshes on loopback, a few handlers.
+//!
+//! Not a test itself; each test file includes it with `mod common;`.
+#![allow(dead_code)]
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use oxray_transport::tls::ClusterCa;
+use oxray_transport::{
+    Handler, IncomingStream, Limits, Mesh, MeshConfig, Message, NodeId, Responder,
+};
+
+pub const ECHO: u16 = 1;
+pub const FAIL: u16 = 2;
+pub const SLOW: u16 = 3;
+pub const DROP: u16 = 4;
+
+/// Echoes requests; kind FAIL answers an error, SLOW answers after 300 ms, DROP drops the responder.
+/// Counts one-way messages and checksums streams (reply body = payload length ++ crc of payload).
+#[derive(Default)]
+pub struct TestHandler {
+    pub oneways: AtomicUsize,
+    pub oneway_bytes: AtomicUsize,
+    pub lost: AtomicUsize,
+    pub requests: AtomicUsize,
+}
+
+impl Handler for TestHandler {
+    fn on_request(&self, msg: Message, reply: Responder) {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        match msg.kind() {
+            FAIL => reply.error("told to fail"),
+            SLOW => {
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    reply.send(SLOW, msg.into_body());
+                });
+            }
+            DROP => drop(reply),
+            k => reply.send(k, msg.into_body()),
+        }
+    }
+
+    fn on_oneway(&self, msg: Message) {
+        self.oneway_bytes
+            .fetch_add(msg.body().len(), Ordering::Relaxed);
+        self.oneways.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn on_stream(&self, _header: Message, mut incoming: IncomingStream) {
+        tokio::spawn(async move {
+            let len = incoming.len() as usize;
+            let mut buf = vec![0u8; len];
+            match incoming.read_into(&mut buf).await {
+                Ok(()) => {
+                    let mut out = (len as u64).to_le_bytes().to_vec();
+                    out.extend_from_slice(&checksum(&buf).to_le_bytes());
+                    incoming.reply(0, Bytes::from(out));
+                }
+                Err(e) => incoming.error(e),
+            }
+        });
+    }
+
+    fn on_peer_lost(&self, _node: NodeId) {
+        self.lost.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// FNV-1a over 8-byte words: fast enough for a GiB in release, and sensitive to order and content.
+pub fn checksum(data: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut chunks = data.chunks_exact(8);
+    for c in &mut chunks {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(c);
+        h = (h ^ u64::from_le_bytes(w)).wrapping_mul(0x0100_0000_01b3);
+    }
+    for &b in chunks.remainder() {
+        h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+pub fn localhost() -> std::net::SocketAddr {
+    "127.0.0.1:0".parse().unwrap()
+}
+
+pub struct Node {
+    pub mesh: Mesh,
+    pub handler: Arc<TestHandler>,
+}
+
+pub async fn node(ca: &ClusterCa, limits: Limits) -> Node {
+    let handler = Arc::new(TestHandler::default());
+    let mut cfg = MeshConfig::new(localhost(), ca.issue(NodeId::random()).unwrap());
+    cfg.limits = limits;
+    let mesh = Mesh::bind(cfg, handler.clone()).await.unwrap();
+    Node { mesh, handler }
+}
+
+/// Two nodes that know each other.
+pub async fn pair(limits: Limits) -> (ClusterCa, Node, Node) {
+    let ca = ClusterCa::generate().unwrap();
+    let a = node(&ca, limits.clone()).await;
+    let b = node(&ca, limits).await;
+    a.mesh.add_peer(b.mesh.node_id(), b.mesh.local_addr());
+    b.mesh.add_peer(a.mesh.node_id(), a.mesh.local_addr());
+    (ca, a, b)
+}
+
+pub fn rkyv_body<T>(value: &T) -> Bytes
+where
+    T: for<'a> rkyv::Serialize<
+            rkyv::api::high::HighSerializer<
+                rkyv::util::AlignedVec,
+                rkyv::ser::allocator::ArenaHandle<'a>,
+                rkyv::rancor::Error,
+            >,
+        >,
+{
+    Bytes::from_owner(rkyv::to_bytes::<rkyv::rancor::Error>(value).unwrap())
+}
+
+pub const SECOND: Duration = Duration::from_secs(5);

@@ -1,0 +1,226 @@
+//! Request/response, one-way and the local short-cut between real meshes on loopback.
+
+mod common;
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::*;
+use oxray_transport::{Limits, TransportError};
+
+#[tokio::test]
+async fn request_response_round_trips_an_archive() {
+    let (_ca, a, b) = pair(Limits::default()).await;
+    let body = rkyv_body(&(42u64, "hello".to_string()));
+    let reply = a
+        .mesh
+        .request(b.mesh.node_id(), ECHO, body, SECOND)
+        .await
+        .unwrap();
+    assert_eq!(reply.kind(), ECHO);
+    assert_eq!(reply.source(), b.mesh.node_id());
+    assert_eq!(
+        reply.body().as_ptr() as usize % 16,
+        0,
+        "body must be 16-byte aligned"
+    );
+    let v = reply.archived::<(u64, String)>().unwrap();
+    assert_eq!(v.0, 42);
+    assert_eq!(v.1.as_str(), "hello");
+    // The reverse direction reuses the same connection.
+    let reply = b
+        .mesh
+        .request(a.mesh.node_id(), ECHO, Bytes::from_static(b"back"), SECOND)
+        .await
+        .unwrap();
+    assert_eq!(reply.body(), b"back");
+    assert_eq!(a.mesh.connected_peers(), vec![b.mesh.node_id()]);
+}
+
+#[tokio::test]
+async fn handler_errors_timeouts_and_drops_are_reported() {
+    let (_ca, a, b) = pair(Limits::default()).await;
+    let to = b.mesh.node_id();
+    match a.mesh.request(to, FAIL, Bytes::new(), SECOND).await {
+        Err(TransportError::RemoteError(m)) => assert_eq!(m, "told to fail"),
+        other => panic!("{other:?}"),
+    }
+    match a
+        .mesh
+        .request(to, SLOW, Bytes::new(), Duration::from_millis(50))
+        .await
+    {
+        Err(TransportError::Timeout) => {}
+        other => panic!("{other:?}"),
+    }
+    match a.mesh.request(to, DROP, Bytes::new(), SECOND).await {
+        Err(TransportError::RemoteError(m)) => assert!(m.contains("dropped"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+    // A slow handler within its deadline still answers.
+    assert!(a.mesh.request(to, SLOW, Bytes::new(), SECOND).await.is_ok());
+}
+
+#[tokio::test]
+async fn oneway_messages_arrive() {
+    let (_ca, a, b) = pair(Limits::default()).await;
+    for i in 0..100u32 {
+        a.mesh
+            .send(b.mesh.node_id(), ECHO, Bytes::from(vec![0u8; i as usize]))
+            .await
+            .unwrap();
+    }
+    let deadline = tokio::time::Instant::now() + SECOND;
+    while b.handler.oneways.load(Ordering::Relaxed) < 100 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "one-way messages lost"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(
+        b.handler.oneway_bytes.load(Ordering::Relaxed),
+        (0..100).sum::<usize>()
+    );
+}
+
+#[tokio::test]
+async fn local_short_cut_has_the_same_semantics() {
+    let (_ca, a, _b) = pair(Limits::default()).await;
+    let me = a.mesh.node_id();
+    // Deliberately misaligned body: the local path must still hand the handler an aligned one.
+    let raw = Bytes::from(vec![7u8; 33]).slice(1..);
+    let reply = a.mesh.request(me, ECHO, raw, SECOND).await.unwrap();
+    assert_eq!(reply.body(), &[7u8; 32][..]);
+    assert_eq!(reply.body().as_ptr() as usize % 16, 0);
+    assert_eq!(reply.source(), me);
+    assert!(matches!(
+        a.mesh.request(me, FAIL, Bytes::new(), SECOND).await,
+        Err(TransportError::RemoteError(_))
+    ));
+    assert!(matches!(
+        a.mesh
+            .request(me, SLOW, Bytes::new(), Duration::from_millis(20))
+            .await,
+        Err(TransportError::Timeout)
+    ));
+    a.mesh
+        .send(me, ECHO, Bytes::from_static(b"x"))
+        .await
+        .unwrap();
+    assert_eq!(a.handler.oneways.load(Ordering::Relaxed), 1);
+    // Nothing went over the network.
+    assert!(a.mesh.connected_peers().is_empty());
+}
+
+#[tokio::test]
+async fn unknown_peer_is_an_error() {
+    let (_ca, a, _b) = pair(Limits::default()).await;
+    let stranger = oxray_transport::NodeId::random();
+    assert!(matches!(
+        a.mesh.request(stranger, ECHO, Bytes::new(), SECOND).await,
+        Err(TransportError::PeerUnknown(n)) if n == stranger
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_concurrent_requests() {
+    let (_ca, a, b) = pair(Limits::default()).await;
+    let to = b.mesh.node_id();
+    let mut tasks = Vec::new();
+    for t in 0..64u64 {
+        let mesh = a.mesh.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..50u64 {
+                let v = t * 1000 + i;
+                let reply = mesh
+                    .request(to, ECHO, Bytes::from(v.to_le_bytes().to_vec()), SECOND)
+                    .await
+                    .unwrap();
+                assert_eq!(reply.body(), v.to_le_bytes());
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(b.handler.requests.load(Ordering::Relaxed), 64 * 50);
+}
+
+#[tokio::test]
+async fn inflight_limit_answers_busy() {
+    let limits = Limits {
+        max_inflight_per_peer: 4,
+        ..Limits::default()
+    };
+    let (_ca, a, b) = pair(limits).await;
+    let to = b.mesh.node_id();
+    let mut slow = Vec::new();
+    for _ in 0..4 {
+        let mesh = a.mesh.clone();
+        slow.push(tokio::spawn(async move {
+            mesh.request(to, SLOW, Bytes::new(), SECOND).await
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    match a.mesh.request(to, ECHO, Bytes::new(), SECOND).await {
+        Err(e @ TransportError::Busy { .. }) => assert!(e.is_retryable()),
+        other => panic!("expected Busy, got {other:?}"),
+    }
+    for t in slow {
+        t.await.unwrap().unwrap();
+    }
+    // Slots are released: the next request goes through.
+    a.mesh
+        .request(to, ECHO, Bytes::new(), SECOND)
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn oversized_request_is_refused_by_the_sender() {
+    let limits = Limits {
+        max_message_bytes: 1024,
+        ..Limits::default()
+    };
+    let (_ca, a, b) = pair(limits).await;
+    match a
+        .mesh
+        .request(b.mesh.node_id(), ECHO, Bytes::from(vec![0u8; 1025]), SECOND)
+        .await
+    {
+        Err(TransportError::MessageTooLarge {
+            size: 1025,
+            limit: 1024,
+        }) => {}
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn shutdown_drains_inflight_requests() {
+    let (_ca, a, b) = pair(Limits::default()).await;
+    let to = b.mesh.node_id();
+    let mesh = a.mesh.clone();
+    let pending = tokio::spawn(async move {
+        mesh.request(to, SLOW, Bytes::from_static(b"drain"), SECOND)
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    // b shuts down while serving the slow request: the request still completes.
+    b.mesh.shutdown().await;
+    let reply = pending.await.unwrap().unwrap();
+    assert_eq!(reply.body(), b"drain");
+    // Afterwards b is closed.
+    assert!(matches!(
+        b.mesh.request(to, ECHO, Bytes::new(), SECOND).await,
+        Err(TransportError::Closed)
+    ));
+    assert!(
+        a.mesh
+            .request(to, ECHO, Bytes::new(), Duration::from_millis(500))
+            .await
+            .is_err()
+    );
+}
