@@ -200,6 +200,19 @@ impl GcsClient {
         self.inner.map
     }
 
+    /// The member this client currently believes leads `shard` (learned from answers and redirects).
+    pub fn leader_hint(&self, shard: u32) -> Option<u64> {
+        match self
+            .inner
+            .leaders
+            .get(shard as usize)?
+            .load(Ordering::Relaxed)
+        {
+            0 => None,
+            m => Some(m),
+        }
+    }
+
     /// Sets `key` to `value`.
     pub async fn put(
         &self,

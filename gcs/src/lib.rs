@@ -12,6 +12,7 @@
 //! - [`server`]: [`GcsServer`] (one member: a thread per shard replica) and the in-process [`LocalNet`].
 //! - [`client`]: [`GcsClient`] with leader discovery, retries, deadlines and resumable watches.
 //! - [`tables`]: typed tables (nodes, actors, functions, jobs, placement groups, user KV).
+//! - [`mesh`]: the thin adapter onto the QUIC mesh (`oxray-transport`).
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -19,6 +20,7 @@
 pub mod client;
 pub mod codec;
 pub mod linearizability;
+pub mod mesh;
 pub mod replica;
 pub mod router;
 pub mod server;

@@ -277,13 +277,16 @@ impl GcsServer {
     /// Delivers one encoded Raft message from a peer. Malformed or unroutable messages are dropped.
     pub fn deliver_raft(&self, buf: &[u8]) {
         match decode_raft(buf) {
-            Ok((shard, msg)) => {
-                if let Some(h) = self.inner.shards.get(shard as usize) {
-                    // Full queue: drop; Raft retransmits.
-                    let _ = h.tx.try_send(Input::Raft(Box::new(msg)));
-                }
-            }
+            // A full queue drops the message; Raft retransmits.
+            Ok((shard, msg)) => self.deliver(shard, msg),
             Err(e) => tracing::debug!(cause = %e, "dropped malformed raft message"),
+        }
+    }
+
+    /// Delivers one decoded Raft message for `shard` (dropped if the shard is unknown or its queue is full).
+    pub fn deliver(&self, shard: u32, msg: Message) {
+        if let Some(h) = self.inner.shards.get(shard as usize) {
+            let _ = h.tx.try_send(Input::Raft(Box::new(msg)));
         }
     }
 
