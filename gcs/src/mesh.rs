@@ -128,7 +128,8 @@ impl Connector for MeshConnector {
 /// claims to come from, so a node that is not a member cannot vote or append.
 #[derive(Debug)]
 pub struct GcsService {
-    server: OnceLock<GcsServer>,
+    /// Replaceable, so a member restarted in-process (from its files) can take over the same endpoint.
+    server: parking_lot::RwLock<Option<GcsServer>>,
     members: BTreeMap<u64, NodeId>,
 }
 
@@ -137,14 +138,19 @@ impl GcsService {
     /// [`GcsService::attach`]).
     pub fn new(members: BTreeMap<u64, NodeId>) -> Arc<GcsService> {
         Arc::new(GcsService {
-            server: OnceLock::new(),
+            server: parking_lot::RwLock::new(None),
             members,
         })
     }
 
-    /// Sets the server to dispatch to (later calls are ignored).
+    /// Sets (or replaces) the server to dispatch to.
     pub fn attach(&self, server: GcsServer) {
-        let _ = self.server.set(server);
+        *self.server.write() = Some(server);
+    }
+
+    /// Stops dispatching (requests fail, Raft messages are dropped) and returns the server that was attached.
+    pub fn detach(&self) -> Option<GcsServer> {
+        self.server.write().take()
     }
 
     /// Whether `kind` is one of the GCS's message kinds.
@@ -159,7 +165,7 @@ impl Handler for GcsService {
             reply.error(format!("gcs: unexpected request kind {:#x}", msg.kind()));
             return;
         }
-        let Some(server) = self.server.get().cloned() else {
+        let Some(server) = self.server.read().clone() else {
             reply.error("gcs: member not started");
             return;
         };
@@ -173,7 +179,7 @@ impl Handler for GcsService {
         if msg.kind() != KIND_RAFT {
             return;
         }
-        let Some(server) = self.server.get() else {
+        let Some(server) = self.server.read().clone() else {
             return;
         };
         match crate::wire::decode_raft(msg.body()) {
