@@ -18,15 +18,16 @@
 //! 8. Every [`ReplicaConfig::snapshot_entries`] applied entries the state is snapshotted and the log compacted.
 //!
 //! # Completions
-//! Writes are tracked by `(client, seq)`. When this replica stops being leader (or its term changes), every
-//! pending write completes with [`ReplicaError::LeadershipLost`]: the outcome is unknown and the client retries
+//! Writes are tracked by `(client, seq)` and the term they were proposed in. When this replica stops being
+//! leader, or leads again in a later term, every pending write of an earlier term completes with
+//! [`ReplicaError::LeadershipLost`]: the outcome is unknown and the client retries
 //! with the *same* seq, which the shard's dedup table makes exactly-once.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::path::Path;
 
-use raft::prelude::{Entry, EntryType, Message};
-use raft::{Config, RawNode, StateRole};
+use raft::prelude::{Entry, EntryType, Message, MessageType};
+use raft::{Config, RawNode, SnapshotStatus, StateRole};
 
 use crate::shard::{
     Command, CommandError, KeyValue, Limits, ShardState, ValidateError, WriteResult, decode_batch,
@@ -187,17 +188,15 @@ pub struct Replica {
     state: ShardState,
     batch: Vec<Command>,
     batch_bytes: usize,
-    /// Writes awaiting apply, by `(client, seq)`.
-    pending_writes: HashMap<(u64, u64), Vec<Token>>,
+    /// Writes awaiting apply, by `(client, seq)`, with the term they were proposed in.
+    pending_writes: BTreeMap<(u64, u64), (u64, Vec<Token>)>,
     /// Reads not yet sent as a ReadIndex request.
     reads_unsent: Vec<(Token, Query)>,
-    /// Reads whose ReadIndex request is out, by request context.
-    reads_in_flight: HashMap<u64, Vec<(Token, Query)>>,
+    /// Reads whose ReadIndex request is out, by request context, with the term it was sent in.
+    reads_in_flight: BTreeMap<u64, (u64, Vec<(Token, Query)>)>,
     /// Reads whose read index is known; served once applied reaches it.
     reads_ready: Vec<(u64, Vec<(Token, Query)>)>,
     next_read_ctx: u64,
-    /// The term in which this replica last became leader (pending requests belong to it).
-    leader_term: u64,
     outbox: Vec<Message>,
     completions: Vec<Completion>,
     /// Set when an apply advanced the revision since the driver last looked.
@@ -246,12 +245,11 @@ impl Replica {
             state,
             batch: Vec::new(),
             batch_bytes: 0,
-            pending_writes: HashMap::new(),
+            pending_writes: BTreeMap::new(),
             reads_unsent: Vec::new(),
-            reads_in_flight: HashMap::new(),
+            reads_in_flight: BTreeMap::new(),
             reads_ready: Vec::new(),
             next_read_ctx: 1,
-            leader_term: 0,
             outbox: Vec::new(),
             completions: Vec::new(),
             revision_advanced: false,
@@ -320,7 +318,11 @@ impl Replica {
     fn pending(&self) -> usize {
         self.pending_writes.len()
             + self.reads_unsent.len()
-            + self.reads_in_flight.values().map(Vec::len).sum::<usize>()
+            + self
+                .reads_in_flight
+                .values()
+                .map(|(_, v)| v.len())
+                .sum::<usize>()
             + self.reads_ready.iter().map(|(_, v)| v.len()).sum::<usize>()
     }
 
@@ -350,10 +352,13 @@ impl Replica {
         if pending >= self.cfg.max_pending {
             return self.refuse(token, ReplicaError::Busy { pending });
         }
-        self.pending_writes
+        let term = self.raw.raft.term;
+        let entry = self
+            .pending_writes
             .entry((cmd.client, cmd.seq))
-            .or_default()
-            .push(token);
+            .or_insert((term, Vec::new()));
+        entry.0 = term;
+        entry.1.push(token);
         self.batch_bytes += cmd.op.key().len() + 64 + op_value_len(&cmd);
         self.batch.push(cmd);
         if self.batch.len() >= self.cfg.max_batch_cmds
@@ -393,7 +398,7 @@ impl Replica {
             tracing::debug!(replica = self.cfg.id, cause = %e, "proposal dropped");
             let leader = self.leader();
             for c in cmds {
-                if let Some(tokens) = self.pending_writes.remove(&(c.client, c.seq)) {
+                if let Some((_, tokens)) = self.pending_writes.remove(&(c.client, c.seq)) {
                     for t in tokens {
                         self.refuse(t, ReplicaError::NotLeader { leader });
                     }
@@ -409,7 +414,8 @@ impl Replica {
         let ctx = self.next_read_ctx;
         self.next_read_ctx += 1;
         let reads = std::mem::take(&mut self.reads_unsent);
-        self.reads_in_flight.insert(ctx, reads);
+        self.reads_in_flight
+            .insert(ctx, (self.raw.raft.term, reads));
         self.raw.read_index(ctx.to_le_bytes().to_vec());
     }
 
@@ -453,7 +459,7 @@ impl Replica {
             self.raw.mut_store().sync()?;
             for rs in rd.take_read_states() {
                 let ctx = read_ctx(&rs.request_ctx);
-                if let Some(reads) = ctx.and_then(|c| self.reads_in_flight.remove(&c)) {
+                if let Some((_, reads)) = ctx.and_then(|c| self.reads_in_flight.remove(&c)) {
                     self.reads_ready.push((rs.index, reads));
                 }
             }
@@ -471,10 +477,26 @@ impl Replica {
             // The commit index from the light ready is written lazily with the next sync; that is safe
             // because commit can always be re-learned from the leader.
         }
+        self.report_snapshots_sent();
         self.serve_reads();
         self.maybe_snapshot()?;
         self.check_leadership();
         Ok(())
+    }
+
+    /// raft-rs holds a follower in "snapshot" state until the snapshot is reported. The network may drop it
+    /// silently, so report it finished as soon as it is handed to the driver: the leader then probes, and if
+    /// the snapshot was lost the probe is rejected and a fresh snapshot goes out (costs a resend, never safety).
+    fn report_snapshots_sent(&mut self) {
+        let targets: Vec<u64> = self
+            .outbox
+            .iter()
+            .filter(|m| m.get_msg_type() == MessageType::MsgSnapshot)
+            .map(|m| m.to)
+            .collect();
+        for to in targets {
+            self.raw.report_snapshot(to, SnapshotStatus::Finish);
+        }
     }
 
     fn apply_entries(&mut self, entries: Vec<Entry>) {
@@ -495,7 +517,7 @@ impl Replica {
             };
             for c in &cmds {
                 let res = self.state.apply(e.index, c);
-                if let Some(tokens) = self.pending_writes.remove(&(c.client, c.seq)) {
+                if let Some((_, tokens)) = self.pending_writes.remove(&(c.client, c.seq)) {
                     for t in tokens {
                         self.completions.push(Completion {
                             token: t,
@@ -556,8 +578,34 @@ impl Replica {
     fn check_leadership(&mut self) {
         let term = self.raw.raft.term;
         if self.is_leader() {
-            if self.leader_term != term {
-                self.leader_term = term;
+            // Still (or again) leader: requests from an earlier term of ours may have been overwritten by
+            // another leader in between and would otherwise wait forever.
+            let leader = self.leader();
+            let stale: Vec<(u64, u64)> = self
+                .pending_writes
+                .iter()
+                .filter(|(_, (t, _))| *t != term)
+                .map(|(k, _)| *k)
+                .collect();
+            for k in stale {
+                if let Some((_, tokens)) = self.pending_writes.remove(&k) {
+                    for token in tokens {
+                        self.refuse(token, ReplicaError::LeadershipLost { leader });
+                    }
+                }
+            }
+            let stale: Vec<u64> = self
+                .reads_in_flight
+                .iter()
+                .filter(|(_, (t, _))| *t != term)
+                .map(|(k, _)| *k)
+                .collect();
+            for k in stale {
+                if let Some((_, reads)) = self.reads_in_flight.remove(&k) {
+                    for (token, _) in reads {
+                        self.refuse(token, ReplicaError::NotLeader { leader });
+                    }
+                }
             }
             return;
         }
@@ -576,7 +624,7 @@ impl Replica {
     }
 
     fn fail_all(&mut self, err: impl Fn(bool) -> ReplicaError) {
-        for (_, tokens) in self.pending_writes.drain() {
+        for (_, (_, tokens)) in std::mem::take(&mut self.pending_writes) {
             for token in tokens {
                 self.completions.push(Completion {
                     token,
@@ -586,7 +634,11 @@ impl Replica {
         }
         let reads = std::mem::take(&mut self.reads_unsent)
             .into_iter()
-            .chain(self.reads_in_flight.drain().flat_map(|(_, v)| v))
+            .chain(
+                std::mem::take(&mut self.reads_in_flight)
+                    .into_values()
+                    .flat_map(|(_, v)| v),
+            )
             .chain(self.reads_ready.drain(..).flat_map(|(_, v)| v))
             .collect::<Vec<_>>();
         for (token, _) in reads {

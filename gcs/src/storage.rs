@@ -3,7 +3,8 @@
 //!
 //! Layout of a replica directory:
 //! - `snapshot`: the latest snapshot (`OXSN`, `len: u32`, `crc32: u32`, protobuf `Snapshot`), replaced by
-//!   write-temp, fsync, rename, fsync-dir, so a crash leaves either the old or the new one, never a mix.
+//!   write-temp, fsync, rename, fsync-dir, so a crash leaves either the old or the new one, never a mix
+//!   (the syncs are skipped only with `WalConfig::fsync = false`).
 //! - `wal/NNN.wal`: segments holding two kinds of records: a batch of entries, and a hard state.
 //!
 //! The hard state is a WAL record written in the same sync as the entries of the same `Ready`, so one
@@ -59,12 +60,12 @@ impl DiskStorage {
         let snapshot = if fresh {
             let mut s = Snapshot::default();
             s.mut_metadata().mut_conf_state().voters = voters.to_vec();
-            write_snapshot_file(dir, &s)?;
+            write_snapshot_file(dir, &s, cfg.fsync)?;
             s
         } else {
             read_snapshot_file(&snap_path)?
         };
-        let (wal, records) = Wal::open(&wal_dir, cfg)?;
+        let (wal, records) = Wal::open(&wal_dir, cfg.clone())?;
         let mut st = DiskStorage {
             dir: dir.to_path_buf(),
             wal,
@@ -229,7 +230,7 @@ impl DiskStorage {
     /// every old segment, and moves the hard state forward.
     pub fn apply_snapshot(&mut self, snap: Snapshot) -> Result<(), StorageError> {
         let meta = snap.get_metadata();
-        write_snapshot_file(&self.dir, &snap)?;
+        write_snapshot_file(&self.dir, &snap, self.wal.fsync())?;
         self.hard.term = self.hard.term.max(meta.term);
         self.hard.commit = meta.index;
         self.entries.clear();
@@ -255,7 +256,7 @@ impl DiskStorage {
         meta.index = index;
         meta.term = term;
         meta.set_conf_state(self.snapshot.get_metadata().get_conf_state().clone());
-        write_snapshot_file(&self.dir, &snap)?;
+        write_snapshot_file(&self.dir, &snap, self.wal.fsync())?;
         let first = self.first();
         self.entries.drain(..(index + 1 - first) as usize);
         self.snapshot = snap;
@@ -290,7 +291,7 @@ impl DiskStorage {
     }
 }
 
-fn write_snapshot_file(dir: &Path, snap: &Snapshot) -> Result<(), StorageError> {
+fn write_snapshot_file(dir: &Path, snap: &Snapshot, fsync: bool) -> Result<(), StorageError> {
     let tmp = dir.join("snapshot.tmp");
     let path = dir.join("snapshot");
     let body = snap
@@ -306,11 +307,12 @@ fn write_snapshot_file(dir: &Path, snap: &Snapshot) -> Result<(), StorageError> 
     buf.extend_from_slice(&body);
     let mut f = File::create(&tmp).map_err(StorageError::io("create", &tmp))?;
     f.write_all(&buf).map_err(StorageError::io("write", &tmp))?;
-    // Snapshots are always synced, even with `fsync = false`: they are rare and replace the log.
-    f.sync_all().map_err(StorageError::io("fsync", &tmp))?;
+    if fsync {
+        f.sync_all().map_err(StorageError::io("fsync", &tmp))?;
+    }
     drop(f);
     fs::rename(&tmp, &path).map_err(StorageError::io("rename", &path))?;
-    sync_dir(dir)
+    sync_dir(dir, fsync)
 }
 
 fn read_snapshot_file(path: &Path) -> Result<Snapshot, StorageError> {

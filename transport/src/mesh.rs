@@ -593,8 +593,10 @@ impl Inner {
         to: NodeId,
         peer: &Peer,
     ) -> Result<quinn::Connection, TransportError> {
-        if let Some(c) = peer.live() {
-            return Ok(c);
+        // Fast path without asking quinn (which takes the connection's lock): a closed connection is removed by
+        // its serving task, and a request that finds it closed anyway re-dials once (see `remote_request`).
+        if let Some(c) = peer.conn.lock().as_ref() {
+            return Ok(c.clone());
         }
         let _dialing = peer.dial.lock().await;
         if let Some(c) = peer.live() {
@@ -750,6 +752,18 @@ pub(crate) async fn read_frame(
         }
     }
     let header = frame::decode_header(&buf)?;
+    if header.frame_type() != Some(FrameType::Stream) {
+        // Everything but a stream header is alone on its stream. Reading the end (already here: the sender
+        // finishes right after writing) also lets quinn free the stream without a STOP_SENDING round.
+        if recv
+            .read_chunk(1, true)
+            .await
+            .map_err(read_error)?
+            .is_some()
+        {
+            return Err(TransportError::malformed("bytes after the frame"));
+        }
+    }
     Ok((header, Bytes::from_owner(buf)))
 }
 
@@ -970,17 +984,26 @@ impl Inner {
                 return;
             }
         }
-        let reply = match header.budget_us {
-            0 => rx.await,
-            us => match tokio::time::timeout_at((received + Duration::from_micros(us)).into(), rx)
-                .await
-            {
-                Ok(r) => r,
-                Err(_) => Ok(Reply::Err {
-                    code: ErrorCode::Timeout,
-                    text: "handler missed the deadline".into(),
-                }),
-            },
+        let mut rx = rx;
+        let reply = match (rx.try_recv(), header.budget_us) {
+            // Answered inline (the common case for cheap handlers): no timer needed.
+            (Ok(reply), _) => Ok(reply),
+            (Err(tokio::sync::oneshot::error::TryRecvError::Closed), _) => Ok(Reply::Err {
+                code: ErrorCode::Dropped,
+                text: "handler went away".into(),
+            }),
+            (Err(_), 0) => rx.await,
+            (Err(_), us) => {
+                match tokio::time::timeout_at((received + Duration::from_micros(us)).into(), rx)
+                    .await
+                {
+                    Ok(r) => r,
+                    Err(_) => Ok(Reply::Err {
+                        code: ErrorCode::Timeout,
+                        text: "handler missed the deadline".into(),
+                    }),
+                }
+            }
         };
         let reply = reply.unwrap_or(Reply::Err {
             code: ErrorCode::Dropped,
