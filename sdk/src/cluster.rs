@@ -19,11 +19,12 @@ use oxray_scheduler::{
     ClusterView, Decision, FailureConfig, FailureDetector, NodeInfo, Quantity, ResourceKind,
     ResourceSet, TaskRequest, ViewDelta,
 };
-use oxray_transport::{Handler, Mesh, Message, NodeId, Responder, TransportError};
+use oxray_transport::{Handler, IncomingStream, Mesh, Message, NodeId, Responder, TransportError};
 use parking_lot::{Mutex, RwLock};
 use rand::SeedableRng;
 
 use crate::arg::{Arg, ArgKind};
+use crate::batch::{self, Item, Outbox};
 use crate::error::{Error, Result};
 use crate::object::{Entry, ObjectId, RefInner};
 use crate::options::{Resources, Strategy};
@@ -78,11 +79,27 @@ pub(crate) struct Outgoing {
     pub(crate) strategy: Strategy,
 }
 
+/// A call sent to another node whose result has not come back yet.
+enum Pending {
+    /// A task; kept whole so it can be placed again if its node dies.
+    Task { node: NodeId, task: Outgoing },
+    /// An actor call; the args are kept so their objects outlive the callee's fetches.
+    Call { node: NodeId, actor: u128, entry: Arc<Entry>, _args: Vec<Arg> },
+}
+
+impl Pending {
+    fn node(&self) -> NodeId {
+        match self {
+            Pending::Task { node, .. } | Pending::Call { node, .. } => *node,
+        }
+    }
+}
+
 /// Per-(actor, caller) ordering state on the host.
 #[derive(Default)]
 struct Reorder {
     next: u64,
-    pending: BTreeMap<u64, (u32, Vec<Arg>, Responder)>,
+    pending: BTreeMap<u64, (u32, Vec<Arg>, Done)>,
 }
 
 /// The head's extra duties.
@@ -106,6 +123,13 @@ pub(crate) struct Cluster {
     report_seq: AtomicU64,
     /// Tasks waiting because no node can take them now (shown by `status`).
     pub(crate) infeasible: AtomicU64,
+    /// Calls in flight to other nodes, by call id.
+    pending: DashMap<u64, Pending>,
+    next_call: AtomicU64,
+    /// Outgoing batches of calls, and of results, per peer.
+    call_out: DashMap<NodeId, Arc<Outbox>>,
+    result_out: DashMap<NodeId, Arc<Outbox>>,
+    tokio: tokio::runtime::Handle,
 }
 
 /// The mesh handler: forwards to the runtime and cluster once both exist.
@@ -187,6 +211,7 @@ impl Cluster {
         head: NodeId,
         settings: NodeSettings,
         is_head: bool,
+        tokio: tokio::runtime::Handle,
     ) -> Arc<Self> {
         let addr = mesh.local_addr();
         let head_state = is_head.then(|| HeadState {
@@ -210,6 +235,11 @@ impl Cluster {
             rng: Mutex::new(rand::rngs::SmallRng::seed_from_u64(rand::random())),
             report_seq: AtomicU64::new(1),
             infeasible: AtomicU64::new(0),
+            pending: DashMap::new(),
+            next_call: AtomicU64::new(1),
+            call_out: DashMap::new(),
+            result_out: DashMap::new(),
+            tokio,
         })
     }
 
@@ -273,7 +303,7 @@ impl Cluster {
         Ok(())
     }
 
-    async fn heartbeat(&self, rt: &Arc<Runtime>) {
+    async fn heartbeat(self: &Arc<Self>, rt: &Arc<Runtime>) {
         let me = self.me(rt);
         let load = Load {
             id: me.id,
@@ -347,7 +377,16 @@ impl Cluster {
         });
     }
 
-    fn apply_members(&self, me: u128, members: Vec<Member>) {
+    fn apply_members(self: &Arc<Self>, me: u128, members: Vec<Member>) {
+        let mut died = Vec::new();
+        self.apply_members_to_view(me, &members, &mut died);
+        *self.members.write() = members;
+        for d in died {
+            self.node_died(d);
+        }
+    }
+
+    fn apply_members_to_view(&self, me: u128, members: &[Member], died: &mut Vec<NodeId>) {
         let mut view = self.view.lock();
         let mut deltas = Vec::new();
         let known: HashMap<u128, Member> = self
@@ -356,7 +395,7 @@ impl Cluster {
             .iter()
             .map(|m| (m.id, m.clone()))
             .collect();
-        for m in &members {
+        for m in members {
             if m.id != me
                 && let Ok(addr) = m.addr.parse::<SocketAddr>()
             {
@@ -369,7 +408,8 @@ impl Cluster {
             let total = resource_set(m.cpus, m.gpus, &m.custom);
             match known.get(&m.id) {
                 Some(old) if old.alive && !m.alive => {
-                    deltas.push(ViewDelta::NodeDied(NodeId(m.id)))
+                    deltas.push(ViewDelta::NodeDied(NodeId(m.id)));
+                    died.push(NodeId(m.id));
                 }
                 Some(old) if old.alive == m.alive && view.node(NodeId(m.id)).is_some() => {}
                 _ if m.alive => deltas.push(ViewDelta::NodeJoined(
@@ -389,7 +429,6 @@ impl Cluster {
             }
         }
         view.apply(deltas);
-        *self.members.write() = members;
     }
 
     pub(crate) fn members(&self) -> Vec<Member> {
@@ -443,7 +482,8 @@ impl Cluster {
         if let Decision::Spill(n) = &d
             && let Some(info) = view.node(*n)
         {
-            let avail = info.available.clone();
+            let mut avail = info.available.clone();
+            avail.saturating_sub(&req.resources);
             let q = info.queue_len + 1;
             view.update_local(*n, &avail, q);
         }
@@ -481,50 +521,201 @@ impl Cluster {
             .collect()
     }
 
-    /// Sends a task to `node` and completes its entry with the result.
+    /// The batch sender for calls to `node`, started on first use.
+    fn calls_to(self: &Arc<Self>, node: NodeId) -> Arc<Outbox> {
+        if let Some(o) = self.call_out.get(&node) {
+            return o.clone();
+        }
+        let weak = Arc::downgrade(self);
+        let on_fail: Arc<dyn Fn(Item, &TransportError) + Send + Sync> = Arc::new(move |item, e| {
+            if let Some(cl) = weak.upgrade()
+                && let Some((_, p)) = cl.pending.remove(&item.call)
+            {
+                cl.fail_pending(p, &format!("cannot reach node {node}: {e}"));
+            }
+        });
+        let out = Arc::new(Outbox::start(&self.tokio, self.mesh.clone(), node, kind::CALLS, on_fail));
+        self.call_out.entry(node).or_insert(out).clone()
+    }
+
+    /// The batch sender for results to `node`, started on first use.
+    fn results_to(self: &Arc<Self>, node: NodeId) -> Arc<Outbox> {
+        if let Some(o) = self.result_out.get(&node) {
+            return o.clone();
+        }
+        let on_fail: Arc<dyn Fn(Item, &TransportError) + Send + Sync> = Arc::new(move |item, e| {
+            // The owner is gone or unreachable: nobody is left to tell.
+            tracing::warn!(owner = %node, call = item.call, cause = %e, "result not delivered");
+        });
+        let out = Arc::new(Outbox::start(&self.tokio, self.mesh.clone(), node, kind::RESULTS, on_fail));
+        self.result_out.entry(node).or_insert(out).clone()
+    }
+
+    /// Sends a task to `node`; its entry completes when the result comes back.
     pub(crate) fn submit_remote(self: &Arc<Self>, rt: &Arc<Runtime>, node: NodeId, task: Outgoing) {
-        let cl = self.clone();
-        let rt2 = rt.clone();
-        rt.tokio.spawn(async move {
-            let body = match rkyv::to_bytes::<rkyv::rancor::Error>(&task.spec) {
-                Ok(b) => Bytes::from_owner(b),
-                Err(e) => return task.entry.complete(Err(Error::Serialization(e.to_string()))),
-            };
-            let mut node = node;
-            let mut retries_left = task.retries;
-            let mut backoff = Duration::from_micros(200);
-            loop {
-                match cl.mesh.request(node, kind::SUBMIT, body.clone(), TASK_DEADLINE).await {
-                    Ok(msg) => {
-                        task.entry.complete(reply_bytes(msg));
-                        break;
+        let body = match rkyv::to_bytes::<rkyv::rancor::Error>(&task.spec) {
+            Ok(b) => Bytes::from_owner(b),
+            Err(e) => return task.entry.complete(Err(Error::Serialization(e.to_string()))),
+        };
+        if body.len() > batch::MAX_ITEM_BYTES {
+            return task.entry.complete(Err(Error::InvalidArgument(format!(
+                "the task's arguments take {} bytes; pass large values with oxray::put and a ref",
+                body.len()
+            ))));
+        }
+        let _ = rt;
+        let call = self.next_call.fetch_add(1, Ordering::Relaxed);
+        self.pending.insert(call, Pending::Task { node, task });
+        if self.calls_to(node).push(Item { kind: kind::SUBMIT, call, body }).is_err()
+            && let Some((_, p)) = self.pending.remove(&call)
+        {
+            self.fail_pending(p, "the sender to that node stopped");
+        }
+    }
+
+    /// Fails (or, for tasks with retries left, places again) a call whose node is gone.
+    fn fail_pending(self: &Arc<Self>, p: Pending, why: &str) {
+        match p {
+            Pending::Call { actor, entry, .. } => {
+                entry.complete(Err(Error::ActorDied { actor: short(actor), reason: why.to_string() }))
+            }
+            Pending::Task { node, mut task } => {
+                if task.retries == 0 {
+                    task.entry.complete(Err(Error::Cluster(format!("task {} lost: {why}", task.spec.name))));
+                    return;
+                }
+                task.retries -= 1;
+                tracing::warn!(node = %node, task = %task.spec.name, "task lost with its node; placing it again");
+                let Ok(rt) = crate::runtime::current() else {
+                    return task.entry.complete(Err(Error::NotInitialized));
+                };
+                let strategy = task.strategy.clone();
+                match self.decide(&rt, task.function, &task.res, &strategy) {
+                    Decision::RunLocal => {
+                        let f = spec_function(&task.spec);
+                        rt.run_here(f, task.args, task.spec.attempts, Done::Entry(task.entry));
                     }
-                    Err(TransportError::Busy { .. }) => {
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(Duration::from_millis(50));
+                    Decision::Spill(n) | Decision::RunInBundle { node: n, .. } if n != node => {
+                        self.submit_remote(&rt, n, task)
                     }
-                    Err(e) if retries_left > 0 => {
-                        retries_left -= 1;
-                        tracing::warn!(node = %node, cause = %e, "task lost with its node; retrying elsewhere");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        match cl.decide(&rt2, task.function, &task.res, &Strategy::Default) {
-                            Decision::Spill(n) => node = n,
-                            Decision::RunLocal => {
-                                let f = spec_function(&task.spec);
-                                rt2.run_here(f, task.args, task.spec.attempts, Done::Entry(task.entry));
-                                return;
-                            }
-                            _ => {}
-                        }
-                    }
-                    Err(e) => {
-                        task.entry.complete(Err(transport_err(node, e)));
-                        break;
-                    }
+                    _ => self.park_until_feasible(&rt, task, format!("its node died ({why})")),
                 }
             }
-            drop(task.args);
+        }
+    }
+
+    /// Fails or re-places everything in flight to a node that was declared dead.
+    fn node_died(self: &Arc<Self>, node: NodeId) {
+        let lost: Vec<u64> = self.pending.iter().filter(|p| p.value().node() == node).map(|p| *p.key()).collect();
+        for call in lost {
+            if let Some((_, p)) = self.pending.remove(&call) {
+                self.fail_pending(p, &format!("node {node} died"));
+            }
+        }
+    }
+
+    /// Sends a result back to its owner: batched if small, streamed into an aligned buffer if large.
+    pub(crate) fn send_result(self: &Arc<Self>, owner: NodeId, call: u64, result: Result<Bytes>) {
+        let (k, body) = match result {
+            Ok(b) => (kind::OK, b),
+            Err(e) => (kind::ERR, Bytes::from(serde_json::to_vec(&e).unwrap_or_default())),
+        };
+        if body.len() <= batch::MAX_BYTES {
+            let _ = self.results_to(owner).push(Item { kind: k, call, body });
+            return;
+        }
+        let mesh = self.mesh.clone();
+        self.tokio.spawn(async move {
+            let mut header = call.to_le_bytes().to_vec();
+            header.extend_from_slice(&k.to_le_bytes());
+            if let Err(e) = mesh.send_stream(owner, kind::RESULT_STREAM, Bytes::from(header), body).await {
+                tracing::warn!(owner = %owner, call, cause = %e, "large result not delivered");
+            }
         });
+    }
+
+    /// Completes the calls whose results arrived.
+    fn on_results(&self, body: Bytes) {
+        let items = match batch::decode(&body) {
+            Ok(i) => i,
+            Err(e) => return tracing::warn!(cause = %e, "malformed result batch dropped"),
+        };
+        for item in items {
+            self.complete_call(item.call, item.kind, item.body);
+        }
+    }
+
+    fn complete_call(&self, call: u64, k: u16, body: Bytes) {
+        let Some((_, p)) = self.pending.remove(&call) else { return };
+        let result = if k == kind::OK {
+            Ok(body)
+        } else {
+            Err(serde_json::from_slice::<Error>(&body)
+                .unwrap_or_else(|e| Error::Cluster(format!("unreadable error reply: {e}"))))
+        };
+        match p {
+            Pending::Task { task, .. } => task.entry.complete(result),
+            Pending::Call { entry, .. } => entry.complete(result),
+        }
+    }
+
+    /// Runs the calls of a batch from `from`.
+    fn on_calls(self: &Arc<Self>, rt: &Arc<Runtime>, from: NodeId, body: Bytes) {
+        let items = match batch::decode(&body) {
+            Ok(i) => i,
+            Err(e) => return tracing::warn!(peer = %from, cause = %e, "malformed call batch dropped"),
+        };
+        for item in items {
+            let done = Done::Remote { cluster: self.clone(), owner: from, call: item.call };
+            match item.kind {
+                kind::SUBMIT => {
+                    let spec = match rkyv::access::<wire::ArchivedTaskW, rkyv::rancor::Error>(&item.body) {
+                        Ok(s) => s,
+                        Err(e) => {
+                            done.complete(Err(Error::Serialization(format!("bad task: {e}"))));
+                            continue;
+                        }
+                    };
+                    let f = registry::function(spec.function.as_str(), spec.sig.to_native());
+                    let args = if f.is_ok() { self.import_args(rt, &spec.args) } else { Vec::new() };
+                    rt.run_here(f, args, spec.attempts.to_native(), done);
+                }
+                kind::ACTOR_CALL => {
+                    let call = match rkyv::access::<wire::ArchivedCallW, rkyv::rancor::Error>(&item.body) {
+                        Ok(c) => c,
+                        Err(e) => {
+                            done.complete(Err(Error::Serialization(format!("bad call: {e}"))));
+                            continue;
+                        }
+                    };
+                    self.deliver_call(rt, call, done);
+                }
+                other => done.complete(Err(Error::Cluster(format!("unknown call kind {other}")))),
+            }
+        }
+    }
+
+    /// Hands an actor call to its actor in the caller's order.
+    fn deliver_call(self: &Arc<Self>, rt: &Arc<Runtime>, call: &wire::ArchivedCallW, done: Done) {
+        let actor = call.actor.to_native();
+        let Some(host) = rt.actors.get(&actor).map(|h| h.clone()) else {
+            return done.complete(Err(Error::ActorDied { actor: short(actor), reason: "no such actor on this node".into() }));
+        };
+        let args = self.import_args(rt, &call.args);
+        let key = (actor, call.caller.to_native());
+        let slot = self.reorder.entry(key).or_default().clone();
+        let mut ro = slot.lock();
+        let seq = call.seq.to_native();
+        if seq < ro.next {
+            return done.complete(Err(Error::Cluster(format!("duplicate call sequence {seq}"))));
+        }
+        ro.pending.insert(seq, (call.method.to_native(), args, done));
+        loop {
+            let next = ro.next;
+            let Some((method, args, done)) = ro.pending.remove(&next) else { break };
+            ro.next += 1;
+            host.call(method, args, done);
+        }
     }
 
     /// Waits until some node can take the task, then places it (Ray's pending-infeasible behaviour: the task runs as
@@ -624,7 +815,7 @@ impl Cluster {
             .collect()
     }
 
-    /// Sends an actor call and completes `entry` with the result.
+    /// Sends an actor call (after the actor exists); `entry` completes with the result.
     pub(crate) fn call_remote(
         self: &Arc<Self>,
         rt: &Runtime,
@@ -634,42 +825,40 @@ impl Cluster {
         args: Vec<Arg>,
         entry: Arc<Entry>,
     ) {
+        let body = match rkyv::to_bytes::<rkyv::rancor::Error>(&call) {
+            Ok(b) => Bytes::from_owner(b),
+            Err(e) => return entry.complete(Err(Error::Serialization(e.to_string()))),
+        };
+        if body.len() > batch::MAX_ITEM_BYTES {
+            return entry.complete(Err(Error::InvalidArgument(format!(
+                "the call's arguments take {} bytes; pass large values with oxray::put and a ref",
+                body.len()
+            ))));
+        }
+        let id = self.next_call.fetch_add(1, Ordering::Relaxed);
+        let actor = call.actor;
         let cl = self.clone();
-        rt.tokio.spawn(async move {
-            if let Err(e) = created.wait_async().await {
-                entry.complete(Err(e));
-                return;
+        let send = move |entry: Arc<Entry>| {
+            cl.pending.insert(id, Pending::Call { node, actor, entry, _args: args });
+            if cl.calls_to(node).push(Item { kind: kind::ACTOR_CALL, call: id, body }).is_err()
+                && let Some((_, p)) = cl.pending.remove(&id)
+            {
+                cl.fail_pending(p, "the sender to that node stopped");
             }
-            let body = match rkyv::to_bytes::<rkyv::rancor::Error>(&call) {
-                Ok(b) => Bytes::from_owner(b),
-                Err(e) => return entry.complete(Err(Error::Serialization(e.to_string()))),
-            };
-            let mut backoff = Duration::from_micros(200);
-            loop {
-                match cl
-                    .mesh
-                    .request(node, kind::ACTOR_CALL, body.clone(), TASK_DEADLINE)
-                    .await
-                {
-                    Ok(msg) => {
-                        entry.complete(reply_bytes(msg));
-                        break;
+        };
+        match created.try_value() {
+            Some(Ok(_)) => send(entry),
+            Some(Err(e)) => entry.complete(Err(e)),
+            None => {
+                // The actor is still being created: send once it exists (the call's sequence number keeps the order).
+                rt.tokio.spawn(async move {
+                    match created.wait_async().await {
+                        Ok(_) => send(entry),
+                        Err(e) => entry.complete(Err(e)),
                     }
-                    Err(TransportError::Busy { .. }) => {
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(Duration::from_millis(50));
-                    }
-                    Err(e) => {
-                        entry.complete(Err(Error::ActorDied {
-                            actor: short(call.actor),
-                            reason: format!("its node {node} is unreachable: {e}"),
-                        }));
-                        break;
-                    }
-                }
+                });
             }
-            drop(args);
-        });
+        }
     }
 
     /// Creates an actor on `node`; the returned entry completes when it exists (or failed to).
@@ -795,51 +984,6 @@ impl Handler for NodeHandler {
             return;
         };
         match msg.kind() {
-            kind::SUBMIT => {
-                let spec = match msg.archived::<TaskW>() {
-                    Ok(s) => s,
-                    Err(e) => return reply.error(format!("bad task: {e}")),
-                };
-                let f = match registry::function(spec.function.as_str(), spec.sig.to_native()) {
-                    Ok(f) => f,
-                    Err(e) => return reply_err(reply, &e),
-                };
-                let args = cl.import_args(&rt, &spec.args);
-                rt.run_here(Ok(f), args, spec.attempts.to_native(), Done::Reply(reply));
-            }
-            kind::ACTOR_CALL => {
-                let call = match msg.archived::<CallW>() {
-                    Ok(c) => c,
-                    Err(e) => return reply.error(format!("bad call: {e}")),
-                };
-                let actor = call.actor.to_native();
-                let Some(host) = rt.actors.get(&actor).map(|h| h.clone()) else {
-                    return reply_err(
-                        reply,
-                        &Error::ActorDied {
-                            actor: short(actor),
-                            reason: "no such actor on this node".into(),
-                        },
-                    );
-                };
-                let args = cl.import_args(&rt, &call.args);
-                let key = (actor, call.caller.to_native());
-                let slot = cl.reorder.entry(key).or_default().clone();
-                let mut ro = slot.lock();
-                let seq = call.seq.to_native();
-                if seq < ro.next {
-                    return reply.error(format!("duplicate call sequence {seq}"));
-                }
-                ro.pending
-                    .insert(seq, (call.method.to_native(), args, reply));
-                while let Some((method, args, reply)) = {
-                    let next = ro.next;
-                    ro.pending.remove(&next)
-                } {
-                    ro.next += 1;
-                    host.call(method, args, Done::Reply(reply));
-                }
-            }
             kind::CREATE_ACTOR => {
                 let spec = match msg.archived::<CreateW>() {
                     Ok(s) => s,
@@ -947,6 +1091,17 @@ impl Handler for NodeHandler {
     fn on_oneway(&self, msg: Message) {
         let Some(rt) = self.rt() else { return };
         match msg.kind() {
+            kind::CALLS => {
+                if let Some(cl) = rt.cluster.get().cloned() {
+                    let from = msg.source();
+                    cl.on_calls(&rt, from, msg.into_body());
+                }
+            }
+            kind::RESULTS => {
+                if let Some(cl) = rt.cluster.get().cloned() {
+                    cl.on_results(msg.into_body());
+                }
+            }
             kind::KILL_ACTOR => {
                 if let Some(id) = wire::id_from(msg.body())
                     && let Some(h) = rt.actors.get(&id)
@@ -979,6 +1134,31 @@ impl Handler for NodeHandler {
             }
             _ => {}
         }
+    }
+
+    fn on_stream(&self, header: Message, mut incoming: IncomingStream) {
+        let Some(cl) = self.rt().and_then(|rt| rt.cluster.get().cloned()) else {
+            return incoming.error("node is not in cluster mode");
+        };
+        if header.kind() != kind::RESULT_STREAM || header.body().len() < 10 {
+            return incoming.error("unexpected stream");
+        }
+        let b = header.body();
+        let call = u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]);
+        let k = u16::from_le_bytes([b[8], b[9]]);
+        let tokio = cl.tokio.clone();
+        tokio.spawn(async move {
+            match incoming.read_all().await {
+                Ok(body) => {
+                    cl.complete_call(call, k, body);
+                    incoming.reply(kind::OK, Bytes::new());
+                }
+                Err(e) => {
+                    tracing::warn!(call, cause = %e, "large result stream failed");
+                    incoming.error(format!("read failed: {e}"));
+                }
+            }
+        });
     }
 
     fn on_peer_lost(&self, node: NodeId) {

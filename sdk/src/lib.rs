@@ -52,6 +52,7 @@ extern crate self as oxray;
 
 mod actor;
 mod arg;
+mod batch;
 pub mod bench;
 mod cluster;
 mod error;

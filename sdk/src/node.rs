@@ -168,7 +168,7 @@ pub fn start_head(opts: HeadOptions) -> Result<ClusterAddress> {
             .await
             .map_err(|e| Error::Cluster(format!("cannot bind the mesh endpoint: {e}")))
     })?;
-    let cluster = Cluster::new(mesh, node, opts.settings.clone(), true);
+    let cluster = Cluster::new(mesh, node, opts.settings.clone(), true, rt.tokio.clone());
     let _ = rt.cluster.set(cluster.clone());
     handler.attach(&rt);
     let (cl, rt2) = (cluster.clone(), rt.clone());
@@ -231,7 +231,7 @@ pub fn join_cluster(address: &str, token: &str, settings: NodeSettings) -> Resul
             .map_err(|e| Error::Cluster(format!("cannot bind the mesh endpoint: {e}")))
     })?;
     mesh.add_peer(token.head, addr);
-    let cluster = Cluster::new(mesh, token.head, settings, false);
+    let cluster = Cluster::new(mesh, token.head, settings, false, rt.tokio.clone());
     let _ = rt.cluster.set(cluster.clone());
     handler.attach(&rt);
     let rt2 = rt.clone();

@@ -24,7 +24,7 @@ use crate::pool::WorkerPool;
 use crate::registry::{self, ActorClassEntry, Args, FunctionEntry};
 use crate::wire::{self, CallW, CreateW, TaskW, kind};
 use oxray_scheduler::Decision;
-use oxray_transport::{NodeId, Responder};
+use oxray_transport::NodeId;
 
 /// How a runtime is configured.
 #[derive(Debug, Clone)]
@@ -143,20 +143,15 @@ pub(crate) fn uninstall() {
 /// Where a finished task's or call's result goes: the local owner's entry, or back over the mesh.
 pub(crate) enum Done {
     Entry(Arc<Entry>),
-    Reply(Responder),
+    /// Back to the owner on another node, batched with other results.
+    Remote { cluster: Arc<Cluster>, owner: NodeId, call: u64 },
 }
 
 impl Done {
     pub(crate) fn complete(self, result: Result<Bytes>) {
         match self {
             Done::Entry(e) => e.complete(result),
-            Done::Reply(r) => match result {
-                Ok(b) => r.send(kind::OK, b),
-                Err(e) => r.send(
-                    kind::ERR,
-                    Bytes::from(serde_json::to_vec(&e).unwrap_or_default()),
-                ),
-            },
+            Done::Remote { cluster, owner, call } => cluster.send_result(owner, call, result),
         }
     }
 }

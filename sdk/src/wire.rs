@@ -12,11 +12,11 @@ pub(crate) mod kind {
     pub const OK: u16 = 1;
     /// Reply: the body is a JSON `Error`.
     pub const ERR: u16 = 2;
-    /// Run a task here (`TaskW`); replies with its result.
+    /// A task (`TaskW`), as an item of a `CALLS` batch.
     pub const SUBMIT: u16 = 10;
     /// Create an actor here (`CreateW`).
     pub const CREATE_ACTOR: u16 = 11;
-    /// Call a method of an actor hosted here (`CallW`); replies with its result.
+    /// An actor call (`CallW`), as an item of a `CALLS` batch.
     pub const ACTOR_CALL: u16 = 12;
     /// Send me the value of an object you own (body: the id as 16 little-endian bytes).
     pub const FETCH: u16 = 13;
@@ -36,6 +36,12 @@ pub(crate) mod kind {
     pub const STOP: u16 = 20;
     /// To the head: the whole cluster's state (`ClusterState` JSON).
     pub const CLUSTER_STATE: u16 = 21;
+    /// One-way: a batch (`batch` module) of `SUBMIT` (`TaskW`) and `ACTOR_CALL` (`CallW`) items.
+    pub const CALLS: u16 = 22;
+    /// One-way: a batch of results, each item `OK` (the value) or `ERR` (a JSON `Error`), keyed by call id.
+    pub const RESULTS: u16 = 23;
+    /// Stream: one large result; the header is the call id (8 bytes) and the kind (2 bytes).
+    pub const RESULT_STREAM: u16 = 24;
 }
 
 /// A task to run.
