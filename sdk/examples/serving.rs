@@ -8,8 +8,9 @@
 //!                    ◄──answer──   (split the batch's outputs back to each waiting client)
 //! ```
 //!
-//! Batching: a batcher thread takes the first waiting request, then keeps collecting until it has
-//! `--max-batch` rows or `--max-wait-us` has passed, and sends the whole batch as one actor call.
+//! Batching: a batcher thread takes the first waiting request, then everything else already queued
+//! (or, with `--max-wait-us`, keeps collecting until that much time has passed), up to
+//! `--max-batch` rows, and sends the whole batch as one actor call.
 //! One batcher per replica, all pulling from one queue, so a free replica takes the next batch.
 //! The run measures two phases with the same clients: unbatched (each request is its own call)
 //! and batched, so the effect of batching shows in one run on one machine.
@@ -65,8 +66,11 @@ struct Args {
     /// Largest batch a batcher sends in one call.
     #[arg(long, default_value_t = 32)]
     max_batch: usize,
-    /// Longest a batcher waits for more requests after the first, in microseconds.
-    #[arg(long, default_value_t = 500)]
+    /// Longest a batcher waits for more requests after the first, in microseconds. 0 (the
+    /// default) sends whatever is queued at once: batches then grow with the load by themselves,
+    /// and with closed-loop clients any wait only idles the replica (measured: 500 µs cost 60% of
+    /// the throughput here).
+    #[arg(long, default_value_t = 0)]
     max_wait_us: u64,
     /// Seconds each phase runs.
     #[arg(long, default_value_t = 3.0)]
@@ -338,9 +342,14 @@ fn batcher(
         batch.push(first);
         let deadline = Instant::now() + max_wait;
         while batch.len() < max_batch {
-            match rx.recv_deadline(deadline) {
-                Ok(r) => batch.push(r),
-                Err(_) => break,
+            let next = if max_wait.is_zero() {
+                rx.try_recv().ok()
+            } else {
+                rx.recv_deadline(deadline).ok()
+            };
+            match next {
+                Some(r) => batch.push(r),
+                None => break,
             }
         }
         let mut flat = Vec::with_capacity(batch.len() * dim);
