@@ -159,21 +159,32 @@ impl Net {
             let y = &mut rest[0];
             y.clear();
             for (row, bias) in w.chunks_exact(fan_in).zip(b) {
-                let z: f32 = row.iter().zip(&inp[l]).map(|(a, b)| a * b).sum::<f32>() + bias;
+                let z = dot(row, &inp[l]) + bias;
                 y.push(if l < 2 { z.tanh() } else { z });
             }
         }
     }
 
     /// Adds d(loss)/d(params) to `g`, given d(loss)/d(output) and the activations of `forward`.
-    fn backward(&self, p: &[f32], acts: &[Vec<f32>; 4], dout: &[f32], g: &mut [f32]) {
+    /// `scratch` holds the back-propagated error between layers (kept by the caller so the hot
+    /// loop does not allocate).
+    fn backward(
+        &self,
+        p: &[f32],
+        acts: &[Vec<f32>; 4],
+        dout: &[f32],
+        g: &mut [f32],
+        scratch: &mut [Vec<f32>; 2],
+    ) {
         let mut offsets = [0usize; 3];
         let mut at = 0;
         for (l, o) in offsets.iter_mut().enumerate() {
             *o = at;
             at += (self.sizes[l] + 1) * self.sizes[l + 1];
         }
-        let mut delta = dout.to_vec();
+        let [delta, prev] = scratch;
+        delta.clear();
+        delta.extend_from_slice(dout);
         for l in (0..3).rev() {
             let (fan_in, out) = (self.sizes[l], self.sizes[l + 1]);
             let at = offsets[l];
@@ -188,8 +199,9 @@ impl Net {
             if l > 0 {
                 // Through the weights, then through tanh: d tanh = 1 − tanh².
                 let w = &p[at..at + fan_in * out];
-                let mut prev = vec![0.0f32; fan_in];
-                for (row, d) in w.chunks_exact(fan_in).zip(&delta) {
+                prev.clear();
+                prev.resize(fan_in, 0.0);
+                for (row, d) in w.chunks_exact(fan_in).zip(delta.iter()) {
                     for (pv, wv) in prev.iter_mut().zip(row) {
                         *pv += d * wv;
                     }
@@ -197,10 +209,30 @@ impl Net {
                 for (pv, a) in prev.iter_mut().zip(input) {
                     *pv *= 1.0 - a * a;
                 }
-                delta = prev;
+                std::mem::swap(delta, prev);
             }
         }
     }
+}
+
+/// Dot product with eight independent partial sums, so the compiler can use SIMD lanes (one
+/// serial chain of float additions may not be reordered).
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let mut ca = a.chunks_exact(8);
+    let mut cb = b.chunks_exact(8);
+    for (x, y) in (&mut ca).zip(&mut cb) {
+        for k in 0..8 {
+            acc[k] += x[k] * y[k];
+        }
+    }
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    acc.iter().sum::<f32>() + tail
 }
 
 const POLICY: Net = Net::new(ACTIONS);
@@ -432,6 +464,7 @@ impl Learner {
         let np = POLICY.num_params();
         let mut grad = vec![0.0f32; self.params.len()];
         let (mut pa, mut ca) = (empty_acts(), empty_acts());
+        let mut scratch = [Vec::new(), Vec::new()];
         for epoch in 0..c.epochs {
             // Fisher–Yates with the learner's own generator: reproducible shuffles.
             for i in (1..n).rev() {
@@ -476,10 +509,10 @@ impl Learner {
                         // d(−ent_coef·H)/dlogit_k = ent_coef · p_k · (log p_k + H).
                         *d = (g_lp * (onehot - p[k]) + c.ent_coef * p[k] * (lp[k] + h)) * scale;
                     }
-                    POLICY.backward(pp, &pa, &dlogits, gp);
+                    POLICY.backward(pp, &pa, &dlogits, gp, &mut scratch);
                     CRITIC.forward(cp, &s.obs, &mut ca);
                     let err = ca[3][0] - s.ret;
-                    CRITIC.backward(cp, &ca, &[c.vf_coef * err * scale], gc);
+                    CRITIC.backward(cp, &ca, &[c.vf_coef * err * scale], gc, &mut scratch);
                     if last {
                         pl += f64::from(unclipped.max(clipped_obj));
                         vl += f64::from(0.5 * err * err);
