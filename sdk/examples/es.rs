@@ -115,6 +115,61 @@ impl EsWorker {
     }
 }
 
+/// Most times one step replaces the same failed worker before giving up (a replacement may land
+/// on a node that is dead but not yet declared so, and fail again).
+const MAX_REPLACEMENTS: u32 = 3;
+
+/// What a worker call gives back.
+type Answer = Result<Vec<WorkerResult>, String>;
+
+/// Gathers a step's answers; every worker whose actor died (or whose node was lost) is replaced
+/// by a fresh actor that reruns the same tasks with the same params. Replacements of one round
+/// are submitted together, so a lost node costs one failure-detection delay, not one per worker.
+fn recover(
+    workers: &mut [ActorHandle<EsWorker>],
+    assigned: &[(usize, Vec<Task>)],
+    refs: &[oxray::ObjectRef<Answer>],
+    params: &oxray::ObjectRef<Vec<f32>>,
+    opts: &ActorOptions,
+    config: &EsConfig,
+) -> anyhow::Result<Vec<Answer>> {
+    let mut refs = refs.to_vec();
+    let mut out: Vec<Option<Answer>> = vec![None; refs.len()];
+    for round in 0..=MAX_REPLACEMENTS {
+        let mut lost = Vec::new();
+        for (slot, r) in refs.iter().enumerate() {
+            if out[slot].is_some() {
+                continue;
+            }
+            let i = assigned[slot].0;
+            match r.get() {
+                Ok(a) => out[slot] = Some(a),
+                Err(e @ (oxray::Error::ActorDied { .. } | oxray::Error::Cluster(_)))
+                    if round < MAX_REPLACEMENTS =>
+                {
+                    eprintln!("worker {i} lost ({e}); rerunning its tasks on a new worker");
+                    lost.push(slot);
+                }
+                Err(e) => return Err(e).context(format!("worker {i}")),
+            }
+        }
+        if lost.is_empty() {
+            break;
+        }
+        for slot in lost {
+            let (i, mine) = &assigned[slot];
+            oxray::kill(&workers[*i]);
+            workers[*i] =
+                EsWorker::remote_with(opts, config.clone()).context("replacing a worker")?;
+            refs[slot] = workers[*i].do_simulation(params, mine.clone());
+        }
+    }
+    out.into_iter()
+        .enumerate()
+        .map(|(slot, a)| a.with_context(|| format!("worker {} gave no answer", assigned[slot].0)))
+        .collect()
+}
+
 /// An error and its sources on one line (the apps' errors keep details in `source()`).
 fn chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
@@ -167,7 +222,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     let opts = ActorOptions::new()
         .num_cpus(WORKER_CPUS)
         .strategy(Strategy::Spread);
-    let workers: Vec<ActorHandle<EsWorker>> = (0..args.workers)
+    let mut workers: Vec<ActorHandle<EsWorker>> = (0..args.workers)
         .map(|_| EsWorker::remote_with(&opts, config.clone()))
         .collect::<oxray::Result<_>>()
         .context("creating the worker actors")?;
@@ -185,25 +240,35 @@ fn run(args: Args) -> anyhow::Result<()> {
         // Stored once; every worker gets the same ref and reads the one object.
         let params = oxray::put(&state.params().to_vec())?;
         // Worker i takes tasks i, i+N, i+2N, ... (one each with the defaults on CartPole).
-        let refs: Vec<_> = workers
-            .iter()
-            .enumerate()
-            .filter_map(|(i, w)| {
-                let mine: Vec<Task> = tasks
-                    .iter()
-                    .skip(i)
-                    .step_by(workers.len())
-                    .copied()
-                    .collect();
-                (!mine.is_empty()).then(|| w.do_simulation(&params, mine))
+        let assigned: Vec<(usize, Vec<Task>)> = (0..workers.len())
+            .map(|i| {
+                (
+                    i,
+                    tasks
+                        .iter()
+                        .skip(i)
+                        .step_by(workers.len())
+                        .copied()
+                        .collect(),
+                )
             })
+            .filter(|(_, mine): &(usize, Vec<Task>)| !mine.is_empty())
             .collect();
+        let refs: Vec<_> = assigned
+            .iter()
+            .map(|(i, mine)| workers[*i].do_simulation(&params, mine.clone()))
+            .collect();
+        let gathered = match oxray::get_all(&refs) {
+            Ok(all) => all,
+            // A worker (or its node) died: replace it and rerun its tasks, so the step still
+            // combines exactly the tasks it issued and the run stays the same as without failure.
+            Err(e) => {
+                bar.println(format!("a worker failed ({e}); replacing the dead ones"));
+                recover(&mut workers, &assigned, &refs, &params, &opts, &config)?
+            }
+        };
         let mut results = Vec::with_capacity(tasks.len());
-        for (i, r) in oxray::get_all(&refs)
-            .context("gathering worker results")?
-            .into_iter()
-            .enumerate()
-        {
+        for ((i, _), r) in assigned.iter().zip(gathered) {
             results.extend(r.map_err(|e| anyhow::anyhow!("worker {i}: {e}"))?);
         }
         let stats = state
@@ -257,6 +322,16 @@ fn run(args: Args) -> anyhow::Result<()> {
             curve.points.len()
         ),
     }
+    // On a cluster the workers should live on the worker nodes, not in the driver.
+    let here = oxray::node_state()?
+        .actors
+        .iter()
+        .filter(|a| a.class.ends_with("EsWorker"))
+        .count();
+    println!(
+        "{here} of {} worker actors ran in this (driver) process",
+        workers.len()
+    );
     for w in &workers {
         oxray::kill(w);
     }
