@@ -679,6 +679,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     let mut solved = None;
     let mut best_eval = f32::NEG_INFINITY;
     let (mut t_rollout, mut t_learn) = (0.0f64, 0.0f64);
+    let mut last_train_mean = 0.0f32;
     for it in 0..iterations {
         let t0 = Instant::now();
         // The learner's answer goes to the workers as a ref; the driver never holds the weights.
@@ -712,6 +713,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         } else {
             recent.iter().sum::<f32>() / recent.len() as f32
         };
+        last_train_mean = train_mean;
         // Greedy evaluation: whenever the training mean is at the threshold (the solved check
         // needs it), and every tenth iteration for the log.
         let eval = if train_mean >= THRESHOLD || it % 10 == 0 || it + 1 == iterations {
@@ -732,7 +734,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         let elapsed = start.elapsed().as_secs_f64();
         if it % 10 == 0 || train_mean >= THRESHOLD {
             println!(
-                "iter {it:>4}  steps {env_steps:>7}  train return (last 20) {train_mean:6.1}  eval {}  entropy {:.3}  clip {:.2}  vloss {:.2}  {elapsed:.1}s",
+                "iter {it:>4}  steps {env_steps:>7}  train return (last 20) {train_mean:6.1}  eval {}  entropy {:.3}  clip {:.3}  vloss {:.2}  {elapsed:.1}s",
                 eval.map_or("   -  ".to_string(), |e| format!("{e:6.1}")),
                 stats.entropy,
                 stats.clip_frac,
@@ -760,7 +762,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             "SOLVED: mean return of the last {RECENT} training episodes {train:.1} >= {THRESHOLD} (greedy eval {e:.1}) at iteration {it} after {steps} env steps, {t:.2}s"
         ),
         None => println!(
-            "NOT SOLVED: best greedy eval {best_eval:.1} < {THRESHOLD} after {iterations} iterations"
+            "NOT SOLVED after {iterations} iterations: mean return of the last {RECENT} training episodes {last_train_mean:.1}, best greedy eval {best_eval:.1}; both must reach {THRESHOLD}"
         ),
     }
     for w in &workers {
