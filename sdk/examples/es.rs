@@ -40,6 +40,14 @@
 //! The worker actors ask for a small CPU share and are spread over the nodes, so on a cluster they
 //! land on the worker nodes rather than on the driver (which offers no CPUs).
 //!
+//! Measured on the 2-core development VM (load average 13–20 from other builds), embedded,
+//! release: CartPole-v1 seeds 0–9 all solve (eval ≥ 475) at step 10–61 (0-based), 0.01–0.14 s
+//! of wall time; seed 0 at step 58 in ~0.1 s, ~321k worker env steps. Pendulum-v1 seeds 0–3
+//! reach −200 at steps 57–101 in 1.3–2.7 s; seed 4 does not (stuck near −600, as the apps docs
+//! say). On a three-process loopback cluster (head + two 2-CPU nodes) seed 0 solves at the same
+//! step in ~0.4 s; with one node `kill -9`ed mid-run, its workers are replaced and the curve is
+//! identical to the failure-free run (the wait for the SDK to declare the node dead dominates).
+//!
 //! What this is not: a tuned ES (see `oxray_apps::es` for the algorithm's limits), nor a benchmark
 //! harness; it prints its own wall-clock figures once, at the end.
 

@@ -31,6 +31,10 @@
 //! Cluster use is as for the `es` example (`-- start --head`, `-- start --address A --token T`,
 //! then the driver with `OXRAY_ADDRESS`/`OXRAY_TOKEN`).
 //!
+//! Measured (2-core VM under load, embedded, release, defaults): seeds 1–4 all solve, after
+//! 138,752 / 143,872 / 174,080 / 184,320 env steps (27–68 s wall, ~3–5k env timesteps/s). The
+//! learner's single thread is the bottleneck (~90% of the time); rollouts take ~7%.
+//!
 //! What this is not: a general RL library (discrete actions, CartPole only, no observation
 //! normalisation, no vectorised envs inside a worker).
 
