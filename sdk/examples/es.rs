@@ -178,6 +178,11 @@ fn recover(
         .collect()
 }
 
+/// Worker `i`'s share of a step's tasks when `n` workers take them round-robin.
+fn share(tasks: &[Task], i: usize, n: usize) -> Vec<Task> {
+    tasks.iter().skip(i).step_by(n).copied().collect()
+}
+
 /// An error and its sources on one line (the apps' errors keep details in `source()`).
 fn chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
@@ -249,18 +254,8 @@ fn run(args: Args) -> anyhow::Result<()> {
         let params = oxray::put(&state.params().to_vec())?;
         // Worker i takes tasks i, i+N, i+2N, ... (one each with the defaults on CartPole).
         let assigned: Vec<(usize, Vec<Task>)> = (0..workers.len())
-            .map(|i| {
-                (
-                    i,
-                    tasks
-                        .iter()
-                        .skip(i)
-                        .step_by(workers.len())
-                        .copied()
-                        .collect(),
-                )
-            })
-            .filter(|(_, mine): &(usize, Vec<Task>)| !mine.is_empty())
+            .map(|i| (i, share(&tasks, i, workers.len())))
+            .filter(|(_, mine)| !mine.is_empty())
             .collect();
         let refs: Vec<_> = assigned
             .iter()
