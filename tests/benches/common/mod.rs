@@ -248,3 +248,18 @@ pub fn calibrate_burn(target: Duration) -> u64 {
     let per_iter = best / probe as f64;
     ((target.as_secs_f64() / per_iter.max(1e-12)) as u64).max(1)
 }
+
+/// CPU seconds (user + system) used so far by this process's children that have exited and been waited for
+/// (`cutime` + `cstime` of `/proc/self/stat`; Linux reports them in USER_HZ = 100 ticks per second). The nodes
+/// and drivers are such children once their cluster is dropped, so a difference across one measurement point is
+/// the CPU the point's processes got. `None` where `/proc` is unavailable.
+pub fn children_cpu_secs() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // The command name (field 2) may contain spaces; the fields after its closing parenthesis are plain.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // After ")" come field 3 (state) onwards: cutime is field 16, cstime field 17, i.e. indexes 13 and 14 here.
+    let cutime: f64 = fields.get(13)?.parse().ok()?;
+    let cstime: f64 = fields.get(14)?.parse().ok()?;
+    Some((cutime + cstime) / 100.0)
+}
