@@ -21,7 +21,6 @@ mod common;
 
 use std::collections::HashSet;
 use std::process::ExitCode;
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -39,24 +38,11 @@ const ES_SIGMA: f32 = 0.05;
 /// ES learning rate.
 const ES_LR: f32 = 0.02;
 
-/// A tag for the node this process is (stable within the process), so the driver can count the nodes used.
-fn node_tag() -> u64 {
-    static TAG: OnceLock<u64> = OnceLock::new();
-    *TAG.get_or_init(|| {
-        use std::hash::{Hash, Hasher};
-        let id = oxray::node_state().map(|s| s.node.id).unwrap_or_default();
-        // DefaultHasher::new() has fixed keys: the same id hashes the same in every process.
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        id.hash(&mut h);
-        h.finish()
-    })
-}
-
 /// A task doing `iters` rounds of fixed CPU work; returns the tag of the node it ran on.
 #[oxray::remote]
 pub fn burn_task(iters: u64, seed: u64) -> u64 {
     common::burn(iters, seed);
-    node_tag()
+    common::node_tag()
 }
 
 /// Deterministic Gaussian-ish noise for perturbation `seed` (sum of uniforms; no global RNG, so the driver
@@ -121,7 +107,7 @@ impl EsWorker {
     }
     /// The tag of the node hosting this worker.
     pub fn node(&self) -> u64 {
-        node_tag()
+        common::node_tag()
     }
 }
 

@@ -37,6 +37,12 @@ const MULTI_CLIENTS: u32 = 4;
 
 const MODES: [&str; 3] = ["embedded", "two_process", "three_nodes"];
 
+/// An empty task that names (by tag) the node it ran on: the placement probe after the timed rows.
+#[oxray::remote]
+pub fn where_tag() -> u64 {
+    common::node_tag()
+}
+
 fn main() -> ExitCode {
     oxray_tests::link();
     // Started as `<this binary> start ...`: run as a cluster node and never return.
@@ -134,7 +140,19 @@ fn child_main(role: &str) -> Result<()> {
     }
     let (multi_mean, multi_std) = mean_std(&multi);
 
+    // Placement probe (untimed): where a burst of empty tasks lands, as task counts per node, largest first.
+    let refs = (0..s.tasks.min(2_000))
+        .map(|_| where_tag::remote())
+        .collect::<oxray::Result<Vec<_>>>()?;
+    let mut per_node = std::collections::HashMap::<u64, u64>::new();
+    for tag in oxray::get_all(&refs)? {
+        *per_node.entry(tag).or_default() += 1;
+    }
+    let mut spread: Vec<u64> = per_node.into_values().collect();
+    spread.sort_unstable_by(|a, b| b.cmp(a));
+
     common::child_write(&json!({
+        "task_spread": spread,
         "tasks_per_s": tasks_mean,
         "tasks_per_s_std": tasks_std,
         "latency_us_p50": quantile(&lat_us, 0.50),
@@ -254,6 +272,10 @@ fn orchestrate() -> Result<()> {
         "task_latency_us_p99": pick("latency_us_p99")?,
         "sync_tasks_per_s": pick("sync_tasks_per_s")?,
         "multi_client_tasks_per_s": pick("multi_client_tasks_per_s")?,
+        "task_spread": MODES
+            .iter()
+            .map(|m| (m.to_string(), results[*m]["task_spread"].clone()))
+            .collect::<serde_json::Map<_, _>>(),
         "cores_used": MODES.iter().map(|m| (m.to_string(), results[*m]["cores_used"].clone())).collect::<serde_json::Map<_, _>>(),
         "sim_decisions_per_s": sim.round(),
         "ray": {
@@ -286,6 +308,13 @@ fn orchestrate() -> Result<()> {
             f("latency_us_p99"),
             f("sync_tasks_per_s"),
             f("multi_client_tasks_per_s"),
+        );
+    }
+    for mode in MODES {
+        println!(
+            "  {mode}: a burst of empty tasks ran on {} node(s), tasks per node {}",
+            results[mode]["task_spread"].as_array().map_or(0, Vec::len),
+            results[mode]["task_spread"]
         );
     }
     println!(

@@ -17,6 +17,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -262,4 +263,18 @@ pub fn children_cpu_secs() -> Option<f64> {
     let cutime: f64 = fields.get(13)?.parse().ok()?;
     let cstime: f64 = fields.get(14)?.parse().ok()?;
     Some((cutime + cstime) / 100.0)
+}
+
+/// A tag for the node this process is (stable within the process), so a driver can count the nodes its tasks
+/// ran on. Computed once per process: the node snapshot is not free.
+pub fn node_tag() -> u64 {
+    static TAG: OnceLock<u64> = OnceLock::new();
+    *TAG.get_or_init(|| {
+        use std::hash::{Hash, Hasher};
+        let id = oxray::node_state().map(|s| s.node.id).unwrap_or_default();
+        // DefaultHasher::new() has fixed keys: the same id hashes the same in every process.
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        id.hash(&mut h);
+        h.finish()
+    })
 }
