@@ -345,7 +345,14 @@ fn orchestrate() -> Result<()> {
         print!("  {ray_row:<26} Ray {ray:>6.0}/s, target {target:>7.0}/s |");
         for mode in MODES {
             let v = results[mode][key].as_f64().unwrap_or(f64::NAN);
-            let mark = if v >= target { "meets" } else { "below" };
+            // The target is set for driver and node in separate processes; embedded is shown for reference.
+            let mark = if mode == "embedded" {
+                "reference only"
+            } else if v >= target {
+                "meets"
+            } else {
+                "below"
+            };
             print!(" {mode} {:.1}x ({mark})", v / ray);
         }
         println!();
