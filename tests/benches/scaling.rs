@@ -149,12 +149,14 @@ fn child_main(role: &str) -> Result<()> {
         .collect::<oxray::Result<Vec<_>>>()?;
     oxray::get_all(&warm)?;
 
+    let cpu0 = common::system_cpu_secs(&p);
     let t = Instant::now();
     let refs = (0..tasks)
         .map(|i| burn_task::remote(iters, i))
         .collect::<oxray::Result<Vec<_>>>()?;
     let tags = oxray::get_all(&refs)?;
     let task_secs = t.elapsed().as_secs_f64();
+    let task_cpu = common::system_cpu_secs(&p) - cpu0;
     let task_nodes: HashSet<u64> = tags.into_iter().collect();
 
     // ES: one worker per node, pinned by node affinity. `--es-spread` asks for `Strategy::Spread` with
@@ -192,6 +194,7 @@ fn child_main(role: &str) -> Result<()> {
     let dim = ES_DIM as usize;
     let mut theta = vec![0.0f32; dim];
     let fitness_start = fitness(&theta);
+    let cpu0 = common::system_cpu_secs(&p);
     let t = Instant::now();
     for step in 0..steps {
         let theta_ref = oxray::put(&theta)?;
@@ -243,12 +246,18 @@ fn child_main(role: &str) -> Result<()> {
         }
     }
     let es_secs = t.elapsed().as_secs_f64();
+    let es_cpu = common::system_cpu_secs(&p) - cpu0;
     let fitness_end = fitness(&theta);
 
     common::child_write(&json!({
         "tasks_per_s": tasks as f64 / task_secs,
         "task_secs": task_secs,
         "task_nodes_used": task_nodes.len(),
+        "task_cpu_s": task_cpu,
+        "task_cores_busy": task_cpu / task_secs,
+        "task_cpu_ms_per_task": task_cpu * 1e3 / tasks as f64,
+        "es_cpu_s": es_cpu,
+        "es_cores_busy": es_cpu / es_secs,
         "es_wall_s": es_secs,
         "es_setup_s": setup_secs,
         "es_nodes_used": es_nodes.len(),
@@ -350,7 +359,7 @@ fn orchestrate() -> Result<()> {
 
     let mut rows = Vec::new();
     for &n in &nodes {
-        let params = json!({
+        let mut params = json!({
             "nodes": n,
             "tasks": tasks,
             "iters": iters,
@@ -363,6 +372,8 @@ fn orchestrate() -> Result<()> {
         let t = Instant::now();
         let cluster = common::start_cluster(1, n - 1, 1)?;
         let start_secs = t.elapsed().as_secs_f64();
+        // The node processes, so the driver can count the CPU they spend in each phase.
+        params["node_pids"] = json!(common::child_pids());
         let mut r = common::run_driver("scale", &params, Some(&cluster))?;
         // Killing and reaping the nodes makes their CPU time visible in this process's children counters.
         drop(cluster);
@@ -376,16 +387,12 @@ fn orchestrate() -> Result<()> {
         if !json_out {
             let f = |k: &str| r[k].as_f64().unwrap_or(f64::NAN);
             println!(
-                "  {n:>3} nodes: {:>8.0} tasks/s on {} node(s); ES {:>6.2} s on {} node(s) \
-                 (fitness {:.1} -> {:.1}); cluster start {start_secs:.2} s; {point_secs:.1} s in all, \
-                 processes got {:.2} cores on average",
-                f("tasks_per_s"),
+                "  {n:>3} nodes: tasks ran on {} node(s), ES workers on {} node(s) (fitness {:.1} -> {:.1}); \
+                 cluster start {start_secs:.2} s, {point_secs:.1} s in all",
                 f("task_nodes_used"),
-                f("es_wall_s"),
                 f("es_nodes_used"),
                 f("es_fitness_start"),
                 f("es_fitness_end"),
-                f("cores_used"),
             );
         }
         rows.push((n, r));
@@ -403,6 +410,9 @@ fn orchestrate() -> Result<()> {
         "es_nodes_used": col("es_nodes_used"),
         "es_setup_s": col("es_setup_s"),
         "cores_used": col("cores_used"),
+        "task_cores_busy": col("task_cores_busy"),
+        "task_cpu_ms_per_task": col("task_cpu_ms_per_task"),
+        "es_cores_busy": col("es_cores_busy"),
         "cpu_s": col("cpu_s"),
         "config": {
             "cores": cores,
@@ -426,8 +436,15 @@ fn orchestrate() -> Result<()> {
     }
     println!();
     println!(
-        "{:>6} {:>12} {:>10} {:>10} {:>10}",
-        "nodes", "tasks/s", "vs 1 node", "ES wall s", "vs 1 node"
+        "{:>6} {:>10} {:>10} {:>11} {:>12} {:>10} {:>10} {:>11}",
+        "nodes",
+        "tasks/s",
+        "vs 1 node",
+        "cores busy",
+        "CPU ms/task",
+        "ES wall s",
+        "vs 1 node",
+        "cores busy"
     );
     let base = rows.first().map(|(_, r)| {
         (
@@ -439,10 +456,14 @@ fn orchestrate() -> Result<()> {
         let tp = r["tasks_per_s"].as_f64().unwrap_or(f64::NAN);
         let es = r["es_wall_s"].as_f64().unwrap_or(f64::NAN);
         let (bt, be) = base.unwrap_or((f64::NAN, f64::NAN));
+        let f = |k: &str| r[k].as_f64().unwrap_or(f64::NAN);
         println!(
-            "{n:>6} {tp:>12.0} {:>9.2}x {es:>10.2} {:>9.2}x",
+            "{n:>6} {tp:>10.0} {:>9.2}x {:>11.2} {:>12.2} {es:>10.2} {:>9.2}x {:>11.2}",
             tp / bt,
-            be / es
+            f("task_cores_busy"),
+            f("task_cpu_ms_per_task"),
+            be / es,
+            f("es_cores_busy"),
         );
     }
     println!(
@@ -454,8 +475,12 @@ fn orchestrate() -> Result<()> {
          (more nodes than cores measure overhead, not capacity)"
     );
     println!(
+        "  cores busy = CPU seconds of the driver and all node processes during the phase / its wall time; \
+         CPU ms/task = the same CPU per task (work plus every overhead)"
+    );
+    println!(
         "  the machine is shared: when other work runs (see the load average), more node processes also win a larger \
-         share of the cores from it, so the per-point 'cores on average' is the fair yardstick"
+         share of the cores from it, so read tasks/s beside cores busy"
     );
     println!(
         "  load average at end: {}",

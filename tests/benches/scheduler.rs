@@ -93,6 +93,7 @@ fn child_main(role: &str) -> Result<()> {
 
     // Throughput: submit N empty tasks, then get them all (Ray's single_client_tasks_async).
     let mut rates = Vec::new();
+    let cpu0 = common::system_cpu_secs(&p);
     for _ in 0..s.trials {
         let t = Instant::now();
         let refs = (0..s.tasks)
@@ -106,9 +107,11 @@ fn child_main(role: &str) -> Result<()> {
         rates.push(s.tasks as f64 / secs);
     }
     let (tasks_mean, tasks_std) = mean_std(&rates);
+    let async_cpu_us = (common::system_cpu_secs(&p) - cpu0) * 1e6 / (s.tasks * s.trials) as f64;
 
     // Latency: one task at a time, submit to value in hand (Ray's single_client_tasks_sync).
     let mut lat_us = Vec::with_capacity(s.latency_calls as usize);
+    let cpu0 = common::system_cpu_secs(&p);
     let t_all = Instant::now();
     for _ in 0..s.latency_calls {
         let t = Instant::now();
@@ -119,6 +122,7 @@ fn child_main(role: &str) -> Result<()> {
         }
     }
     let sync_per_s = s.latency_calls as f64 / t_all.elapsed().as_secs_f64();
+    let sync_cpu_us = (common::system_cpu_secs(&p) - cpu0) * 1e6 / s.latency_calls as f64;
     lat_us.sort_by(f64::total_cmp);
 
     // Multi-client: 4 tasks each submit their own empty tasks and get them (Ray's multi_client_tasks_async).
@@ -155,6 +159,8 @@ fn child_main(role: &str) -> Result<()> {
         "task_spread": spread,
         "tasks_per_s": tasks_mean,
         "tasks_per_s_std": tasks_std,
+        "cpu_us_per_task_async": async_cpu_us,
+        "cpu_us_per_task_sync": sync_cpu_us,
         "latency_us_p50": quantile(&lat_us, 0.50),
         "latency_us_p99": quantile(&lat_us, 0.99),
         "sync_tasks_per_s": sync_per_s,
@@ -215,12 +221,12 @@ fn orchestrate() -> Result<()> {
         let t = Instant::now();
         let mut r = match mode {
             "embedded" => common::run_driver("tasks", &params, None)?,
-            "two_process" => {
-                let cluster = common::start_cluster(node_cpus, 0, node_cpus)?;
-                common::run_driver("tasks", &params, Some(&cluster))?
-            }
             _ => {
-                let cluster = common::start_cluster(node_cpus, 2, node_cpus)?;
+                let workers = if mode == "two_process" { 0 } else { 2 };
+                let cluster = common::start_cluster(node_cpus, workers, node_cpus)?;
+                // The node processes, so the driver can count the CPU they spend per task.
+                let mut params = params.clone();
+                params["node_pids"] = json!(common::child_pids());
                 common::run_driver("tasks", &params, Some(&cluster))?
             }
         };
@@ -276,6 +282,8 @@ fn orchestrate() -> Result<()> {
             .iter()
             .map(|m| (m.to_string(), results[*m]["task_spread"].clone()))
             .collect::<serde_json::Map<_, _>>(),
+        "cpu_us_per_task_async": pick("cpu_us_per_task_async")?,
+        "cpu_us_per_task_sync": pick("cpu_us_per_task_sync")?,
         "cores_used": MODES.iter().map(|m| (m.to_string(), results[*m]["cores_used"].clone())).collect::<serde_json::Map<_, _>>(),
         "sim_decisions_per_s": sim.round(),
         "ray": {
@@ -293,23 +301,36 @@ fn orchestrate() -> Result<()> {
 
     println!();
     println!(
-        "{:<12} {:>16} {:>12} {:>12} {:>16} {:>16}",
-        "mode", "tasks/s async", "p50 µs", "p99 µs", "tasks/s sync", "multi-client/s"
+        "{:<12} {:>16} {:>10} {:>8} {:>8} {:>13} {:>10} {:>15}",
+        "mode",
+        "tasks/s async",
+        "CPU µs/t",
+        "p50 µs",
+        "p99 µs",
+        "tasks/s sync",
+        "CPU µs/t",
+        "multi-client/s"
     );
     for mode in MODES {
         let r = &results[mode];
         let f = |k: &str| r[k].as_f64().unwrap_or(f64::NAN);
         println!(
-            "{:<12} {:>9.0} ±{:>5.0} {:>12.0} {:>12.0} {:>16.0} {:>16.0}",
+            "{:<12} {:>9.0} ±{:>5.0} {:>10.1} {:>8.0} {:>8.0} {:>13.0} {:>10.1} {:>15.0}",
             mode,
             f("tasks_per_s"),
             f("tasks_per_s_std"),
+            f("cpu_us_per_task_async"),
             f("latency_us_p50"),
             f("latency_us_p99"),
             f("sync_tasks_per_s"),
+            f("cpu_us_per_task_sync"),
             f("multi_client_tasks_per_s"),
         );
     }
+    println!(
+        "  CPU µs/t: CPU time of the driver and every node process per task, over the rows to its left \
+         (counts all overhead; stays meaningful when other work shares the machine)"
+    );
     for mode in MODES {
         println!(
             "  {mode}: a burst of empty tasks ran on {} node(s), tasks per node {}",

@@ -278,3 +278,51 @@ pub fn node_tag() -> u64 {
         h.finish()
     })
 }
+
+/// Process ids of this process's live children (from `/proc/self/task/*/children`; empty where unavailable).
+/// Called right after a cluster starts and before its driver is spawned, these are the cluster's node processes.
+pub fn child_pids() -> Vec<u32> {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return Vec::new();
+    };
+    let mut pids: Vec<u32> = tasks
+        .filter_map(|t| t.ok())
+        .filter_map(|t| std::fs::read_to_string(t.path().join("children")).ok())
+        .flat_map(|text| {
+            text.split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect::<Vec<u32>>()
+        })
+        .collect();
+    pids.sort_unstable();
+    pids.dedup();
+    pids
+}
+
+/// CPU seconds (user + system, all threads) used so far by process `pid` (`"self"` for this one), from
+/// `/proc/<pid>/stat` in USER_HZ = 100 ticks per second. `None` if the process is gone or `/proc` is absent.
+pub fn proc_cpu_secs(pid: &str) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // After ")" the fields start at field 3 (state): utime is field 14, stime field 15, i.e. indexes 11 and 12.
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    Some((utime + stime) / 100.0)
+}
+
+/// In a driver child: CPU seconds used so far by the driver itself plus the node processes listed in the
+/// parameter `node_pids` (absent in embedded runs). Differences across a phase give the CPU the whole system
+/// spent on it, which stays meaningful on a machine shared with other work, unlike wall time alone.
+pub fn system_cpu_secs(params: &serde_json::Value) -> f64 {
+    let nodes: f64 = params["node_pids"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(serde_json::Value::as_u64)
+                .filter_map(|p| proc_cpu_secs(&p.to_string()))
+                .sum()
+        })
+        .unwrap_or(0.0);
+    nodes + proc_cpu_secs("self").unwrap_or(0.0)
+}
