@@ -119,6 +119,8 @@ pub struct ShardStatus {
     pub applied: u64,
     /// Current revision.
     pub revision: u64,
+    /// Raft index of the latest snapshot on disk (the log before it is compacted away).
+    pub snapshot_index: u64,
 }
 
 enum Input {
@@ -412,6 +414,12 @@ impl ShardDriver {
                     term: self.replica.term(),
                     applied: st.applied_index(),
                     revision: st.revision(),
+                    snapshot_index: self
+                        .replica
+                        .storage()
+                        .latest_snapshot()
+                        .get_metadata()
+                        .index,
                 });
             }
             Input::Campaign => self.replica.campaign(),
