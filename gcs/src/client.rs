@@ -71,6 +71,9 @@ pub struct ClientConfig {
     pub watch_wait: Duration,
     /// Page size of prefix scans (default 1000).
     pub scan_page: usize,
+    /// Most writes in flight per client (default 512). Kept below the shard's per-client dedup window
+    /// ([`crate::shard::Limits::dedup_per_client`], 1024) so that concurrent seqs do not push each other out of it.
+    pub max_inflight_writes: usize,
 }
 
 impl Default for ClientConfig {
@@ -83,6 +86,7 @@ impl Default for ClientConfig {
             watch_buffer: 1024,
             watch_wait: Duration::from_secs(2),
             scan_page: 1000,
+            max_inflight_writes: 512,
         }
     }
 }
@@ -138,6 +142,8 @@ struct ClientInner {
     leaders: Vec<AtomicU64>,
     /// Round-robin cursor for when no leader is known.
     cursor: AtomicUsize,
+    /// Bounds writes in flight (see [`ClientConfig::max_inflight_writes`]).
+    write_permits: tokio::sync::Semaphore,
     rng: Mutex<rand::rngs::StdRng>,
 }
 
@@ -180,6 +186,7 @@ impl GcsClient {
         let mut rng = rand::rngs::StdRng::from_os_rng();
         let client_id = rng.random::<u64>() | 1;
         let map = ShardMap::new(shards);
+        let write_permits = tokio::sync::Semaphore::new(cfg.max_inflight_writes.max(1));
         GcsClient {
             inner: Arc::new(ClientInner {
                 connector,
@@ -190,6 +197,7 @@ impl GcsClient {
                 client_id,
                 seq: AtomicU64::new(0),
                 cursor: AtomicUsize::new(0),
+                write_permits,
                 rng: Mutex::new(rng),
             }),
         }
@@ -249,6 +257,13 @@ impl GcsClient {
     /// Applies one mutation exactly once (see the module docs).
     pub async fn write(&self, op: Op) -> Result<WriteResult, GcsError> {
         let shard = self.inner.map.shard_of(op.key());
+        // The seq is taken after the permit, so seqs in flight always span less than the dedup window.
+        let _permit = self
+            .inner
+            .write_permits
+            .acquire()
+            .await
+            .map_err(|_| GcsError::Protocol("client closed".into()))?;
         let seq = self.inner.seq.fetch_add(1, Ordering::Relaxed) + 1;
         let req = Request::Write {
             shard,
