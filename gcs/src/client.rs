@@ -556,6 +556,7 @@ impl GcsClient {
                     ServerError::Compacted { oldest } => {
                         return Err(GcsError::Compacted { oldest });
                     }
+                    ServerError::BadRequest(why) => return Err(GcsError::Protocol(why)),
                 },
                 Ok(Ok(resp)) => {
                     self.set_leader(shard, Some(member));

@@ -270,9 +270,7 @@ impl GcsServer {
     pub async fn handle_bytes(&self, req: &[u8]) -> Bytes {
         match Request::decode(req) {
             Ok(r) => self.handle(r).await.encode(),
-            Err(e) => {
-                Response::Err(ServerError::Stopped(format!("undecodable request: {e}"))).encode()
-            }
+            Err(e) => Response::Err(ServerError::BadRequest(e.to_string())).encode(),
         }
     }
 
