@@ -148,9 +148,15 @@ struct ClientInner {
 }
 
 /// A handle to the GCS. Cheap to clone (clones share the client id, seqs and leader cache).
+///
+/// Every call has a deadline: [`ClientConfig::call_timeout`] by default, or another one for the calls made
+/// through [`GcsClient::with_timeout`]. Dropping the handle stops nothing on the server; dropping a
+/// [`WatchStream`] stops its poll.
 #[derive(Clone)]
 pub struct GcsClient {
     inner: Arc<ClientInner>,
+    /// Deadline of each call made through this handle.
+    call_timeout: Duration,
 }
 
 impl std::fmt::Debug for GcsClient {
@@ -187,7 +193,9 @@ impl GcsClient {
         let client_id = rng.random::<u64>() | 1;
         let map = ShardMap::new(shards);
         let write_permits = tokio::sync::Semaphore::new(cfg.max_inflight_writes.max(1));
+        let call_timeout = cfg.call_timeout;
         GcsClient {
+            call_timeout,
             inner: Arc::new(ClientInner {
                 connector,
                 members,
@@ -200,6 +208,15 @@ impl GcsClient {
                 write_permits,
                 rng: Mutex::new(rng),
             }),
+        }
+    }
+
+    /// A handle whose calls have deadline `timeout` (retries included). It shares everything else with
+    /// `self`, including the client id, so writes through either are deduplicated together.
+    pub fn with_timeout(&self, timeout: Duration) -> GcsClient {
+        GcsClient {
+            inner: self.inner.clone(),
+            call_timeout: timeout,
         }
     }
 
@@ -507,7 +524,7 @@ impl GcsClient {
     async fn call(&self, shard: u32, req: Request, is_write: bool) -> Result<Response, GcsError> {
         let cfg = &self.inner.cfg;
         let start = Instant::now();
-        let deadline = start + cfg.call_timeout;
+        let deadline = start + self.call_timeout;
         let mut backoff = cfg.backoff_min;
         let mut attempt = 0usize;
         let mut last = String::from("no attempt");

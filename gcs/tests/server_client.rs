@@ -360,15 +360,8 @@ async fn unreachable_cluster_fails_with_timeout_not_a_hang() {
     let server =
         GcsServer::start(ServerConfig::new(1, vec![1], 1, dir.path()), net.clone()).unwrap();
     net.add(1, server.clone());
-    let client = GcsClient::new(
-        net.clone(),
-        vec![1],
-        1,
-        ClientConfig {
-            call_timeout: Duration::from_millis(300),
-            ..ClientConfig::default()
-        },
-    );
+    let client = GcsClient::new(net.clone(), vec![1], 1, ClientConfig::default())
+        .with_timeout(Duration::from_millis(300));
     client.put("kv/a", Bytes::new()).await.unwrap();
     net.isolate(1);
     let t0 = std::time::Instant::now();
