@@ -3,8 +3,8 @@
 //! histories are checked for linearizability.
 //!
 //! Everything random comes from one seeded RNG and time is a tick counter, so a failing seed replays exactly;
-//! the seed is printed on failure. `OXRAY_SIM_SEEDS=N` runs N seeds per test (four tests; by default 2 x 75
-//! seeds of 3 replicas and 2 x 30 of 5 in release, a tenth of that in debug builds); `OXRAY_SIM_SEED=S`
+//! the seed is printed on failure. `OXRAY_SIM_SEEDS=N` runs N seeds per test (four tests; by default 2 x 50
+//! seeds of 3 replicas and 2 x 25 of 5 in release, a tenth of that in debug builds); `OXRAY_SIM_SEED=S`
 //! replays one seed (in every test, so filter by cluster size);
 //! `OXRAY_SIM_TIMING=1` prints history sizes and checker time.
 //!
@@ -538,20 +538,20 @@ fn default_seeds(release: u64) -> u64 {
 
 #[test]
 fn sim_three_replicas_a() {
-    run_many(3, default_seeds(75), 1);
+    run_many(3, default_seeds(50), 1);
 }
 
 #[test]
 fn sim_three_replicas_b() {
-    run_many(3, default_seeds(75), 5_001);
+    run_many(3, default_seeds(50), 5_001);
 }
 
 #[test]
 fn sim_five_replicas_a() {
-    run_many(5, default_seeds(30), 10_001);
+    run_many(5, default_seeds(25), 10_001);
 }
 
 #[test]
 fn sim_five_replicas_b() {
-    run_many(5, default_seeds(30), 15_001);
+    run_many(5, default_seeds(25), 15_001);
 }
