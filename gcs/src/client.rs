@@ -71,6 +71,9 @@ pub struct ClientConfig {
     pub watch_wait: Duration,
     /// Page size of prefix scans (default 1000).
     pub scan_page: usize,
+    /// Most writes in flight per client (default 512). Kept below the shard's per-client dedup window
+    /// ([`crate::shard::Limits::dedup_per_client`], 1024) so that concurrent seqs do not push each other out of it.
+    pub max_inflight_writes: usize,
 }
 
 impl Default for ClientConfig {
@@ -83,6 +86,7 @@ impl Default for ClientConfig {
             watch_buffer: 1024,
             watch_wait: Duration::from_secs(2),
             scan_page: 1000,
+            max_inflight_writes: 512,
         }
     }
 }
@@ -138,13 +142,21 @@ struct ClientInner {
     leaders: Vec<AtomicU64>,
     /// Round-robin cursor for when no leader is known.
     cursor: AtomicUsize,
+    /// Bounds writes in flight (see [`ClientConfig::max_inflight_writes`]).
+    write_permits: tokio::sync::Semaphore,
     rng: Mutex<rand::rngs::StdRng>,
 }
 
 /// A handle to the GCS. Cheap to clone (clones share the client id, seqs and leader cache).
+///
+/// Every call has a deadline: [`ClientConfig::call_timeout`] by default, or another one for the calls made
+/// through [`GcsClient::with_timeout`]. Dropping the handle stops nothing on the server; dropping a
+/// [`WatchStream`] stops its poll.
 #[derive(Clone)]
 pub struct GcsClient {
     inner: Arc<ClientInner>,
+    /// Deadline of each call made through this handle.
+    call_timeout: Duration,
 }
 
 impl std::fmt::Debug for GcsClient {
@@ -180,7 +192,10 @@ impl GcsClient {
         let mut rng = rand::rngs::StdRng::from_os_rng();
         let client_id = rng.random::<u64>() | 1;
         let map = ShardMap::new(shards);
+        let write_permits = tokio::sync::Semaphore::new(cfg.max_inflight_writes.max(1));
+        let call_timeout = cfg.call_timeout;
         GcsClient {
+            call_timeout,
             inner: Arc::new(ClientInner {
                 connector,
                 members,
@@ -190,8 +205,18 @@ impl GcsClient {
                 client_id,
                 seq: AtomicU64::new(0),
                 cursor: AtomicUsize::new(0),
+                write_permits,
                 rng: Mutex::new(rng),
             }),
+        }
+    }
+
+    /// A handle whose calls have deadline `timeout` (retries included). It shares everything else with
+    /// `self`, including the client id, so writes through either are deduplicated together.
+    pub fn with_timeout(&self, timeout: Duration) -> GcsClient {
+        GcsClient {
+            inner: self.inner.clone(),
+            call_timeout: timeout,
         }
     }
 
@@ -249,6 +274,13 @@ impl GcsClient {
     /// Applies one mutation exactly once (see the module docs).
     pub async fn write(&self, op: Op) -> Result<WriteResult, GcsError> {
         let shard = self.inner.map.shard_of(op.key());
+        // The seq is taken after the permit, so seqs in flight always span less than the dedup window.
+        let _permit = self
+            .inner
+            .write_permits
+            .acquire()
+            .await
+            .map_err(|_| GcsError::Protocol("client closed".into()))?;
         let seq = self.inner.seq.fetch_add(1, Ordering::Relaxed) + 1;
         let req = Request::Write {
             shard,
@@ -492,7 +524,7 @@ impl GcsClient {
     async fn call(&self, shard: u32, req: Request, is_write: bool) -> Result<Response, GcsError> {
         let cfg = &self.inner.cfg;
         let start = Instant::now();
-        let deadline = start + cfg.call_timeout;
+        let deadline = start + self.call_timeout;
         let mut backoff = cfg.backoff_min;
         let mut attempt = 0usize;
         let mut last = String::from("no attempt");
@@ -541,6 +573,7 @@ impl GcsClient {
                     ServerError::Compacted { oldest } => {
                         return Err(GcsError::Compacted { oldest });
                     }
+                    ServerError::BadRequest(why) => return Err(GcsError::Protocol(why)),
                 },
                 Ok(Ok(resp)) => {
                     self.set_leader(shard, Some(member));

@@ -1,7 +1,8 @@
 //! The adapter between the GCS's network seams and the QUIC mesh (`oxray-transport`).
 //!
 //! - [`MeshPeers`] implements [`PeerNetwork`]: Raft messages go out as one-way mesh messages of kind
-//!   [`KIND_RAFT`] to the member's node.
+//!   [`KIND_RAFT`] to the member's node; those above [`STREAM_THRESHOLD`] (snapshots) are streamed
+//!   ([`KIND_RAFT_STREAM`]) so they are not bound by the transport's message size limit.
 //! - [`MeshConnector`] implements [`Connector`]: client requests are mesh requests of kind [`KIND_REQUEST`].
 //! - [`GcsService`] answers both on the receiving node. A node whose mesh serves other things too routes
 //!   these kinds to [`GcsService::on_request`] / [`GcsService::on_oneway`] from its own handler; a mesh that
@@ -28,6 +29,12 @@ pub const KIND_REQUEST: u16 = 0x0300;
 pub const KIND_RESPONSE: u16 = 0x0301;
 /// Mesh message kind of a one-way Raft message between GCS members.
 pub const KIND_RAFT: u16 = 0x0302;
+/// Mesh stream kind of a large Raft message (a snapshot) streamed between GCS members.
+pub const KIND_RAFT_STREAM: u16 = 0x0303;
+
+/// Raft messages larger than this (in practice only snapshots) are streamed rather than sent as one mesh
+/// message, which the transport caps at `max_message_bytes` (64 MiB by default).
+pub const STREAM_THRESHOLD: usize = 8 << 20;
 
 /// Sends Raft traffic over the mesh. Member ids map to node ids through a fixed table.
 #[derive(Debug)]
@@ -64,8 +71,15 @@ impl PeerNetwork for MeshPeers {
         let node = *node;
         // Called from a shard thread: hand the send to the runtime. Failures are dropped; Raft retransmits.
         self.runtime.spawn(async move {
-            if let Err(e) = mesh.send(node, KIND_RAFT, msg).await {
-                tracing::trace!(to = %node, cause = %e, "raft send failed");
+            let res = if msg.len() > STREAM_THRESHOLD {
+                mesh.send_stream(node, KIND_RAFT_STREAM, Bytes::new(), msg)
+                    .await
+                    .map(drop)
+            } else {
+                mesh.send(node, KIND_RAFT, msg).await
+            };
+            if let Err(e) = res {
+                tracing::debug!(to = %node, cause = %e, "raft send failed");
             }
         });
     }
@@ -155,7 +169,7 @@ impl GcsService {
 
     /// Whether `kind` is one of the GCS's message kinds.
     pub fn handles(kind: u16) -> bool {
-        matches!(kind, KIND_REQUEST | KIND_RAFT)
+        matches!(kind, KIND_REQUEST | KIND_RAFT | KIND_RAFT_STREAM)
     }
 }
 
@@ -176,21 +190,51 @@ impl Handler for GcsService {
     }
 
     fn on_oneway(&self, msg: Message) {
-        if msg.kind() != KIND_RAFT {
+        if msg.kind() == KIND_RAFT {
+            self.deliver(msg.source(), msg.body());
+        }
+    }
+
+    fn on_stream(&self, header: Message, mut incoming: oxray_transport::IncomingStream) {
+        if header.kind() != KIND_RAFT_STREAM {
+            incoming.error(format!("gcs: unexpected stream kind {:#x}", header.kind()));
             return;
         }
+        if !self.members.values().any(|n| *n == header.source()) {
+            incoming.error("gcs: streams are accepted from members only");
+            return;
+        }
+        let this = GcsService {
+            server: parking_lot::RwLock::new(self.server.read().clone()),
+            members: self.members.clone(),
+        };
+        tokio::spawn(async move {
+            match incoming.read_all().await {
+                Ok(body) => {
+                    this.deliver(header.source(), &body);
+                    incoming.reply(KIND_RESPONSE, Bytes::new());
+                }
+                Err(e) => tracing::debug!(cause = %e, "raft stream failed"),
+            }
+        });
+    }
+}
+
+impl GcsService {
+    /// Delivers an encoded Raft message if `source` is the node of the member it claims to come from.
+    fn deliver(&self, source: NodeId, body: &[u8]) {
         let Some(server) = self.server.read().clone() else {
             return;
         };
-        match crate::wire::decode_raft(msg.body()) {
-            Ok((shard, m)) if self.members.get(&m.from) == Some(&msg.source()) => {
+        match crate::wire::decode_raft(body) {
+            Ok((shard, m)) if self.members.get(&m.from) == Some(&source) => {
                 server.deliver(shard, m)
             }
             Ok((_, m)) => {
-                tracing::warn!(source = %msg.source(), claimed = m.from, "raft message from a non-member dropped");
+                tracing::warn!(source = %source, claimed = m.from, "raft message from a non-member dropped");
             }
             Err(e) => {
-                tracing::debug!(source = %msg.source(), cause = %e, "malformed raft message dropped")
+                tracing::debug!(source = %source, cause = %e, "malformed raft message dropped")
             }
         }
     }

@@ -59,6 +59,8 @@ pub struct ReplicaConfig {
     pub max_pending: usize,
     /// Snapshot and compact the log every this many applied entries (default 10 000).
     pub snapshot_entries: u64,
+    /// ... or once the log held in memory since the last snapshot exceeds this many bytes (default 256 MiB).
+    pub snapshot_log_bytes: usize,
     /// Shard limits (must be equal on every replica).
     pub limits: Limits,
     /// How the WAL writes.
@@ -77,6 +79,7 @@ impl ReplicaConfig {
             max_batch_bytes: 4 << 20,
             max_pending: 65_536,
             snapshot_entries: 10_000,
+            snapshot_log_bytes: 256 << 20,
             limits: Limits::default(),
             wal: WalConfig::default(),
         }
@@ -568,7 +571,10 @@ impl Replica {
     fn maybe_snapshot(&mut self) -> Result<(), ReplicaFatal> {
         let applied = self.state.applied_index();
         let snap_index = self.raw.store().latest_snapshot().get_metadata().index;
-        if applied >= snap_index + self.cfg.snapshot_entries.max(1) {
+        let by_count = applied >= snap_index + self.cfg.snapshot_entries.max(1);
+        let by_bytes =
+            applied > snap_index && self.raw.store().log_bytes() > self.cfg.snapshot_log_bytes;
+        if by_count || by_bytes {
             let data = self.state.encode_snapshot();
             self.raw.mut_store().compact(applied, data)?;
         }

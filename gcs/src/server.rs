@@ -119,6 +119,8 @@ pub struct ShardStatus {
     pub applied: u64,
     /// Current revision.
     pub revision: u64,
+    /// Raft index of the latest snapshot on disk (the log before it is compacted away).
+    pub snapshot_index: u64,
 }
 
 enum Input {
@@ -228,11 +230,29 @@ impl GcsServer {
     /// An embedded GCS: one shard, one replica, stored in `dir`, with a client wired to it in-process.
     /// This is what `oxray::init()` uses; it runs exactly the replicated code path with a quorum of one.
     pub fn embedded(dir: &Path) -> Result<(GcsServer, GcsClient), StartError> {
+        GcsServer::embedded_with(
+            ServerConfig::new(1, vec![1], 1, dir),
+            ClientConfig::default(),
+        )
+    }
+
+    /// [`GcsServer::embedded`] with explicit settings (e.g. `fsync` off for tests, other limits). `cfg` must
+    /// describe a single member; it may have several shards.
+    pub fn embedded_with(
+        cfg: ServerConfig,
+        client: ClientConfig,
+    ) -> Result<(GcsServer, GcsClient), StartError> {
+        if cfg.members.len() != 1 {
+            return Err(StartError::Config(format!(
+                "embedded mode has one member, not {:?}",
+                cfg.members
+            )));
+        }
         let net = LocalNet::new();
-        let cfg = ServerConfig::new(1, vec![1], 1, dir);
+        let (member, shards) = (cfg.member, cfg.shards);
         let server = GcsServer::start(cfg, net.clone())?;
-        net.add(1, server.clone());
-        let client = GcsClient::new(net, vec![1], 1, ClientConfig::default());
+        net.add(member, server.clone());
+        let client = GcsClient::new(net, vec![member], shards, client);
         Ok((server, client))
     }
 
@@ -268,9 +288,7 @@ impl GcsServer {
     pub async fn handle_bytes(&self, req: &[u8]) -> Bytes {
         match Request::decode(req) {
             Ok(r) => self.handle(r).await.encode(),
-            Err(e) => {
-                Response::Err(ServerError::Stopped(format!("undecodable request: {e}"))).encode()
-            }
+            Err(e) => Response::Err(ServerError::BadRequest(e.to_string())).encode(),
         }
     }
 
@@ -412,6 +430,12 @@ impl ShardDriver {
                     term: self.replica.term(),
                     applied: st.applied_index(),
                     revision: st.revision(),
+                    snapshot_index: self
+                        .replica
+                        .storage()
+                        .latest_snapshot()
+                        .get_metadata()
+                        .index,
                 });
             }
             Input::Campaign => self.replica.campaign(),

@@ -15,7 +15,8 @@
 //! Replay rebuilds the in-memory log: the snapshot, then every record in order, where an entry at index `i`
 //! replaces any entry at `i` or later (Raft's conflict truncation), and entries covered by the snapshot are
 //! skipped. All entries since the last snapshot live in memory; the replica bounds that by snapshotting
-//! every [`crate::replica::ReplicaConfig::snapshot_entries`] entries.
+//! every [`crate::replica::ReplicaConfig::snapshot_entries`] entries or
+//! [`crate::replica::ReplicaConfig::snapshot_log_bytes`] bytes, whichever comes first.
 //!
 //! What it is not: membership here is static (the voters given at first open, kept in snapshot metadata);
 //! there is no conf-change support.
@@ -46,6 +47,8 @@ pub struct DiskStorage {
     snapshot: Snapshot,
     /// Entries after the snapshot: `entries[0].index == snapshot index + 1`.
     entries: Vec<Entry>,
+    /// Payload bytes held in `entries` (the replica snapshots when this grows too large).
+    entries_bytes: usize,
 }
 
 impl DiskStorage {
@@ -73,6 +76,7 @@ impl DiskStorage {
             hard_dirty: false,
             snapshot,
             entries: Vec::new(),
+            entries_bytes: 0,
         };
         for rec in records {
             st.replay(rec.segment, &rec.payload)?;
@@ -108,6 +112,7 @@ impl DiskStorage {
                         return Err(bad(format!("gap: entry {} after last {}", e.index, last)));
                     }
                     self.truncate_from(e.index);
+                    self.entries_bytes += e.data.len();
                     self.entries.push(e);
                 }
                 r.finish().map_err(|e| bad(e.to_string()))?;
@@ -138,12 +143,17 @@ impl DiskStorage {
     }
 
     fn truncate_from(&mut self, index: u64) {
-        let first = self.first();
-        if index < first {
-            self.entries.clear();
-        } else {
-            self.entries.truncate((index - first) as usize);
+        let keep = index.saturating_sub(self.first()) as usize;
+        if keep < self.entries.len() {
+            let removed: usize = self.entries[keep..].iter().map(|e| e.data.len()).sum();
+            self.entries_bytes -= removed;
+            self.entries.truncate(keep);
         }
+    }
+
+    /// Payload bytes of the entries held since the last snapshot.
+    pub fn log_bytes(&self) -> usize {
+        self.entries_bytes
     }
 
     /// Appends entries (replacing any conflicting suffix). Durable after [`DiskStorage::sync`].
@@ -181,6 +191,7 @@ impl DiskStorage {
         }
         self.wal.append(&w.finish(), max);
         self.truncate_from(first_new.index);
+        self.entries_bytes += ents.iter().map(|e| e.data.len()).sum::<usize>();
         self.entries.extend_from_slice(ents);
         Ok(())
     }
@@ -234,6 +245,7 @@ impl DiskStorage {
         self.hard.term = self.hard.term.max(meta.term);
         self.hard.commit = meta.index;
         self.entries.clear();
+        self.entries_bytes = 0;
         self.snapshot = snap;
         // Every old segment is superseded; start a clean one that begins with the new hard state.
         self.wal.rotate()?;
@@ -258,7 +270,12 @@ impl DiskStorage {
         meta.set_conf_state(self.snapshot.get_metadata().get_conf_state().clone());
         write_snapshot_file(&self.dir, &snap, self.wal.fsync())?;
         let first = self.first();
-        self.entries.drain(..(index + 1 - first) as usize);
+        let dropped: usize = self
+            .entries
+            .drain(..(index + 1 - first) as usize)
+            .map(|e| e.data.len())
+            .sum();
+        self.entries_bytes -= dropped;
         self.snapshot = snap;
         self.wal.purge(index)?;
         Ok(())
@@ -486,6 +503,25 @@ mod tests {
         );
         assert_eq!(s.snapshot(0, 2).unwrap().get_data(), b"state@30");
         assert!(s.hard_state().commit >= 30);
+    }
+
+    #[test]
+    fn log_bytes_track_appends_truncation_and_compaction() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = DiskStorage::open(dir.path(), cfg(), &[1]).unwrap();
+        let size = |i: u64, t: u64| format!("e{i}t{t}").len();
+        s.append(&(1..=5).map(|i| ent(i, 1)).collect::<Vec<_>>())
+            .unwrap();
+        assert_eq!(s.log_bytes(), (1..=5).map(|i| size(i, 1)).sum::<usize>());
+        s.append(&[ent(4, 2)]).unwrap();
+        let expect = (1..=3).map(|i| size(i, 1)).sum::<usize>() + size(4, 2);
+        assert_eq!(s.log_bytes(), expect);
+        s.sync().unwrap();
+        s.compact(2, Vec::new()).unwrap();
+        assert_eq!(s.log_bytes(), size(3, 1) + size(4, 2));
+        drop(s);
+        let s = DiskStorage::open(dir.path(), cfg(), &[1]).unwrap();
+        assert_eq!(s.log_bytes(), size(3, 1) + size(4, 2), "rebuilt on replay");
     }
 
     #[test]

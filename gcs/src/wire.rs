@@ -128,6 +128,9 @@ pub enum ServerError {
     /// The member's replica stopped (storage failure or shutdown).
     #[error("replica stopped: {0}")]
     Stopped(String),
+    /// The request did not decode; retrying the same bytes will not help.
+    #[error("bad request: {0}")]
+    BadRequest(String),
 }
 
 fn encode_kv(w: &mut Writer, kv: &KeyValue) {
@@ -345,6 +348,10 @@ impl Response {
                         w.u8(8);
                         w.bytes(why.as_bytes());
                     }
+                    ServerError::BadRequest(why) => {
+                        w.u8(9);
+                        w.bytes(why.as_bytes());
+                    }
                 }
             }
         }
@@ -429,6 +436,7 @@ impl Response {
                 6 => ServerError::Compacted { oldest: r.u64()? },
                 7 => ServerError::NoSuchShard { shard: r.u32()? },
                 8 => ServerError::Stopped(String::from_utf8_lossy(r.slice()?).into_owned()),
+                9 => ServerError::BadRequest(String::from_utf8_lossy(r.slice()?).into_owned()),
                 tag => {
                     return Err(DecodeError::BadTag {
                         what: "server error",
@@ -539,6 +547,7 @@ mod tests {
             })),
             Response::Err(ServerError::Compacted { oldest: 3 }),
             Response::Err(ServerError::Stopped("disk".into())),
+            Response::Err(ServerError::BadRequest("tag".into())),
         ];
         for p in resps {
             assert_eq!(Response::decode(&p.encode()).unwrap(), p);

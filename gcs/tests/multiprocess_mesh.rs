@@ -5,6 +5,8 @@
 //! exactly once and in order across the failover; the restarted member rejoins from disk and helps form a
 //! quorum after another member is killed.
 //!
+//! `OXRAY_SOAK=1` repeats the kill-and-restart round five times.
+//!
 //! The member processes are this same test binary re-run with `OXRAY_GCS_CHILD` set (see [`child_member`]),
 //! so no extra binary is needed. Ports are chosen by binding to `:0` and released just before the children
 //! bind them (a small race on a busy machine, reported as a start failure, not as a wrong result).
@@ -195,48 +197,59 @@ async fn leader_sigkill_and_restart_from_disk() {
     let mut watch = client.watch("jobs/", 0).unwrap();
     let (mut acked, mut unknown) = (BTreeMap::new(), BTreeSet::new());
 
-    write_range(&client, 0..100, &mut acked, &mut unknown).await;
-    let leader = client.leader_hint(shard).expect("a leader answered");
-    // SIGKILL the leader mid-stream: a writer task keeps going while it dies.
-    let writer = {
-        let client = client.clone();
-        tokio::spawn(async move {
-            let (mut a, mut u) = (BTreeMap::new(), BTreeSet::new());
-            write_range(&client, 100..200, &mut a, &mut u).await;
-            (a, u)
-        })
-    };
-    tokio::time::sleep(Duration::from_millis(30)).await;
-    let started = Instant::now();
-    members.children.get_mut(&leader).unwrap().kill().unwrap();
-    members.children.get_mut(&leader).unwrap().wait().unwrap();
-    let (a, u) = writer.await.unwrap();
-    acked.extend(a);
-    unknown.extend(u);
-    let new_leader = client.leader_hint(shard).expect("a new leader answered");
-    assert_ne!(new_leader, leader);
-    eprintln!(
-        "writes 100..200 finished {:?} after the kill; new leader {new_leader}",
-        started.elapsed()
-    );
-
-    // Restart the killed member from its files, then kill another: the restarted one must form the quorum.
-    members
-        .children
-        .insert(leader, spawn_member(leader, dir.path(), &addrs));
-    write_range(&client, 200..250, &mut acked, &mut unknown).await;
-    tokio::time::sleep(Duration::from_secs(1)).await; // let it catch up
-    let other = (1..=MEMBERS)
-        .find(|&m| m != leader && m != new_leader)
-        .unwrap();
-    let victim = if client.leader_hint(shard) == Some(new_leader) {
-        new_leader
+    // One kill-and-restart round by default; OXRAY_SOAK=1 runs five.
+    let rounds = if std::env::var("OXRAY_SOAK").is_ok() {
+        5
     } else {
-        other
+        1
+    };
+    let mut next = 0u64;
+    let mut restarted = 0;
+    for round in 0..rounds {
+        write_range(&client, next..next + 100, &mut acked, &mut unknown).await;
+        next += 100;
+        let leader = client.leader_hint(shard).expect("a leader answered");
+        // SIGKILL the leader mid-stream: a writer task keeps going while it dies.
+        let writer = {
+            let client = client.clone();
+            let range = next..next + 100;
+            tokio::spawn(async move {
+                let (mut a, mut u) = (BTreeMap::new(), BTreeSet::new());
+                write_range(&client, range, &mut a, &mut u).await;
+                (a, u)
+            })
+        };
+        next += 100;
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        let started = Instant::now();
+        members.children.get_mut(&leader).unwrap().kill().unwrap();
+        members.children.get_mut(&leader).unwrap().wait().unwrap();
+        let (a, u) = writer.await.unwrap();
+        acked.extend(a);
+        unknown.extend(u);
+        let new_leader = client.leader_hint(shard).expect("a new leader answered");
+        assert_ne!(new_leader, leader);
+        eprintln!(
+            "round {round}: 100 writes finished {:?} after the kill; new leader {new_leader}",
+            started.elapsed()
+        );
+        // Restart the killed member from its files.
+        members
+            .children
+            .insert(leader, spawn_member(leader, dir.path(), &addrs));
+        write_range(&client, next..next + 50, &mut acked, &mut unknown).await;
+        next += 50;
+        tokio::time::sleep(Duration::from_secs(1)).await; // let it catch up
+        restarted = leader;
+    }
+    // Kill a member other than the restarted one: the restarted one must now help form the quorum.
+    let victim = match client.leader_hint(shard) {
+        Some(l) if l != restarted => l,
+        _ => (1..=MEMBERS).find(|&m| m != restarted).unwrap(),
     };
     members.children.get_mut(&victim).unwrap().kill().unwrap();
     members.children.get_mut(&victim).unwrap().wait().unwrap();
-    write_range(&client, 250..300, &mut acked, &mut unknown).await;
+    write_range(&client, next..next + 50, &mut acked, &mut unknown).await;
 
     // Every acknowledged write is present with the acknowledged revision.
     let (kvs, _) = client.scan_prefix("jobs/").await.unwrap();

@@ -352,3 +352,38 @@ async fn typed_tables() {
         Err(TableError::Decode { .. })
     ));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_cluster_fails_with_timeout_not_a_hang() {
+    let dir = tempfile::tempdir().unwrap();
+    let net = LocalNet::new();
+    let server =
+        GcsServer::start(ServerConfig::new(1, vec![1], 1, dir.path()), net.clone()).unwrap();
+    net.add(1, server.clone());
+    let client = GcsClient::new(net.clone(), vec![1], 1, ClientConfig::default())
+        .with_timeout(Duration::from_millis(300));
+    client.put("kv/a", Bytes::new()).await.unwrap();
+    net.isolate(1);
+    let t0 = std::time::Instant::now();
+    match client.put("kv/b", Bytes::new()).await {
+        Err(GcsError::Timeout {
+            outcome_unknown, ..
+        }) => assert!(outcome_unknown, "a write's fate is unknown"),
+        other => panic!("{other:?}"),
+    }
+    match client.get("kv/a").await {
+        Err(GcsError::Timeout {
+            outcome_unknown, ..
+        }) => assert!(!outcome_unknown),
+        other => panic!("{other:?}"),
+    }
+    assert!(t0.elapsed() < Duration::from_secs(3), "deadline respected");
+    net.heal();
+    assert!(client.get("kv/a").await.unwrap().is_some());
+    // A stopped server surfaces as an error too, never a hang.
+    server.shutdown();
+    assert!(matches!(
+        client.get("kv/a").await,
+        Err(GcsError::Timeout { .. })
+    ));
+}
