@@ -275,7 +275,11 @@ async fn rps_oxray(s: &Setup, inflight: usize, dur: Duration) -> f64 {
 async fn rps_quinn(s: &Setup, inflight: usize, dur: Duration) -> f64 {
     let stop = Arc::new(AtomicBool::new(false));
     let count = Arc::new(AtomicU64::new(0));
-    let body = Bytes::from(vec![7u8; 64]);
+    let size = std::env::var("OXRAY_BENCH_QUINN_BODY")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(64);
+    let body = Bytes::from(vec![7u8; size]);
     let mut tasks = Vec::new();
     for _ in 0..inflight {
         let (conn, stop, count, body) = (s.conn.clone(), stop.clone(), count.clone(), body.clone());
@@ -387,9 +391,15 @@ fn main() {
                 ("rps_inflight_256", 256),
             ] {
                 let (mut ox, mut qu) = (0.0f64, 0.0f64);
+                // OXRAY_BENCH_SIDE=oxray|quinn measures one side only (for profiling).
+                let side = std::env::var("OXRAY_BENCH_SIDE").unwrap_or_default();
                 for _ in 0..rounds {
-                    ox = ox.max(rps_oxray(&s, k, dur).await);
-                    qu = qu.max(rps_quinn(&s, k, dur).await);
+                    if side != "quinn" {
+                        ox = ox.max(rps_oxray(&s, k, dur).await);
+                    }
+                    if side != "oxray" {
+                        qu = qu.max(rps_quinn(&s, k, dur).await);
+                    }
                 }
                 rows.push((name, ox, qu));
             }
