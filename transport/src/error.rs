@@ -84,6 +84,17 @@ impl TransportError {
         )
     }
 
+    /// Names the peer in a `Connect` error raised where the stream did not know it.
+    pub(crate) fn with_peer(self, peer: NodeId) -> TransportError {
+        match self {
+            TransportError::Connect {
+                peer: NodeId(0),
+                why,
+            } => TransportError::Connect { peer, why },
+            other => other,
+        }
+    }
+
     pub(crate) fn malformed(why: impl std::fmt::Display) -> TransportError {
         TransportError::Malformed {
             why: why.to_string(),

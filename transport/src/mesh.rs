@@ -19,7 +19,7 @@ use dashmap::DashMap;
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use rkyv::util::AlignedVec;
 use tokio::sync::Notify;
-use tracing::{debug, warn};
+use tracing::{Instrument as _, debug, info_span, warn};
 
 use crate::error::{TransportError, close, from_connection};
 use crate::frame::{self, ErrorCode, FrameType, HEADER_LEN, Header, PREFIX_LEN, TraceContext};
@@ -264,7 +264,8 @@ impl Mesh {
             active: AtomicUsize::new(0),
             idle: Notify::new(),
         });
-        tokio::spawn(accept_loop(Arc::downgrade(&inner), inner.endpoint.clone()));
+        let span = info_span!("mesh", node = %inner.node_id);
+        tokio::spawn(accept_loop(Arc::downgrade(&inner), inner.endpoint.clone()).instrument(span));
         debug!(node = %inner.node_id, addr = %local_addr, "mesh bound");
         Ok(Mesh { inner })
     }
@@ -624,8 +625,9 @@ impl Inner {
         *peer.conn.lock() = Some(conn.clone());
         // The connection carries traffic both ways: serve what the peer opens on it.
         let weak = self.weak();
-        tokio::spawn(serve_bi(weak.clone(), conn.clone(), to));
-        tokio::spawn(serve_uni(weak, conn.clone(), to));
+        let span = info_span!("conn", node = %self.node_id, peer = %to, dir = "out");
+        tokio::spawn(serve_bi(weak.clone(), conn.clone(), to).instrument(span.clone()));
+        tokio::spawn(serve_uni(weak, conn.clone(), to).instrument(span));
         Ok(conn)
     }
 
@@ -673,7 +675,9 @@ impl Inner {
             return Err(write_error(to, e));
         }
         let _ = send.finish();
-        let (h, buf) = read_frame(&mut recv, &self.limits).await?;
+        let (h, buf) = read_frame(&mut recv, &self.limits)
+            .await
+            .map_err(|e| e.with_peer(to))?;
         if h.source != to.0 || h.dest != self.node_id.0 || h.request_id != header.request_id {
             return Err(TransportError::malformed(
                 "response does not match the request",
@@ -840,9 +844,10 @@ impl Inner {
         // Newest wins: after a restart the peer's new connection replaces the dead one at once.
         *entry.conn.lock() = Some(conn.clone());
         let weak = self.weak();
+        let span = info_span!("conn", node = %self.node_id, %peer, dir = "in");
         drop(self);
-        tokio::spawn(serve_uni(weak.clone(), conn.clone(), peer));
-        serve_bi(weak, conn, peer).await;
+        tokio::spawn(serve_uni(weak.clone(), conn.clone(), peer).instrument(span.clone()));
+        serve_bi(weak, conn, peer).instrument(span).await;
     }
 
     fn connection_lost(
