@@ -385,11 +385,19 @@ fn main() {
             // Alternate short rounds and keep each side's best: on a shared machine, load from other processes
             // comes and goes, and the best round is the one least disturbed by it.
             let rounds = if quick { 1 } else { 4 };
-            for (name, k) in [
+            let levels = [
                 ("rps_inflight_1", 1),
                 ("rps_inflight_16", 16),
                 ("rps_inflight_256", 256),
-            ] {
+            ];
+            // OXRAY_BENCH_INFLIGHT=256 runs one level only (for profiling).
+            let level: Option<usize> = std::env::var("OXRAY_BENCH_INFLIGHT")
+                .ok()
+                .and_then(|v| v.parse().ok());
+            for (name, k) in levels
+                .into_iter()
+                .filter(|(_, k)| level.is_none_or(|l| l == *k))
+            {
                 let (mut ox, mut qu) = (0.0f64, 0.0f64);
                 // OXRAY_BENCH_SIDE=oxray|quinn measures one side only (for profiling).
                 let side = std::env::var("OXRAY_BENCH_SIDE").unwrap_or_default();
