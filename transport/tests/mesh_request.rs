@@ -207,7 +207,15 @@ async fn shutdown_drains_inflight_requests() {
         mesh.request(to, SLOW, Bytes::from_static(b"drain"), SECOND)
             .await
     });
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    // Wait until b's handler holds the request (not a fixed sleep: a loaded machine may be slow to deliver it).
+    let deadline = tokio::time::Instant::now() + SECOND;
+    while b.handler.requests.load(Ordering::Relaxed) == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "request never arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
     // b shuts down while serving the slow request: the request still completes.
     b.mesh.shutdown().await;
     let reply = pending.await.unwrap().unwrap();
