@@ -67,6 +67,12 @@ pub enum TransportError {
     /// This mesh (or the remote one) is shut down.
     #[error("transport closed")]
     Closed,
+    /// The configuration is inconsistent (e.g. keep-alive not below the idle timeout, a window out of range).
+    #[error("invalid configuration: {why}")]
+    Config {
+        /// What is wrong.
+        why: String,
+    },
     /// A local I/O failure (binding the socket, reading identity files).
     #[error("i/o: {0}")]
     Io(#[from] std::io::Error),

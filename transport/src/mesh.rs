@@ -179,10 +179,20 @@ impl Drop for Inner {
 /// quinn's transport parameters from our limits. Everything that bounds memory is set explicitly.
 pub(crate) fn transport_config(l: &Limits) -> Result<quinn::TransportConfig, TransportError> {
     let varint = |v: u64, what: &str| {
-        quinn::VarInt::from_u64(v).map_err(|_| TransportError::Handshake {
+        quinn::VarInt::from_u64(v).map_err(|_| TransportError::Config {
             why: format!("{what} out of range"),
         })
     };
+    if l.keep_alive >= l.idle_timeout {
+        return Err(TransportError::Config {
+            why: "keep_alive must be shorter than idle_timeout".into(),
+        });
+    }
+    if l.max_message_bytes == 0 || l.max_inflight_per_peer == 0 {
+        return Err(TransportError::Config {
+            why: "max_message_bytes and max_inflight_per_peer must be positive".into(),
+        });
+    }
     let mut t = quinn::TransportConfig::default();
     t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(l.max_concurrent_bidi_streams))
         .max_concurrent_uni_streams(quinn::VarInt::from_u32(l.max_concurrent_uni_streams))
@@ -193,7 +203,7 @@ pub(crate) fn transport_config(l: &Limits) -> Result<quinn::TransportConfig, Tra
         )?)
         .send_window(l.send_window)
         .max_idle_timeout(Some(quinn::IdleTimeout::try_from(l.idle_timeout).map_err(
-            |_| TransportError::Handshake {
+            |_| TransportError::Config {
                 why: "idle_timeout out of range".into(),
             },
         )?))

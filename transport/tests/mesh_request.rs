@@ -232,3 +232,23 @@ async fn shutdown_drains_inflight_requests() {
             .is_err()
     );
 }
+
+#[tokio::test]
+async fn inconsistent_limits_are_refused_at_bind() {
+    let ca = oxray_transport::tls::ClusterCa::generate().unwrap();
+    let limits = Limits {
+        keep_alive: Duration::from_secs(20),
+        idle_timeout: Duration::from_secs(10),
+        ..Limits::default()
+    };
+    let mut cfg = oxray_transport::MeshConfig::new(
+        localhost(),
+        ca.issue(oxray_transport::NodeId::random()).unwrap(),
+    );
+    cfg.limits = limits;
+    let handler = std::sync::Arc::new(TestHandler::default());
+    match oxray_transport::Mesh::bind(cfg, handler).await {
+        Err(TransportError::Config { why }) => assert!(why.contains("keep_alive"), "{why}"),
+        other => panic!("{other:?}"),
+    }
+}
