@@ -356,10 +356,9 @@ impl Mesh {
         }
         let peer = inner.peer(to)?;
         let _slot = inner.slot(to, &peer)?;
-        let started = Instant::now();
         match tokio::time::timeout(
             deadline,
-            inner.remote_request(to, &peer, header, body, None, started, deadline),
+            inner.remote_request(to, &peer, header, body, None),
         )
         .await
         {
@@ -463,16 +462,7 @@ impl Mesh {
         }
         let peer = inner.peer(to)?;
         let _slot = inner.slot(to, &peer)?;
-        let started = Instant::now();
-        let fut = inner.remote_request(
-            to,
-            &peer,
-            header,
-            header_body,
-            Some(payload),
-            started,
-            deadline,
-        );
+        let fut = inner.remote_request(to, &peer, header, header_body, Some(payload));
         tokio::time::timeout(deadline, fut)
             .await
             .map_err(|_| TransportError::Timeout)?
@@ -645,7 +635,8 @@ impl Inner {
         self.me.clone()
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// Sends one request (or stream header plus payload) on a fresh stream and reads the reply. The caller
+    /// bounds it with the deadline and holds the peer's in-flight slot.
     async fn remote_request(
         &self,
         to: NodeId,
@@ -653,8 +644,6 @@ impl Inner {
         header: Header,
         body: Body,
         payload: Option<Bytes>,
-        _started: Instant,
-        _deadline: Duration,
     ) -> Result<Message, TransportError> {
         if body.len() > self.limits.max_message_bytes {
             return Err(TransportError::MessageTooLarge {
