@@ -275,7 +275,11 @@ async fn rps_oxray(s: &Setup, inflight: usize, dur: Duration) -> f64 {
 async fn rps_quinn(s: &Setup, inflight: usize, dur: Duration) -> f64 {
     let stop = Arc::new(AtomicBool::new(false));
     let count = Arc::new(AtomicU64::new(0));
-    let body = Bytes::from(vec![7u8; 64]);
+    let size = std::env::var("OXRAY_BENCH_QUINN_BODY")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(64);
+    let body = Bytes::from(vec![7u8; size]);
     let mut tasks = Vec::new();
     for _ in 0..inflight {
         let (conn, stop, count, body) = (s.conn.clone(), stop.clone(), count.clone(), body.clone());
@@ -381,15 +385,29 @@ fn main() {
             // Alternate short rounds and keep each side's best: on a shared machine, load from other processes
             // comes and goes, and the best round is the one least disturbed by it.
             let rounds = if quick { 1 } else { 4 };
-            for (name, k) in [
+            let levels = [
                 ("rps_inflight_1", 1),
                 ("rps_inflight_16", 16),
                 ("rps_inflight_256", 256),
-            ] {
+            ];
+            // OXRAY_BENCH_INFLIGHT=256 runs one level only (for profiling).
+            let level: Option<usize> = std::env::var("OXRAY_BENCH_INFLIGHT")
+                .ok()
+                .and_then(|v| v.parse().ok());
+            for (name, k) in levels
+                .into_iter()
+                .filter(|(_, k)| level.is_none_or(|l| l == *k))
+            {
                 let (mut ox, mut qu) = (0.0f64, 0.0f64);
+                // OXRAY_BENCH_SIDE=oxray|quinn measures one side only (for profiling).
+                let side = std::env::var("OXRAY_BENCH_SIDE").unwrap_or_default();
                 for _ in 0..rounds {
-                    ox = ox.max(rps_oxray(&s, k, dur).await);
-                    qu = qu.max(rps_quinn(&s, k, dur).await);
+                    if side != "quinn" {
+                        ox = ox.max(rps_oxray(&s, k, dur).await);
+                    }
+                    if side != "oxray" {
+                        qu = qu.max(rps_quinn(&s, k, dur).await);
+                    }
                 }
                 rows.push((name, ox, qu));
             }

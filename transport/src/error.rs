@@ -67,6 +67,12 @@ pub enum TransportError {
     /// This mesh (or the remote one) is shut down.
     #[error("transport closed")]
     Closed,
+    /// The configuration is inconsistent (e.g. keep-alive not below the idle timeout, a window out of range).
+    #[error("invalid configuration: {why}")]
+    Config {
+        /// What is wrong.
+        why: String,
+    },
     /// A local I/O failure (binding the socket, reading identity files).
     #[error("i/o: {0}")]
     Io(#[from] std::io::Error),
@@ -82,6 +88,17 @@ impl TransportError {
             self,
             TransportError::Busy { .. } | TransportError::Timeout | TransportError::Connect { .. }
         )
+    }
+
+    /// Names the peer in a `Connect` error raised where the stream did not know it.
+    pub(crate) fn with_peer(self, peer: NodeId) -> TransportError {
+        match self {
+            TransportError::Connect {
+                peer: NodeId(0),
+                why,
+            } => TransportError::Connect { peer, why },
+            other => other,
+        }
     }
 
     pub(crate) fn malformed(why: impl std::fmt::Display) -> TransportError {

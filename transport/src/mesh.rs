@@ -19,7 +19,7 @@ use dashmap::DashMap;
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use rkyv::util::AlignedVec;
 use tokio::sync::Notify;
-use tracing::{debug, warn};
+use tracing::{Instrument as _, debug, info_span, warn};
 
 use crate::error::{TransportError, close, from_connection};
 use crate::frame::{self, ErrorCode, FrameType, HEADER_LEN, Header, PREFIX_LEN, TraceContext};
@@ -179,10 +179,20 @@ impl Drop for Inner {
 /// quinn's transport parameters from our limits. Everything that bounds memory is set explicitly.
 pub(crate) fn transport_config(l: &Limits) -> Result<quinn::TransportConfig, TransportError> {
     let varint = |v: u64, what: &str| {
-        quinn::VarInt::from_u64(v).map_err(|_| TransportError::Handshake {
+        quinn::VarInt::from_u64(v).map_err(|_| TransportError::Config {
             why: format!("{what} out of range"),
         })
     };
+    if l.keep_alive >= l.idle_timeout {
+        return Err(TransportError::Config {
+            why: "keep_alive must be shorter than idle_timeout".into(),
+        });
+    }
+    if l.max_message_bytes == 0 || l.max_inflight_per_peer == 0 {
+        return Err(TransportError::Config {
+            why: "max_message_bytes and max_inflight_per_peer must be positive".into(),
+        });
+    }
     let mut t = quinn::TransportConfig::default();
     t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(l.max_concurrent_bidi_streams))
         .max_concurrent_uni_streams(quinn::VarInt::from_u32(l.max_concurrent_uni_streams))
@@ -193,7 +203,7 @@ pub(crate) fn transport_config(l: &Limits) -> Result<quinn::TransportConfig, Tra
         )?)
         .send_window(l.send_window)
         .max_idle_timeout(Some(quinn::IdleTimeout::try_from(l.idle_timeout).map_err(
-            |_| TransportError::Handshake {
+            |_| TransportError::Config {
                 why: "idle_timeout out of range".into(),
             },
         )?))
@@ -264,7 +274,8 @@ impl Mesh {
             active: AtomicUsize::new(0),
             idle: Notify::new(),
         });
-        tokio::spawn(accept_loop(Arc::downgrade(&inner), inner.endpoint.clone()));
+        let span = info_span!("mesh", node = %inner.node_id);
+        tokio::spawn(accept_loop(Arc::downgrade(&inner), inner.endpoint.clone()).instrument(span));
         debug!(node = %inner.node_id, addr = %local_addr, "mesh bound");
         Ok(Mesh { inner })
     }
@@ -345,10 +356,9 @@ impl Mesh {
         }
         let peer = inner.peer(to)?;
         let _slot = inner.slot(to, &peer)?;
-        let started = Instant::now();
         match tokio::time::timeout(
             deadline,
-            inner.remote_request(to, &peer, header, body, None, started, deadline),
+            inner.remote_request(to, &peer, header, body, None),
         )
         .await
         {
@@ -452,16 +462,7 @@ impl Mesh {
         }
         let peer = inner.peer(to)?;
         let _slot = inner.slot(to, &peer)?;
-        let started = Instant::now();
-        let fut = inner.remote_request(
-            to,
-            &peer,
-            header,
-            header_body,
-            Some(payload),
-            started,
-            deadline,
-        );
+        let fut = inner.remote_request(to, &peer, header, header_body, Some(payload));
         tokio::time::timeout(deadline, fut)
             .await
             .map_err(|_| TransportError::Timeout)?
@@ -624,8 +625,9 @@ impl Inner {
         *peer.conn.lock() = Some(conn.clone());
         // The connection carries traffic both ways: serve what the peer opens on it.
         let weak = self.weak();
-        tokio::spawn(serve_bi(weak.clone(), conn.clone(), to));
-        tokio::spawn(serve_uni(weak, conn.clone(), to));
+        let span = info_span!("conn", node = %self.node_id, peer = %to, dir = "out");
+        tokio::spawn(serve_bi(weak.clone(), conn.clone(), to).instrument(span.clone()));
+        tokio::spawn(serve_uni(weak, conn.clone(), to).instrument(span));
         Ok(conn)
     }
 
@@ -633,7 +635,8 @@ impl Inner {
         self.me.clone()
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// Sends one request (or stream header plus payload) on a fresh stream and reads the reply. The caller
+    /// bounds it with the deadline and holds the peer's in-flight slot.
     async fn remote_request(
         &self,
         to: NodeId,
@@ -641,8 +644,6 @@ impl Inner {
         header: Header,
         body: Body,
         payload: Option<Bytes>,
-        _started: Instant,
-        _deadline: Duration,
     ) -> Result<Message, TransportError> {
         if body.len() > self.limits.max_message_bytes {
             return Err(TransportError::MessageTooLarge {
@@ -673,7 +674,9 @@ impl Inner {
             return Err(write_error(to, e));
         }
         let _ = send.finish();
-        let (h, buf) = read_frame(&mut recv, &self.limits).await?;
+        let (h, buf) = read_frame(&mut recv, &self.limits)
+            .await
+            .map_err(|e| e.with_peer(to))?;
         if h.source != to.0 || h.dest != self.node_id.0 || h.request_id != header.request_id {
             return Err(TransportError::malformed(
                 "response does not match the request",
@@ -840,9 +843,10 @@ impl Inner {
         // Newest wins: after a restart the peer's new connection replaces the dead one at once.
         *entry.conn.lock() = Some(conn.clone());
         let weak = self.weak();
+        let span = info_span!("conn", node = %self.node_id, %peer, dir = "in");
         drop(self);
-        tokio::spawn(serve_uni(weak.clone(), conn.clone(), peer));
-        serve_bi(weak, conn, peer).await;
+        tokio::spawn(serve_uni(weak.clone(), conn.clone(), peer).instrument(span.clone()));
+        serve_bi(weak, conn, peer).instrument(span).await;
     }
 
     fn connection_lost(

@@ -207,7 +207,15 @@ async fn shutdown_drains_inflight_requests() {
         mesh.request(to, SLOW, Bytes::from_static(b"drain"), SECOND)
             .await
     });
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    // Wait until b's handler holds the request (not a fixed sleep: a loaded machine may be slow to deliver it).
+    let deadline = tokio::time::Instant::now() + SECOND;
+    while b.handler.requests.load(Ordering::Relaxed) == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "request never arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
     // b shuts down while serving the slow request: the request still completes.
     b.mesh.shutdown().await;
     let reply = pending.await.unwrap().unwrap();
@@ -223,4 +231,24 @@ async fn shutdown_drains_inflight_requests() {
             .await
             .is_err()
     );
+}
+
+#[tokio::test]
+async fn inconsistent_limits_are_refused_at_bind() {
+    let ca = oxray_transport::tls::ClusterCa::generate().unwrap();
+    let limits = Limits {
+        keep_alive: Duration::from_secs(20),
+        idle_timeout: Duration::from_secs(10),
+        ..Limits::default()
+    };
+    let mut cfg = oxray_transport::MeshConfig::new(
+        localhost(),
+        ca.issue(oxray_transport::NodeId::random()).unwrap(),
+    );
+    cfg.limits = limits;
+    let handler = std::sync::Arc::new(TestHandler::default());
+    match oxray_transport::Mesh::bind(cfg, handler).await {
+        Err(TransportError::Config { why }) => assert!(why.contains("keep_alive"), "{why}"),
+        other => panic!("{other:?}"),
+    }
 }
