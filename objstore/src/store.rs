@@ -110,6 +110,23 @@ pub struct StoreStats {
     pub pinned: usize,
 }
 
+/// One object as listed by [`ObjectStore::objects`] (for `list objects` and the dashboard).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ObjectInfo {
+    /// The object.
+    pub id: ObjectId,
+    /// Archive length in bytes.
+    pub len: usize,
+    /// A copy pulled from another node (dropped, not spilled, under pressure).
+    pub secondary: bool,
+    /// In memory now (it may also have a spill file).
+    pub resident: bool,
+    /// Has a spill file.
+    pub spilled: bool,
+    /// Live guards and `get_bytes` handles.
+    pub pins: usize,
+}
+
 /// One object's mutable state, under its own lock.
 #[derive(Debug)]
 struct Slot {
@@ -457,6 +474,28 @@ impl ObjectStore {
             }
         }
         stats
+    }
+
+    /// Every object in the store, in id order.
+    pub fn objects(&self) -> Vec<ObjectInfo> {
+        let mut list: Vec<ObjectInfo> = self
+            .inner
+            .objects
+            .iter()
+            .map(|e| {
+                let slot = e.slot.lock();
+                ObjectInfo {
+                    id: e.id,
+                    len: e.len,
+                    secondary: e.secondary,
+                    resident: slot.resident.is_some(),
+                    spilled: slot.spilled.is_some(),
+                    pins: slot.pins,
+                }
+            })
+            .collect();
+        list.sort_by_key(|o| o.id);
+        list
     }
 
     /// Allocates and pre-faults pooled buffers of `object_size` bytes up to `total` bytes, so the first large puts
