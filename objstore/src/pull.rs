@@ -372,6 +372,11 @@ impl PullManager {
         self.actions.pop_front()
     }
 
+    /// Whether a pull of `id` is in progress.
+    pub fn contains(&self, id: ObjectId) -> bool {
+        self.pulls.contains_key(&id)
+    }
+
     /// Pulls not yet finished.
     pub fn active(&self) -> usize {
         self.pulls.len()

@@ -6,8 +6,8 @@
 //!
 //! # Locking
 //! Three kinds of locks, always taken in this order and never the other way:
-//! `evict_lock` (one eviction at a time) → a shard of `objects` (only ever with `try_lock` on slots beneath it) →
-//! one object's `slot`. Eviction only ever `try_lock`s slots, so a thread that holds a slot while restoring its
+//! `evict_lock` (one eviction at a time) → a shard of `objects` → one object's `slot`. While a shard lock is held,
+//! slots are only ever `try_lock`ed; blocking slot locks are taken with no shard lock held. Eviction only ever `try_lock`s slots, so a thread that holds a slot while restoring its
 //! object from disk (and so may need to evict others) cannot deadlock with another eviction.
 
 use std::any::TypeId;
@@ -464,7 +464,7 @@ impl ObjectStore {
             limit: self.inner.accounts.limit(),
             ..StoreStats::default()
         };
-        for entry in self.inner.objects.iter() {
+        for entry in self.entries() {
             let slot = entry.slot.lock();
             if slot.resident.is_none() && slot.spilled.is_some() {
                 stats.spilled += 1;
@@ -479,9 +479,8 @@ impl ObjectStore {
     /// Every object in the store, in id order.
     pub fn objects(&self) -> Vec<ObjectInfo> {
         let mut list: Vec<ObjectInfo> = self
-            .inner
-            .objects
-            .iter()
+            .entries()
+            .into_iter()
             .map(|e| {
                 let slot = e.slot.lock();
                 ObjectInfo {
@@ -502,6 +501,17 @@ impl ObjectStore {
     /// write into warm pages. Returns the bytes pooled (bounded by the pool limit).
     pub fn prefault(&self, object_size: usize, total: usize) -> usize {
         self.inner.accounts.prefault_pool(object_size, total)
+    }
+
+    /// A snapshot of the entries. Slots are locked (blocking) only after the map's shard locks are released: a
+    /// thread restoring a spilled object holds its slot while it scans the map, so blocking on a slot under a shard
+    /// lock could deadlock behind a queued writer.
+    fn entries(&self) -> Vec<Arc<Entry>> {
+        self.inner
+            .objects
+            .iter()
+            .map(|e| Arc::clone(e.value()))
+            .collect()
     }
 
     fn lookup(&self, id: ObjectId) -> Result<Arc<Entry>, ObjectStoreError> {

@@ -541,6 +541,10 @@ impl Transfer {
                         .map(|len| this.inner.store.create_buffer(len));
                     match reserved {
                         Some(Ok(buffer)) => {
+                            if !this.inner.core.lock().contains(id) {
+                                // The pull ended while we made room: give the memory back.
+                                return;
+                            }
                             let landing =
                                 Landing::new(id, buffer, this.inner.config.chunk_bytes.max(1));
                             this.inner.landings.insert(id, Arc::new(landing));
