@@ -58,6 +58,9 @@ pub mod wire {
         pub offset: u64,
         /// Chunk length.
         pub len: u64,
+        /// The whole object's size as the puller believes it; a source holding a different size refuses, so a
+        /// wrong size can never produce a truncated or padded copy.
+        pub total: u64,
     }
 
     /// Header of a streamed chunk: where it goes and its checksum.
@@ -109,6 +112,8 @@ enum ServeError {
     NotHere(ObjectId),
     #[error("chunk {offset}+{len} outside object of {size} bytes")]
     OutOfRange { offset: u64, len: u64, size: u64 },
+    #[error("puller expects {expected} bytes, object here has {size}")]
+    SizeMismatch { expected: u64, size: u64 },
     #[error("no pull in progress for object {0}")]
     NoPull(ObjectId),
     #[error("unexpected chunk at {0} (not requested from this node by this fetch)")]
@@ -438,6 +443,12 @@ impl Transfer {
             .get_bytes(id)
             .map_err(|_| ServeError::NotHere(id))?;
         let size = bytes.len() as u64;
+        if req.total.to_native() != size {
+            return Err(ServeError::SizeMismatch {
+                expected: req.total.to_native(),
+                size,
+            });
+        }
         let end = offset.checked_add(len).filter(|&e| e <= size);
         let Some(end) = end else {
             return Err(ServeError::OutOfRange { offset, len, size });
@@ -623,6 +634,7 @@ impl Transfer {
                     fetch,
                     offset,
                     len,
+                    total: landing.len,
                 };
                 let Ok(body) = rkyv::to_bytes::<rkyv::rancor::BoxedError>(&req) else {
                     failed = true;

@@ -311,6 +311,18 @@ async fn no_copy_left_is_object_lost_not_a_hang() {
         Err(PullError::ObjectLost { .. })
     ));
     assert!(!a.transfer.store().contains(id));
+    // A wrong size (too big or too small) is refused by the source: never a padded or truncated copy.
+    let x = ObjectId::random();
+    let real = seed(&[&c], x, &payload(3 * MIB, 6));
+    for wrong in [real + 16, real - 16] {
+        let r = a.transfer.pull(x, wrong, &[c.mesh.node_id()]).await;
+        assert!(matches!(r, Err(PullError::ObjectLost { .. })), "{r:?}");
+        assert!(!a.transfer.store().contains(x));
+    }
+    a.transfer
+        .pull(x, real, &[c.mesh.node_id()])
+        .await
+        .expect("right size");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

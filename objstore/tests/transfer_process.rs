@@ -1,7 +1,7 @@
 //! Pulling objects from other node *processes*: each source is this test binary re-run as a child that binds its
 //! own mesh endpoint on loopback, stores an object and serves it. Checks a large transfer end to end (256 MiB in
-//! release builds, 1 GiB with `OXRAY_SOAK=1`, 64 MiB in debug; like the in-process test in `transfer_mesh.rs`), failover when a source is killed with SIGKILL mid-transfer, and `ObjectLost`
-//! when the only source is dead.
+//! release builds, 1 GiB with `OXRAY_SOAK=1`, 64 MiB in debug), failover when a source is killed with SIGKILL
+//! mid-transfer, and `ObjectLost` when the only source is dead.
 //!
 //! The child is the ignored test `child_node`, started with `OXRAY_OBJSTORE_CHILD` set; it prints one line
 //! `READY <node id hex> <addr> <object size>` and serves until killed.
