@@ -355,3 +355,82 @@ async fn corrupted_chunks_are_rejected() {
     assert!(bad.counts.pulls_served.load(Ordering::Relaxed) >= 2);
     assert_intact(&a, id, &data);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_protocol_input_is_an_error_for_the_peer_not_a_panic() {
+    let ca = ClusterCa::generate().expect("ca");
+    let a = node(&ca, 64 * MIB, Mode::Honest).await;
+    let b = node(&ca, 64 * MIB, Mode::Honest).await;
+    connect(&[&a, &b]);
+    let to = b.mesh.node_id();
+    let garbage = Bytes::from_static(&[0xff; 40]);
+    let deadline = Duration::from_secs(5);
+
+    // Garbage pull request; a pull of an object b lacks; an out-of-range chunk.
+    assert!(
+        a.mesh
+            .request(to, kind::PULL, garbage.clone(), deadline)
+            .await
+            .is_err()
+    );
+    let ask = |id: u128, offset: u64, len: u64, total: u64| {
+        let req = wire::PullRequest {
+            id,
+            fetch: 1,
+            offset,
+            len,
+            total,
+        };
+        Bytes::from_owner(rkyv::to_bytes::<rkyv::rancor::Error>(&req).expect("ser"))
+    };
+    assert!(
+        a.mesh
+            .request(to, kind::PULL, ask(99, 0, 10, 10), deadline)
+            .await
+            .is_err()
+    );
+    let id = ObjectId::random();
+    let size = seed(&[&b], id, &payload(MIB, 7));
+    assert!(
+        a.mesh
+            .request(to, kind::PULL, ask(id.0, size - 1, 2, size), deadline)
+            .await
+            .is_err()
+    );
+    assert!(
+        a.mesh
+            .request(to, kind::PULL, ask(id.0, u64::MAX, 2, size), deadline)
+            .await
+            .is_err()
+    );
+
+    // Garbage chunk header; a well-formed chunk nobody asked for.
+    let payload_bytes = Bytes::from(vec![1u8; 1000]);
+    assert!(
+        a.mesh
+            .send_stream(to, kind::CHUNK, garbage, payload_bytes.clone())
+            .await
+            .is_err()
+    );
+    let header = wire::ChunkHeader {
+        id: id.0,
+        fetch: 1,
+        offset: 0,
+        len: 1000,
+        crc: crc32fast::hash(&payload_bytes),
+    };
+    let header = Bytes::from_owner(rkyv::to_bytes::<rkyv::rancor::Error>(&header).expect("ser"));
+    assert!(
+        a.mesh
+            .send_stream(to, kind::CHUNK, header, payload_bytes)
+            .await
+            .is_err()
+    );
+
+    // b is unharmed and still serves a proper pull.
+    a.transfer
+        .pull(id, size, &[to])
+        .await
+        .expect("pull after bad input");
+    assert_intact(&a, id, &payload(MIB, 7));
+}
