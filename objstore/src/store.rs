@@ -1,7 +1,7 @@
 //! `ObjectStore`: one node's store of immutable rkyv archives, read in place through pinning guards.
 //!
 //! This is the driver around the pure eviction policy ([`crate::memory::plan_eviction`]): it owns the objects, the
-//! memory accountant ([`crate::buffer`]) and the spill files ([`crate::spill`]). It does not talk to other nodes
+//! memory accountant (`buffer.rs`) and the spill files (`spill.rs`). It does not talk to other nodes
 //! (pulling is [`crate::pull`]) and does not count references (that is the owner's [`crate::refs::RefTable`]).
 //!
 //! # Locking
