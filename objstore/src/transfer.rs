@@ -19,6 +19,40 @@
 //! The mesh takes one handler per node, owned by the SDK; that handler forwards the kinds for which
 //! [`Transfer::handles`] is true to [`Transfer::on_request`] / [`Transfer::on_stream`], and peer losses to
 //! [`Transfer::on_peer_lost`]. [`TransferHandler`] does exactly that for nodes (and tests) that only move objects.
+//!
+//! ```
+//! use oxray_objstore::{NodeId, ObjectId, ObjectStore, StoreConfig, Transfer, TransferConfig, TransferHandler};
+//! use oxray_transport::{tls::ClusterCa, Mesh, MeshConfig};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let ca = ClusterCa::generate()?;
+//! let mut nodes = Vec::new();
+//! for _ in 0..2 {
+//!     // 1. Each node: a store, a transfer driver around it, and a mesh whose handler forwards to the driver.
+//!     let transfer = Transfer::new(ObjectStore::new(StoreConfig::with_limit(64 << 20)), TransferConfig::default());
+//!     let cfg = MeshConfig::new("127.0.0.1:0".parse()?, ca.issue(NodeId::random())?);
+//!     let mesh = Mesh::bind(cfg, TransferHandler::new(transfer.clone())).await?;
+//!     // 2. Then the driver gets the mesh it sends on.
+//!     transfer.attach(mesh.clone());
+//!     nodes.push((transfer, mesh));
+//! }
+//! let (a, a_mesh) = &nodes[0];
+//! let (b, b_mesh) = &nodes[1];
+//! a_mesh.add_peer(b_mesh.node_id(), b_mesh.local_addr());
+//!
+//! // 3. b produces an object; a learns (from its owner) its size and where copies live, and pulls it.
+//! let id = ObjectId::random();
+//! b.store().put(id, &vec![7u32; 10_000])?;
+//! let size = b.store().get_bytes(id)?.len() as u64;
+//! a.pull(id, size, &[b_mesh.node_id()]).await?;
+//!
+//! // 4. a reads its secondary copy in place (validated once, since it came from the network).
+//! assert_eq!(a.store().get::<Vec<u32>>(id)?[9_999], 7);
+//! # for (_, mesh) in &nodes { mesh.shutdown().await; }
+//! # Ok(())
+//! # }
+//! ```
 
 use std::collections::HashMap;
 use std::sync::{Arc, OnceLock, Weak};
