@@ -8,13 +8,24 @@
 //! Method: each figure is the median of several timed repetitions after one untimed warm-up. `put` is measured in
 //! steady state (a put-then-free cycle, timed together, so each put reuses the store's warm pooled buffer); the first
 //! put into a fresh store (page faults included) is printed as a separate row. `get` is the time to obtain a pinned
-//! view and read its length — it is independent of size because nothing is copied. Not measured here: transfers
-//! between nodes (`transfer_gbps` is `null` until the network driver exists).
+//! view and read its length — it is independent of size because nothing is copied.
+//!
+//! Transfer: two nodes in this process, each with its own mTLS QUIC endpoint on loopback, on a 2-worker tokio
+//! runtime: `oxray` pulls a 1 GiB object (256 MiB with `OXRAY_BENCH_QUICK`) through [`Transfer`] (chunked, checksummed,
+//! into the final buffer, validated on first read — the read is not timed); `quinn` sends the same bytes over one
+//! raw quinn stream with the same TLS and transport settings into a pre-allocated buffer. Best of 3 each.
 
 use std::hint::black_box;
 use std::time::Instant;
 
-use oxray_objstore::{ObjectId, ObjectStore, StoreConfig};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use oxray_objstore::{
+    NodeId, ObjectId, ObjectStore, StoreConfig, Transfer, TransferConfig, TransferHandler,
+};
+use oxray_transport::tls::ClusterCa;
+use oxray_transport::{Limits, Mesh, MeshConfig, testing};
 
 const KIB: usize = 1024;
 const MIB: usize = 1024 * KIB;
@@ -145,6 +156,16 @@ fn main() {
         store.free(id);
     }
 
+    drop(store);
+    let transfer_len = if quick { 256 * MIB } else { GIB };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let oxray_gbps = rt.block_on(oxray_transfer(transfer_len));
+    let quinn_gbps = rt.block_on(quinn_transfer(transfer_len));
+
     if json {
         let map = |rows: &[(usize, f64)]| {
             let fields: Vec<String> = rows
@@ -154,12 +175,14 @@ fn main() {
             format!("{{{}}}", fields.join(","))
         };
         println!(
-            "{{\"memcpy_gbps\":{},\"put_gbps\":{},\"get_us\":{},\"small_put_per_s\":{:.0},\"small_get_per_s\":{:.0},\"transfer_gbps\":{{\"oxray\":null,\"quinn\":null}}}}",
+            "{{\"memcpy_gbps\":{},\"put_gbps\":{},\"get_us\":{},\"small_put_per_s\":{:.0},\"small_get_per_s\":{:.0},\"transfer_gbps\":{{\"oxray\":{:.4},\"quinn\":{:.4}}}}}",
             map(&memcpy),
             map(&put),
             map(&get),
             small_put_per_s,
-            small_get_per_s
+            small_get_per_s,
+            oxray_gbps,
+            quinn_gbps
         );
         return;
     }
@@ -186,9 +209,122 @@ fn main() {
     }
     println!("small put (64 B value): {small_put_per_s:>12.0} /s   (Ray: ~2,600 /s)");
     println!("small get (64 B value): {small_get_per_s:>12.0} /s   (Ray: ~21,000 /s)");
-    println!("transfer between nodes: not measured (no network driver yet)");
+    println!(
+        "transfer of {} MiB between two nodes (loopback, mTLS QUIC): oxray pull {oxray_gbps:.3} GB/s, raw quinn stream {quinn_gbps:.3} GB/s ({:.0}%)",
+        transfer_len / MIB,
+        100.0 * oxray_gbps / quinn_gbps
+    );
 }
 
 fn available() -> usize {
     std::thread::available_parallelism().map_or(1, usize::from)
+}
+
+/// A node for the transfer rows: store, transfer driver and mesh.
+async fn transfer_node(ca: &ClusterCa, limit: usize) -> (Transfer, Mesh) {
+    let mut cfg = StoreConfig::with_limit(limit);
+    cfg.buffer_pool_limit = limit / 2;
+    let transfer = Transfer::new(ObjectStore::new(cfg), TransferConfig::default());
+    let identity = ca.issue(NodeId::random()).expect("identity");
+    let mesh = Mesh::bind(
+        MeshConfig::new("127.0.0.1:0".parse().expect("addr"), identity),
+        TransferHandler::new(transfer.clone()),
+    )
+    .await
+    .expect("bind");
+    transfer.attach(mesh.clone());
+    (transfer, mesh)
+}
+
+/// Pulls a `len`-byte object from one node to another through the mesh; best of 3, GB/s.
+async fn oxray_transfer(len: usize) -> f64 {
+    let ca = ClusterCa::generate().expect("ca");
+    let (a, a_mesh) = transfer_node(&ca, 2 * len + 64 * MIB).await;
+    let (b, b_mesh) = transfer_node(&ca, len + 64 * MIB).await;
+    a_mesh.add_peer(b_mesh.node_id(), b_mesh.local_addr());
+    b_mesh.add_peer(a_mesh.node_id(), a_mesh.local_addr());
+    let id = ObjectId(1);
+    b.store()
+        .put(id, &vec![0x5au8; len])
+        .expect("put source object");
+    let size = b.store().get_bytes(id).expect("bytes").len() as u64;
+    let mut best = f64::MAX;
+    for _ in 0..3 {
+        let start = Instant::now();
+        a.pull(id, size, &[b_mesh.node_id()]).await.expect("pull");
+        best = best.min(start.elapsed().as_secs_f64());
+        assert_eq!(a.store().get::<Vec<u8>>(id).expect("pulled").len(), len);
+        a.store().free(id);
+    }
+    a_mesh.shutdown().await;
+    b_mesh.shutdown().await;
+    gbps(size as usize, best)
+}
+
+/// Sends `len` bytes over one raw quinn stream (same TLS and transport settings as the mesh); best of 3, GB/s.
+async fn quinn_transfer(len: usize) -> f64 {
+    let ca = ClusterCa::generate().expect("ca");
+    let (server_id, client_id) = (NodeId::random(), NodeId::random());
+    let limits = Limits::default();
+    let server_identity = ca.issue(server_id).expect("identity");
+    let client_identity = ca.issue(client_id).expect("identity");
+    let runtime = Arc::new(quinn::TokioRuntime);
+    let server = quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        Some(testing::server_config(&server_identity, &limits).expect("server config")),
+        testing::bind_socket("127.0.0.1:0".parse().expect("addr"), &limits).expect("socket"),
+        runtime.clone(),
+    )
+    .expect("server endpoint");
+    let mut client = quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        None,
+        testing::bind_socket("127.0.0.1:0".parse().expect("addr"), &limits).expect("socket"),
+        runtime,
+    )
+    .expect("client endpoint");
+    client.set_default_client_config(
+        testing::client_config(&client_identity, &limits).expect("client config"),
+    );
+    let addr = server.local_addr().expect("addr");
+    let receiver = tokio::spawn(async move {
+        let conn = server
+            .accept()
+            .await
+            .expect("incoming")
+            .await
+            .expect("handshake");
+        // Pre-faulted destination, as the store's pooled buffers are.
+        let mut buf = vec![1u8; len];
+        for _ in 0..3 {
+            let mut recv = conn.accept_uni().await.expect("stream");
+            let mut off = 0;
+            while let Some(chunk) = recv.read_chunk(len - off, true).await.expect("read") {
+                buf[off..off + chunk.bytes.len()].copy_from_slice(&chunk.bytes);
+                off += chunk.bytes.len();
+            }
+            assert_eq!(off, len);
+        }
+        black_box(&buf);
+        conn
+    });
+    let conn = client
+        .connect(addr, &testing::server_name(server_id))
+        .expect("connect")
+        .await
+        .expect("handshake");
+    let payload = Bytes::from(vec![0x5au8; len]);
+    let mut best = f64::MAX;
+    for _ in 0..3 {
+        let start = Instant::now();
+        let mut send = conn.open_uni().await.expect("open");
+        send.write_chunk(payload.clone()).await.expect("write");
+        send.finish().expect("finish");
+        send.stopped().await.ok();
+        best = best.min(start.elapsed().as_secs_f64());
+    }
+    let server_conn = receiver.await.expect("receiver");
+    server_conn.close(0u32.into(), b"done");
+    conn.close(0u32.into(), b"done");
+    gbps(len, best)
 }

@@ -72,7 +72,9 @@ pub use id::ObjectId;
 pub use pull::{PullAction, PullConfig, PullError, PullManager, Requested};
 
 pub use refs::{RefAction, RefTable};
-pub use store::{Object, ObjectBuffer, ObjectGuard, ObjectStore, ObjectWriter, StoreStats};
+pub use store::{
+    Object, ObjectBuffer, ObjectGuard, ObjectInfo, ObjectStore, ObjectWriter, StoreStats,
+};
 pub use transfer::{Transfer, TransferConfig, TransferHandler};
 
 /// Re-exported so users name the same node id the transport authenticates.

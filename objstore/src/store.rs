@@ -1,13 +1,13 @@
 //! `ObjectStore`: one node's store of immutable rkyv archives, read in place through pinning guards.
 //!
 //! This is the driver around the pure eviction policy ([`crate::memory::plan_eviction`]): it owns the objects, the
-//! memory accountant ([`crate::buffer`]) and the spill files ([`crate::spill`]). It does not talk to other nodes
+//! memory accountant (`buffer.rs`) and the spill files (`spill.rs`). It does not talk to other nodes
 //! (pulling is [`crate::pull`]) and does not count references (that is the owner's [`crate::refs::RefTable`]).
 //!
 //! # Locking
 //! Three kinds of locks, always taken in this order and never the other way:
-//! `evict_lock` (one eviction at a time) → a shard of `objects` (only ever with `try_lock` on slots beneath it) →
-//! one object's `slot`. Eviction only ever `try_lock`s slots, so a thread that holds a slot while restoring its
+//! `evict_lock` (one eviction at a time) → a shard of `objects` → one object's `slot`. While a shard lock is held,
+//! slots are only ever `try_lock`ed; blocking slot locks are taken with no shard lock held. Eviction only ever `try_lock`s slots, so a thread that holds a slot while restoring its
 //! object from disk (and so may need to evict others) cannot deadlock with another eviction.
 
 use std::any::TypeId;
@@ -108,6 +108,23 @@ pub struct StoreStats {
     pub spilled: usize,
     /// Objects currently pinned.
     pub pinned: usize,
+}
+
+/// One object as listed by [`ObjectStore::objects`] (for `list objects` and the dashboard).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ObjectInfo {
+    /// The object.
+    pub id: ObjectId,
+    /// Archive length in bytes.
+    pub len: usize,
+    /// A copy pulled from another node (dropped, not spilled, under pressure).
+    pub secondary: bool,
+    /// In memory now (it may also have a spill file).
+    pub resident: bool,
+    /// Has a spill file.
+    pub spilled: bool,
+    /// Live guards and `get_bytes` handles.
+    pub pins: usize,
 }
 
 /// One object's mutable state, under its own lock.
@@ -447,7 +464,7 @@ impl ObjectStore {
             limit: self.inner.accounts.limit(),
             ..StoreStats::default()
         };
-        for entry in self.inner.objects.iter() {
+        for entry in self.entries() {
             let slot = entry.slot.lock();
             if slot.resident.is_none() && slot.spilled.is_some() {
                 stats.spilled += 1;
@@ -459,10 +476,42 @@ impl ObjectStore {
         stats
     }
 
+    /// Every object in the store, in id order.
+    pub fn objects(&self) -> Vec<ObjectInfo> {
+        let mut list: Vec<ObjectInfo> = self
+            .entries()
+            .into_iter()
+            .map(|e| {
+                let slot = e.slot.lock();
+                ObjectInfo {
+                    id: e.id,
+                    len: e.len,
+                    secondary: e.secondary,
+                    resident: slot.resident.is_some(),
+                    spilled: slot.spilled.is_some(),
+                    pins: slot.pins,
+                }
+            })
+            .collect();
+        list.sort_by_key(|o| o.id);
+        list
+    }
+
     /// Allocates and pre-faults pooled buffers of `object_size` bytes up to `total` bytes, so the first large puts
     /// write into warm pages. Returns the bytes pooled (bounded by the pool limit).
     pub fn prefault(&self, object_size: usize, total: usize) -> usize {
         self.inner.accounts.prefault_pool(object_size, total)
+    }
+
+    /// A snapshot of the entries. Slots are locked (blocking) only after the map's shard locks are released: a
+    /// thread restoring a spilled object holds its slot while it scans the map, so blocking on a slot under a shard
+    /// lock could deadlock behind a queued writer.
+    fn entries(&self) -> Vec<Arc<Entry>> {
+        self.inner
+            .objects
+            .iter()
+            .map(|e| Arc::clone(e.value()))
+            .collect()
     }
 
     fn lookup(&self, id: ObjectId) -> Result<Arc<Entry>, ObjectStoreError> {

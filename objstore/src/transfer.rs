@@ -19,6 +19,40 @@
 //! The mesh takes one handler per node, owned by the SDK; that handler forwards the kinds for which
 //! [`Transfer::handles`] is true to [`Transfer::on_request`] / [`Transfer::on_stream`], and peer losses to
 //! [`Transfer::on_peer_lost`]. [`TransferHandler`] does exactly that for nodes (and tests) that only move objects.
+//!
+//! ```
+//! use oxray_objstore::{NodeId, ObjectId, ObjectStore, StoreConfig, Transfer, TransferConfig, TransferHandler};
+//! use oxray_transport::{tls::ClusterCa, Mesh, MeshConfig};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let ca = ClusterCa::generate()?;
+//! let mut nodes = Vec::new();
+//! for _ in 0..2 {
+//!     // 1. Each node: a store, a transfer driver around it, and a mesh whose handler forwards to the driver.
+//!     let transfer = Transfer::new(ObjectStore::new(StoreConfig::with_limit(64 << 20)), TransferConfig::default());
+//!     let cfg = MeshConfig::new("127.0.0.1:0".parse()?, ca.issue(NodeId::random())?);
+//!     let mesh = Mesh::bind(cfg, TransferHandler::new(transfer.clone())).await?;
+//!     // 2. Then the driver gets the mesh it sends on.
+//!     transfer.attach(mesh.clone());
+//!     nodes.push((transfer, mesh));
+//! }
+//! let (a, a_mesh) = &nodes[0];
+//! let (b, b_mesh) = &nodes[1];
+//! a_mesh.add_peer(b_mesh.node_id(), b_mesh.local_addr());
+//!
+//! // 3. b produces an object; a learns (from its owner) its size and where copies live, and pulls it.
+//! let id = ObjectId::random();
+//! b.store().put(id, &vec![7u32; 10_000])?;
+//! let size = b.store().get_bytes(id)?.len() as u64;
+//! a.pull(id, size, &[b_mesh.node_id()]).await?;
+//!
+//! // 4. a reads its secondary copy in place (validated once, since it came from the network).
+//! assert_eq!(a.store().get::<Vec<u32>>(id)?[9_999], 7);
+//! # for (_, mesh) in &nodes { mesh.shutdown().await; }
+//! # Ok(())
+//! # }
+//! ```
 
 use std::collections::HashMap;
 use std::sync::{Arc, OnceLock, Weak};
@@ -58,6 +92,9 @@ pub mod wire {
         pub offset: u64,
         /// Chunk length.
         pub len: u64,
+        /// The whole object's size as the puller believes it; a source holding a different size refuses, so a
+        /// wrong size can never produce a truncated or padded copy.
+        pub total: u64,
     }
 
     /// Header of a streamed chunk: where it goes and its checksum.
@@ -109,6 +146,8 @@ enum ServeError {
     NotHere(ObjectId),
     #[error("chunk {offset}+{len} outside object of {size} bytes")]
     OutOfRange { offset: u64, len: u64, size: u64 },
+    #[error("puller expects {expected} bytes, object here has {size}")]
+    SizeMismatch { expected: u64, size: u64 },
     #[error("no pull in progress for object {0}")]
     NoPull(ObjectId),
     #[error("unexpected chunk at {0} (not requested from this node by this fetch)")]
@@ -438,6 +477,12 @@ impl Transfer {
             .get_bytes(id)
             .map_err(|_| ServeError::NotHere(id))?;
         let size = bytes.len() as u64;
+        if req.total.to_native() != size {
+            return Err(ServeError::SizeMismatch {
+                expected: req.total.to_native(),
+                size,
+            });
+        }
         let end = offset.checked_add(len).filter(|&e| e <= size);
         let Some(end) = end else {
             return Err(ServeError::OutOfRange { offset, len, size });
@@ -541,6 +586,10 @@ impl Transfer {
                         .map(|len| this.inner.store.create_buffer(len));
                     match reserved {
                         Some(Ok(buffer)) => {
+                            if !this.inner.core.lock().contains(id) {
+                                // The pull ended while we made room: give the memory back.
+                                return;
+                            }
                             let landing =
                                 Landing::new(id, buffer, this.inner.config.chunk_bytes.max(1));
                             this.inner.landings.insert(id, Arc::new(landing));
@@ -619,6 +668,7 @@ impl Transfer {
                     fetch,
                     offset,
                     len,
+                    total: landing.len,
                 };
                 let Ok(body) = rkyv::to_bytes::<rkyv::rancor::BoxedError>(&req) else {
                     failed = true;

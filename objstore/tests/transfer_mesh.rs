@@ -1,7 +1,8 @@
 //! Pulling objects between nodes over the real mTLS QUIC mesh on loopback (in one process, one endpoint per node):
 //! large checksummed transfer, deduplication of concurrent pulls, a source killed mid-transfer, corrupted chunks.
 //!
-//! The large transfer is 1 GiB in release builds and 64 MiB in debug builds (debug copies bytes too slowly).
+//! The large transfer is 256 MiB in release builds (1 GiB with `OXRAY_SOAK=1`: about 10-20 s on a busy 2-core
+//! machine, too slow for the default suite) and 64 MiB in debug builds (debug copies bytes too slowly).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -183,10 +184,13 @@ fn assert_intact(node: &Node, id: ObjectId, data: &[u8]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_object_arrives_intact() {
-    let len = if cfg!(debug_assertions) {
-        64 * MIB
-    } else {
-        1024 * MIB
+    let len = match (
+        cfg!(debug_assertions),
+        std::env::var_os("OXRAY_SOAK").is_some(),
+    ) {
+        (_, true) => 1024 * MIB,
+        (true, false) => 64 * MIB,
+        (false, false) => 256 * MIB,
     };
     let ca = ClusterCa::generate().expect("ca");
     let a = node(&ca, 2 * len, Mode::Honest).await;
@@ -307,6 +311,18 @@ async fn no_copy_left_is_object_lost_not_a_hang() {
         Err(PullError::ObjectLost { .. })
     ));
     assert!(!a.transfer.store().contains(id));
+    // A wrong size (too big or too small) is refused by the source: never a padded or truncated copy.
+    let x = ObjectId::random();
+    let real = seed(&[&c], x, &payload(3 * MIB, 6));
+    for wrong in [real + 16, real - 16] {
+        let r = a.transfer.pull(x, wrong, &[c.mesh.node_id()]).await;
+        assert!(matches!(r, Err(PullError::ObjectLost { .. })), "{r:?}");
+        assert!(!a.transfer.store().contains(x));
+    }
+    a.transfer
+        .pull(x, real, &[c.mesh.node_id()])
+        .await
+        .expect("right size");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -338,4 +354,83 @@ async fn corrupted_chunks_are_rejected() {
         .expect("pull via the honest copy");
     assert!(bad.counts.pulls_served.load(Ordering::Relaxed) >= 2);
     assert_intact(&a, id, &data);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_protocol_input_is_an_error_for_the_peer_not_a_panic() {
+    let ca = ClusterCa::generate().expect("ca");
+    let a = node(&ca, 64 * MIB, Mode::Honest).await;
+    let b = node(&ca, 64 * MIB, Mode::Honest).await;
+    connect(&[&a, &b]);
+    let to = b.mesh.node_id();
+    let garbage = Bytes::from_static(&[0xff; 40]);
+    let deadline = Duration::from_secs(5);
+
+    // Garbage pull request; a pull of an object b lacks; an out-of-range chunk.
+    assert!(
+        a.mesh
+            .request(to, kind::PULL, garbage.clone(), deadline)
+            .await
+            .is_err()
+    );
+    let ask = |id: u128, offset: u64, len: u64, total: u64| {
+        let req = wire::PullRequest {
+            id,
+            fetch: 1,
+            offset,
+            len,
+            total,
+        };
+        Bytes::from_owner(rkyv::to_bytes::<rkyv::rancor::Error>(&req).expect("ser"))
+    };
+    assert!(
+        a.mesh
+            .request(to, kind::PULL, ask(99, 0, 10, 10), deadline)
+            .await
+            .is_err()
+    );
+    let id = ObjectId::random();
+    let size = seed(&[&b], id, &payload(MIB, 7));
+    assert!(
+        a.mesh
+            .request(to, kind::PULL, ask(id.0, size - 1, 2, size), deadline)
+            .await
+            .is_err()
+    );
+    assert!(
+        a.mesh
+            .request(to, kind::PULL, ask(id.0, u64::MAX, 2, size), deadline)
+            .await
+            .is_err()
+    );
+
+    // Garbage chunk header; a well-formed chunk nobody asked for.
+    let payload_bytes = Bytes::from(vec![1u8; 1000]);
+    assert!(
+        a.mesh
+            .send_stream(to, kind::CHUNK, garbage, payload_bytes.clone())
+            .await
+            .is_err()
+    );
+    let header = wire::ChunkHeader {
+        id: id.0,
+        fetch: 1,
+        offset: 0,
+        len: 1000,
+        crc: crc32fast::hash(&payload_bytes),
+    };
+    let header = Bytes::from_owner(rkyv::to_bytes::<rkyv::rancor::Error>(&header).expect("ser"));
+    assert!(
+        a.mesh
+            .send_stream(to, kind::CHUNK, header, payload_bytes)
+            .await
+            .is_err()
+    );
+
+    // b is unharmed and still serves a proper pull.
+    a.transfer
+        .pull(id, size, &[to])
+        .await
+        .expect("pull after bad input");
+    assert_intact(&a, id, &payload(MIB, 7));
 }
