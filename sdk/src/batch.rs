@@ -40,7 +40,11 @@ fn padded(len: usize) -> usize {
 
 /// Frames `items` into one aligned buffer.
 pub(crate) fn encode(items: &[Item]) -> Bytes {
-    let total = HEADER + items.iter().map(|i| HEADER + padded(i.body.len())).sum::<usize>();
+    let total = HEADER
+        + items
+            .iter()
+            .map(|i| HEADER + padded(i.body.len()))
+            .sum::<usize>();
     let mut buf = rkyv::util::AlignedVec::<16>::with_capacity(total);
     let mut head = BytesMut::with_capacity(HEADER);
     head.put_u32_le(MAGIC);
@@ -77,7 +81,9 @@ pub(crate) fn decode(body: &Bytes) -> Result<Vec<Item>, String> {
     }
     let count = u32_at(4) as usize;
     if count > MAX_ITEMS {
-        return Err(format!("batch of {count} items exceeds the limit of {MAX_ITEMS}"));
+        return Err(format!(
+            "batch of {count} items exceeds the limit of {MAX_ITEMS}"
+        ));
     }
     let mut items = Vec::with_capacity(count);
     let mut off = HEADER;
@@ -89,8 +95,15 @@ pub(crate) fn decode(body: &Bytes) -> Result<Vec<Item>, String> {
         let len = u32_at(off + 4) as usize;
         let call = u64_at(off + 8);
         let start = off + HEADER;
-        let end = start.checked_add(len).filter(|e| *e <= b.len()).ok_or_else(|| format!("item {n} overruns the batch"))?;
-        items.push(Item { kind, call, body: body.slice(start..end) });
+        let end = start
+            .checked_add(len)
+            .filter(|e| *e <= b.len())
+            .ok_or_else(|| format!("item {n} overruns the batch"))?;
+        items.push(Item {
+            kind,
+            call,
+            body: body.slice(start..end),
+        });
         off = start + padded(len);
     }
     Ok(items)
@@ -153,7 +166,11 @@ mod tests {
     #[test]
     fn round_trip_keeps_items_aligned_and_in_order() {
         let items: Vec<Item> = (0..50u64)
-            .map(|i| Item { kind: (i % 3) as u16, call: i * 7, body: Bytes::from(vec![i as u8; (i * 13) as usize]) })
+            .map(|i| Item {
+                kind: (i % 3) as u16,
+                call: i * 7,
+                body: Bytes::from(vec![i as u8; (i * 13) as usize]),
+            })
             .collect();
         let body = encode(&items);
         let back = decode(&body).unwrap();
@@ -167,7 +184,11 @@ mod tests {
     #[test]
     fn malformed_batches_are_errors() {
         assert!(decode(&Bytes::from_static(b"short")).is_err());
-        let good = encode(&[Item { kind: 1, call: 1, body: Bytes::from_static(b"hello") }]);
+        let good = encode(&[Item {
+            kind: 1,
+            call: 1,
+            body: Bytes::from_static(b"hello"),
+        }]);
         // Truncated anywhere: an error, never a panic.
         for cut in 0..good.len() {
             let _ = decode(&good.slice(..cut));

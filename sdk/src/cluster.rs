@@ -84,7 +84,12 @@ enum Pending {
     /// A task; kept whole so it can be placed again if its node dies.
     Task { node: NodeId, task: Outgoing },
     /// An actor call; the args are kept so their objects outlive the callee's fetches.
-    Call { node: NodeId, actor: u128, entry: Arc<Entry>, _args: Vec<Arg> },
+    Call {
+        node: NodeId,
+        actor: u128,
+        entry: Arc<Entry>,
+        _args: Vec<Arg>,
+    },
 }
 
 impl Pending {
@@ -534,7 +539,13 @@ impl Cluster {
                 cl.fail_pending(p, &format!("cannot reach node {node}: {e}"));
             }
         });
-        let out = Arc::new(Outbox::start(&self.tokio, self.mesh.clone(), node, kind::CALLS, on_fail));
+        let out = Arc::new(Outbox::start(
+            &self.tokio,
+            self.mesh.clone(),
+            node,
+            kind::CALLS,
+            on_fail,
+        ));
         self.call_out.entry(node).or_insert(out).clone()
     }
 
@@ -547,7 +558,13 @@ impl Cluster {
             // The owner is gone or unreachable: nobody is left to tell.
             tracing::warn!(owner = %node, call = item.call, cause = %e, "result not delivered");
         });
-        let out = Arc::new(Outbox::start(&self.tokio, self.mesh.clone(), node, kind::RESULTS, on_fail));
+        let out = Arc::new(Outbox::start(
+            &self.tokio,
+            self.mesh.clone(),
+            node,
+            kind::RESULTS,
+            on_fail,
+        ));
         self.result_out.entry(node).or_insert(out).clone()
     }
 
@@ -555,7 +572,11 @@ impl Cluster {
     pub(crate) fn submit_remote(self: &Arc<Self>, rt: &Arc<Runtime>, node: NodeId, task: Outgoing) {
         let body = match rkyv::to_bytes::<rkyv::rancor::Error>(&task.spec) {
             Ok(b) => Bytes::from_owner(b),
-            Err(e) => return task.entry.complete(Err(Error::Serialization(e.to_string()))),
+            Err(e) => {
+                return task
+                    .entry
+                    .complete(Err(Error::Serialization(e.to_string())));
+            }
         };
         if body.len() > batch::MAX_ITEM_BYTES {
             return task.entry.complete(Err(Error::InvalidArgument(format!(
@@ -566,7 +587,14 @@ impl Cluster {
         let _ = rt;
         let call = self.next_call.fetch_add(1, Ordering::Relaxed);
         self.pending.insert(call, Pending::Task { node, task });
-        if self.calls_to(node).push(Item { kind: kind::SUBMIT, call, body }).is_err()
+        if self
+            .calls_to(node)
+            .push(Item {
+                kind: kind::SUBMIT,
+                call,
+                body,
+            })
+            .is_err()
             && let Some((_, p)) = self.pending.remove(&call)
         {
             self.fail_pending(p, "the sender to that node stopped");
@@ -576,12 +604,16 @@ impl Cluster {
     /// Fails (or, for tasks with retries left, places again) a call whose node is gone.
     fn fail_pending(self: &Arc<Self>, p: Pending, why: &str) {
         match p {
-            Pending::Call { actor, entry, .. } => {
-                entry.complete(Err(Error::ActorDied { actor: short(actor), reason: why.to_string() }))
-            }
+            Pending::Call { actor, entry, .. } => entry.complete(Err(Error::ActorDied {
+                actor: short(actor),
+                reason: why.to_string(),
+            })),
             Pending::Task { node, mut task } => {
                 if task.retries == 0 {
-                    task.entry.complete(Err(Error::Cluster(format!("task {} lost: {why}", task.spec.name))));
+                    task.entry.complete(Err(Error::Cluster(format!(
+                        "task {} lost: {why}",
+                        task.spec.name
+                    ))));
                     return;
                 }
                 task.retries -= 1;
@@ -606,7 +638,12 @@ impl Cluster {
 
     /// Fails or re-places everything in flight to a node that was declared dead.
     fn node_died(self: &Arc<Self>, node: NodeId) {
-        let lost: Vec<u64> = self.pending.iter().filter(|p| p.value().node() == node).map(|p| *p.key()).collect();
+        let lost: Vec<u64> = self
+            .pending
+            .iter()
+            .filter(|p| p.value().node() == node)
+            .map(|p| *p.key())
+            .collect();
         for call in lost {
             if let Some((_, p)) = self.pending.remove(&call) {
                 self.fail_pending(p, &format!("node {node} died"));
@@ -618,17 +655,27 @@ impl Cluster {
     pub(crate) fn send_result(self: &Arc<Self>, owner: NodeId, call: u64, result: Result<Bytes>) {
         let (k, body) = match result {
             Ok(b) => (kind::OK, b),
-            Err(e) => (kind::ERR, Bytes::from(serde_json::to_vec(&e).unwrap_or_default())),
+            Err(e) => (
+                kind::ERR,
+                Bytes::from(serde_json::to_vec(&e).unwrap_or_default()),
+            ),
         };
         if body.len() <= batch::MAX_BYTES {
-            let _ = self.results_to(owner).push(Item { kind: k, call, body });
+            let _ = self.results_to(owner).push(Item {
+                kind: k,
+                call,
+                body,
+            });
             return;
         }
         let mesh = self.mesh.clone();
         self.tokio.spawn(async move {
             let mut header = call.to_le_bytes().to_vec();
             header.extend_from_slice(&k.to_le_bytes());
-            if let Err(e) = mesh.send_stream(owner, kind::RESULT_STREAM, Bytes::from(header), body).await {
+            if let Err(e) = mesh
+                .send_stream(owner, kind::RESULT_STREAM, Bytes::from(header), body)
+                .await
+            {
                 tracing::warn!(owner = %owner, call, cause = %e, "large result not delivered");
             }
         });
@@ -646,7 +693,9 @@ impl Cluster {
     }
 
     fn complete_call(&self, call: u64, k: u16, body: Bytes) {
-        let Some((_, p)) = self.pending.remove(&call) else { return };
+        let Some((_, p)) = self.pending.remove(&call) else {
+            return;
+        };
         let result = if k == kind::OK {
             Ok(body)
         } else {
@@ -663,13 +712,21 @@ impl Cluster {
     fn on_calls(self: &Arc<Self>, rt: &Arc<Runtime>, from: NodeId, body: Bytes) {
         let items = match batch::decode(&body) {
             Ok(i) => i,
-            Err(e) => return tracing::warn!(peer = %from, cause = %e, "malformed call batch dropped"),
+            Err(e) => {
+                return tracing::warn!(peer = %from, cause = %e, "malformed call batch dropped");
+            }
         };
         for item in items {
-            let done = Done::Remote { cluster: self.clone(), owner: from, call: item.call };
+            let done = Done::Remote {
+                cluster: self.clone(),
+                owner: from,
+                call: item.call,
+            };
             match item.kind {
                 kind::SUBMIT => {
-                    let spec = match rkyv::access::<wire::ArchivedTaskW, rkyv::rancor::Error>(&item.body) {
+                    let spec = match rkyv::access::<wire::ArchivedTaskW, rkyv::rancor::Error>(
+                        &item.body,
+                    ) {
                         Ok(s) => s,
                         Err(e) => {
                             done.complete(Err(Error::Serialization(format!("bad task: {e}"))));
@@ -677,11 +734,17 @@ impl Cluster {
                         }
                     };
                     let f = registry::function(spec.function.as_str(), spec.sig.to_native());
-                    let args = if f.is_ok() { self.import_args(rt, &spec.args) } else { Vec::new() };
+                    let args = if f.is_ok() {
+                        self.import_args(rt, &spec.args)
+                    } else {
+                        Vec::new()
+                    };
                     rt.run_here(f, args, spec.attempts.to_native(), done);
                 }
                 kind::ACTOR_CALL => {
-                    let call = match rkyv::access::<wire::ArchivedCallW, rkyv::rancor::Error>(&item.body) {
+                    let call = match rkyv::access::<wire::ArchivedCallW, rkyv::rancor::Error>(
+                        &item.body,
+                    ) {
                         Ok(c) => c,
                         Err(e) => {
                             done.complete(Err(Error::Serialization(format!("bad call: {e}"))));
@@ -699,7 +762,10 @@ impl Cluster {
     fn deliver_call(self: &Arc<Self>, rt: &Arc<Runtime>, call: &wire::ArchivedCallW, done: Done) {
         let actor = call.actor.to_native();
         let Some(host) = rt.actors.get(&actor).map(|h| h.clone()) else {
-            return done.complete(Err(Error::ActorDied { actor: short(actor), reason: "no such actor on this node".into() }));
+            return done.complete(Err(Error::ActorDied {
+                actor: short(actor),
+                reason: "no such actor on this node".into(),
+            }));
         };
         let args = self.import_args(rt, &call.args);
         let key = (actor, call.caller.to_native());
@@ -707,12 +773,17 @@ impl Cluster {
         let mut ro = slot.lock();
         let seq = call.seq.to_native();
         if seq < ro.next {
-            return done.complete(Err(Error::Cluster(format!("duplicate call sequence {seq}"))));
+            return done.complete(Err(Error::Cluster(format!(
+                "duplicate call sequence {seq}"
+            ))));
         }
-        ro.pending.insert(seq, (call.method.to_native(), args, done));
+        ro.pending
+            .insert(seq, (call.method.to_native(), args, done));
         loop {
             let next = ro.next;
-            let Some((method, args, done)) = ro.pending.remove(&next) else { break };
+            let Some((method, args, done)) = ro.pending.remove(&next) else {
+                break;
+            };
             ro.next += 1;
             host.call(method, args, done);
         }
@@ -839,8 +910,23 @@ impl Cluster {
         let actor = call.actor;
         let cl = self.clone();
         let send = move |entry: Arc<Entry>| {
-            cl.pending.insert(id, Pending::Call { node, actor, entry, _args: args });
-            if cl.calls_to(node).push(Item { kind: kind::ACTOR_CALL, call: id, body }).is_err()
+            cl.pending.insert(
+                id,
+                Pending::Call {
+                    node,
+                    actor,
+                    entry,
+                    _args: args,
+                },
+            );
+            if cl
+                .calls_to(node)
+                .push(Item {
+                    kind: kind::ACTOR_CALL,
+                    call: id,
+                    body,
+                })
+                .is_err()
                 && let Some((_, p)) = cl.pending.remove(&id)
             {
                 cl.fail_pending(p, "the sender to that node stopped");

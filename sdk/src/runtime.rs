@@ -144,14 +144,22 @@ pub(crate) fn uninstall() {
 pub(crate) enum Done {
     Entry(Arc<Entry>),
     /// Back to the owner on another node, batched with other results.
-    Remote { cluster: Arc<Cluster>, owner: NodeId, call: u64 },
+    Remote {
+        cluster: Arc<Cluster>,
+        owner: NodeId,
+        call: u64,
+    },
 }
 
 impl Done {
     pub(crate) fn complete(self, result: Result<Bytes>) {
         match self {
             Done::Entry(e) => e.complete(result),
-            Done::Remote { cluster, owner, call } => cluster.send_result(owner, call, result),
+            Done::Remote {
+                cluster,
+                owner,
+                call,
+            } => cluster.send_result(owner, call, result),
         }
     }
 }
