@@ -109,6 +109,9 @@ pub(crate) fn decode(body: &Bytes) -> Result<Vec<Item>, String> {
     Ok(items)
 }
 
+/// Told of each item that could not be delivered, with the reason.
+pub(crate) type OnFail = Arc<dyn Fn(Item, &TransportError) + Send + Sync>;
+
 /// The queue of items for one peer, drained by one sender task.
 pub(crate) struct Outbox {
     tx: flume::Sender<Item>,
@@ -122,7 +125,7 @@ impl Outbox {
         mesh: Mesh,
         to: NodeId,
         kind: u16,
-        on_fail: Arc<dyn Fn(Item, &TransportError) + Send + Sync>,
+        on_fail: OnFail,
     ) -> Outbox {
         // Bounded, so a peer that stops reading pushes back on the submitters instead of growing memory.
         let (tx, rx) = flume::bounded::<Item>(1 << 16);

@@ -82,7 +82,7 @@ pub(crate) struct Outgoing {
 /// A call sent to another node whose result has not come back yet.
 enum Pending {
     /// A task; kept whole so it can be placed again if its node dies.
-    Task { node: NodeId, task: Outgoing },
+    Task { node: NodeId, task: Box<Outgoing> },
     /// An actor call; the args are kept so their objects outlive the callee's fetches.
     Call {
         node: NodeId,
@@ -135,6 +135,8 @@ pub(crate) struct Cluster {
     call_out: DashMap<NodeId, Arc<Outbox>>,
     result_out: DashMap<NodeId, Arc<Outbox>>,
     tokio: tokio::runtime::Handle,
+    /// When the head last answered a heartbeat: a worker node whose head is gone for long exits.
+    head_seen: Mutex<Instant>,
 }
 
 /// The mesh handler: forwards to the runtime and cluster once both exist.
@@ -180,6 +182,10 @@ fn reply_bytes(msg: Message) -> Result<Bytes> {
 
 fn transport_err(node: NodeId, e: TransportError) -> Error {
     Error::Cluster(format!("node {node}: {e}"))
+}
+
+fn held_cpus(rt: &Runtime) -> f64 {
+    rt.held_milli_cpus.load(Ordering::Relaxed) as f64 / 1000.0
 }
 
 pub(crate) fn function_id(name: &str, sig: u64) -> u64 {
@@ -245,6 +251,7 @@ impl Cluster {
             call_out: DashMap::new(),
             result_out: DashMap::new(),
             tokio,
+            head_seen: Mutex::new(Instant::now()),
         })
     }
 
@@ -265,7 +272,7 @@ impl Cluster {
                 .map(|(n, s)| function_id(n, *s))
                 .collect(),
             alive: true,
-            free_cpus: (self.settings.num_cpus - running as f64).max(0.0),
+            free_cpus: (self.settings.num_cpus - running as f64 - held_cpus(rt)).max(0.0),
             queued: queued as u32,
             is_head: self.is_head(),
         }
@@ -324,11 +331,25 @@ impl Cluster {
                 .request(self.head, kind::HEARTBEAT, body, CONTROL_DEADLINE)
                 .await
             {
-                Ok(msg) => reply_bytes(msg)
-                    .ok()
-                    .and_then(|b| serde_json::from_slice::<Vec<Member>>(&b).ok()),
+                Ok(msg) => {
+                    *self.head_seen.lock() = Instant::now();
+                    reply_bytes(msg)
+                        .ok()
+                        .and_then(|b| serde_json::from_slice::<Vec<Member>>(&b).ok())
+                }
                 Err(e) => {
                     tracing::warn!(cause = %e, "heartbeat to the head failed");
+                    let silent = self.head_seen.lock().elapsed();
+                    let limit = (self.settings.dead_after * 3).max(Duration::from_secs(10));
+                    if silent > limit && self.settings.num_cpus > 0.0 {
+                        // The cluster is gone (or this node was cut off and declared dead): a worker with no head
+                        // can never be given work again, so it leaves instead of lingering.
+                        tracing::error!(
+                            silent_s = silent.as_secs(),
+                            "the head is unreachable; this node exits"
+                        );
+                        std::process::exit(3);
+                    }
                     None
                 }
             }
@@ -460,7 +481,7 @@ impl Cluster {
         };
         let mut view = self.view.lock();
         let (queued, running) = rt.pool.load();
-        let free = (self.settings.num_cpus - running as f64).max(0.0);
+        let free = (self.settings.num_cpus - running as f64 - held_cpus(rt)).max(0.0);
         let available = resource_set(free, self.settings.num_gpus, &self.settings.resources);
         view.update_local(NodeId(rt.node), &available, queued as u32);
         let mut d = oxray_scheduler::decide(&view, NodeId(rt.node), &req, &mut *self.rng.lock());
@@ -532,7 +553,7 @@ impl Cluster {
             return o.clone();
         }
         let weak = Arc::downgrade(self);
-        let on_fail: Arc<dyn Fn(Item, &TransportError) + Send + Sync> = Arc::new(move |item, e| {
+        let on_fail: batch::OnFail = Arc::new(move |item, e| {
             if let Some(cl) = weak.upgrade()
                 && let Some((_, p)) = cl.pending.remove(&item.call)
             {
@@ -554,7 +575,7 @@ impl Cluster {
         if let Some(o) = self.result_out.get(&node) {
             return o.clone();
         }
-        let on_fail: Arc<dyn Fn(Item, &TransportError) + Send + Sync> = Arc::new(move |item, e| {
+        let on_fail: batch::OnFail = Arc::new(move |item, e| {
             // The owner is gone or unreachable: nobody is left to tell.
             tracing::warn!(owner = %node, call = item.call, cause = %e, "result not delivered");
         });
@@ -586,7 +607,13 @@ impl Cluster {
         }
         let _ = rt;
         let call = self.next_call.fetch_add(1, Ordering::Relaxed);
-        self.pending.insert(call, Pending::Task { node, task });
+        self.pending.insert(
+            call,
+            Pending::Task {
+                node,
+                task: Box::new(task),
+            },
+        );
         if self
             .calls_to(node)
             .push(Item {
@@ -628,9 +655,9 @@ impl Cluster {
                         rt.run_here(f, task.args, task.spec.attempts, Done::Entry(task.entry));
                     }
                     Decision::Spill(n) | Decision::RunInBundle { node: n, .. } if n != node => {
-                        self.submit_remote(&rt, n, task)
+                        self.submit_remote(&rt, n, *task)
                     }
-                    _ => self.park_until_feasible(&rt, task, format!("its node died ({why})")),
+                    _ => self.park_until_feasible(&rt, *task, format!("its node died ({why})")),
                 }
             }
         }
@@ -703,8 +730,25 @@ impl Cluster {
                 .unwrap_or_else(|e| Error::Cluster(format!("unreadable error reply: {e}"))))
         };
         match p {
-            Pending::Task { task, .. } => task.entry.complete(result),
+            Pending::Task { task, node } => {
+                self.settle_estimate(node, &task.res);
+                task.entry.complete(result)
+            }
             Pending::Call { entry, .. } => entry.complete(result),
+        }
+    }
+
+    /// Takes back the load that `decide` charged to `node` for a task that has now finished, so a node that answers
+    /// quickly keeps getting the next task (warm, and no other node has to wake) until its next report.
+    fn settle_estimate(&self, node: NodeId, res: &Resources) {
+        let mut view = self.view.lock();
+        if let Some(info) = view.node(node) {
+            let mut avail = info.available.clone();
+            if avail.add(&demand(res)).is_err() || !info.total.fits(&avail) {
+                avail = info.total.clone();
+            }
+            let q = info.queue_len.saturating_sub(1);
+            view.update_local(node, &avail, q);
         }
     }
 
@@ -1083,6 +1127,7 @@ impl Handler for NodeHandler {
                     spec.sig.to_native(),
                     args,
                     name,
+                    spec.cpus.to_native(),
                 ) {
                     Ok(()) => reply.send(kind::OK, Bytes::new()),
                     Err(e) => reply_err(reply, &e),

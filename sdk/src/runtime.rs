@@ -66,6 +66,8 @@ pub(crate) struct Runtime {
     pub(crate) cancels: DashMap<ObjectId, Arc<AtomicBool>>,
     pub(crate) tasks: DashMap<u128, TaskRecord>,
     pub(crate) tokio: tokio::runtime::Handle,
+    /// CPUs (in thousandths) held by the actors hosted here: not available to tasks or to new actors.
+    pub(crate) held_milli_cpus: Arc<AtomicU64>,
     /// Set when this process is a node of a cluster (`connect`, `start`).
     pub(crate) cluster: OnceLock<Arc<Cluster>>,
     /// Kept so the runtime's threads live as long as this process's oxray runtime.
@@ -115,6 +117,7 @@ pub(crate) fn install_as(config: Config, node: Option<u128>) -> Result<Arc<Runti
         cancels: DashMap::new(),
         tasks: DashMap::new(),
         tokio: handle,
+        held_milli_cpus: Arc::new(AtomicU64::new(0)),
         cluster: OnceLock::new(),
         _tokio: owned,
     });
@@ -346,6 +349,7 @@ impl Runtime {
                         class: class.to_string(),
                         sig,
                         name: opts.name.clone(),
+                        cpus: opts.resources.num_cpus,
                         args: Cluster::wire_args(&args, self.node),
                     };
                     let created = cl.create_remote(self, n, spec, args);
@@ -372,7 +376,14 @@ impl Runtime {
                 "an actor named {name:?} already exists"
             )));
         }
-        let host = ActorHost::spawn(self.clone(), id, entry, args, opts.name.clone())?;
+        let host = ActorHost::spawn(
+            self.clone(),
+            id,
+            entry,
+            args,
+            opts.name.clone(),
+            opts.resources.num_cpus,
+        )?;
         self.actors.insert(id, host.clone());
         let core = ActorCore::local(id, class, host);
         if let Some(name) = &opts.name {
@@ -413,9 +424,10 @@ impl Runtime {
         sig: u64,
         args: Vec<Arg>,
         name: Option<String>,
+        cpus: f64,
     ) -> Result<()> {
         let entry = registry::class(class, sig)?;
-        let host = ActorHost::spawn(self.clone(), id, entry, args, name)?;
+        let host = ActorHost::spawn(self.clone(), id, entry, args, name, cpus)?;
         self.actors.insert(id, host);
         Ok(())
     }
@@ -528,6 +540,8 @@ pub(crate) struct ActorHost {
     dead: Mutex<Option<String>>,
     killed: AtomicBool,
     pub(crate) calls: AtomicU64,
+    /// The node's held-CPU counter and this actor's share, given back when the actor dies.
+    held: (Arc<AtomicU64>, u64),
 }
 
 impl ActorHost {
@@ -537,8 +551,11 @@ impl ActorHost {
         class: &'static ActorClassEntry,
         args: Vec<Arg>,
         name: Option<String>,
+        cpus: f64,
     ) -> Result<Arc<Self>> {
         let (tx, rx) = flume::unbounded::<ActorMsg>();
+        let milli_cpus = (cpus.max(0.0) * 1000.0).round() as u64;
+        rt.held_milli_cpus.fetch_add(milli_cpus, Ordering::Relaxed);
         let host = Arc::new(ActorHost {
             id,
             class,
@@ -547,6 +564,7 @@ impl ActorHost {
             dead: Mutex::new(None),
             killed: AtomicBool::new(false),
             calls: AtomicU64::new(0),
+            held: (rt.held_milli_cpus.clone(), milli_cpus),
         });
         let h = host.clone();
         std::thread::Builder::new()
@@ -627,6 +645,7 @@ impl ActorHost {
         let mut d = self.dead.lock();
         if d.is_none() {
             *d = Some(reason);
+            self.held.0.fetch_sub(self.held.1, Ordering::Relaxed);
         }
         self.killed.store(true, Ordering::Release);
     }

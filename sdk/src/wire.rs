@@ -72,6 +72,8 @@ pub(crate) struct CreateW {
     pub class: String,
     pub sig: u64,
     pub name: Option<String>,
+    /// CPUs the actor holds for its lifetime on the node that hosts it.
+    pub cpus: f64,
     pub args: Vec<ArgW>,
 }
 
