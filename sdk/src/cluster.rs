@@ -1,7 +1,7 @@
 //! Cluster mode: this process as one node of a QUIC mesh.
 //!
 //! A node serves the kinds in `wire::kind`: it runs tasks and hosts actors for other nodes, serves the objects it
-//! owns, and (on the head) keeps the member list, the failure detector and the named-actor directory. Placement
+//! owns, and (on the head) keeps the member list and the failure detector, and hosts the GCS replica. Placement
 //! decisions are the scheduler crate's sans-IO policy over a `ClusterView` fed by heartbeats; this module only
 //! feeds it and carries out its decisions.
 //!
@@ -31,7 +31,7 @@ use crate::options::{Resources, Strategy};
 use crate::registry;
 use crate::runtime::{Done, Runtime, short};
 use crate::value;
-use crate::wire::{self, ArgW, CallW, CreateW, Load, Member, NamedActor, TaskW, kind};
+use crate::wire::{self, ArgW, CallW, CreateW, Load, Member, TaskW, kind};
 
 /// Long enough for any task: the deadline of a task request is the task's own business (`get_timeout`).
 const TASK_DEADLINE: Duration = Duration::from_secs(7 * 24 * 3600);
@@ -111,7 +111,6 @@ struct Reorder {
 struct HeadState {
     members: Mutex<BTreeMap<u128, Member>>,
     detector: Mutex<FailureDetector>,
-    named: Mutex<BTreeMap<String, NamedActor>>,
     epoch: Instant,
 }
 
@@ -142,16 +141,29 @@ pub(crate) struct Cluster {
 /// The mesh handler: forwards to the runtime and cluster once both exist.
 pub(crate) struct NodeHandler {
     rt: OnceLock<Weak<Runtime>>,
+    /// The GCS replica's service, on the node that hosts one (the head).
+    gcs: OnceLock<Arc<oxray_gcs::mesh::GcsService>>,
 }
 
 impl NodeHandler {
     pub(crate) fn new() -> Arc<Self> {
         Arc::new(NodeHandler {
             rt: OnceLock::new(),
+            gcs: OnceLock::new(),
         })
     }
     pub(crate) fn attach(&self, rt: &Arc<Runtime>) {
         let _ = self.rt.set(Arc::downgrade(rt));
+    }
+    pub(crate) fn serve_gcs(&self, service: Arc<oxray_gcs::mesh::GcsService>) {
+        let _ = self.gcs.set(service);
+    }
+    fn gcs_for(&self, kind: u16) -> Option<&Arc<oxray_gcs::mesh::GcsService>> {
+        if oxray_gcs::mesh::GcsService::handles(kind) {
+            self.gcs.get()
+        } else {
+            None
+        }
     }
     fn rt(&self) -> Option<Arc<Runtime>> {
         self.rt.get().and_then(Weak::upgrade)
@@ -231,7 +243,6 @@ impl Cluster {
                 timeout_ms: settings.dead_after.as_millis() as u64,
                 ..FailureConfig::default()
             })),
-            named: Mutex::new(BTreeMap::new()),
             epoch: Instant::now(),
         });
         Arc::new(Cluster {
@@ -1064,17 +1075,11 @@ impl Cluster {
                 nodes.push(s);
             }
         }
-        let named = self
-            .head_state
-            .as_ref()
-            .map(|h| {
-                h.named
-                    .lock()
-                    .values()
-                    .map(|n| (n.name.clone(), short(n.actor)))
-                    .collect()
-            })
-            .unwrap_or_default();
+        let named = nodes
+            .iter()
+            .flat_map(|n| &n.actors)
+            .filter_map(|a| a.name.clone().map(|name| (name, a.id.clone())))
+            .collect();
         let members = self
             .head_state
             .as_ref()
@@ -1105,6 +1110,9 @@ fn spec_function(spec: &TaskW) -> std::result::Result<&'static registry::Functio
 
 impl Handler for NodeHandler {
     fn on_request(&self, msg: Message, reply: Responder) {
+        if let Some(g) = self.gcs_for(msg.kind()) {
+            return g.on_request(msg, reply);
+        }
         let Some(rt) = self.rt() else {
             reply.error("node is starting or stopping");
             return;
@@ -1180,34 +1188,6 @@ impl Handler for NodeHandler {
                     reply_json(reply, &all);
                 }
             }
-            kind::NAME_ACTOR if cl.is_head() => {
-                let h = cl.head_state.as_ref().expect("head");
-                let n: NamedActor = match serde_json::from_slice(msg.body()) {
-                    Ok(n) => n,
-                    Err(e) => return reply.error(format!("bad name: {e}")),
-                };
-                let mut named = h.named.lock();
-                if named.contains_key(&n.name) {
-                    return reply_err(
-                        reply,
-                        &Error::InvalidArgument(format!(
-                            "an actor named {:?} already exists",
-                            n.name
-                        )),
-                    );
-                }
-                named.insert(n.name.clone(), n);
-                reply.send(kind::OK, Bytes::new());
-            }
-            kind::LOOKUP_ACTOR if cl.is_head() => {
-                let h = cl.head_state.as_ref().expect("head");
-                let name = String::from_utf8_lossy(msg.body()).to_string();
-                let found = h.named.lock().get(&name).cloned();
-                match found {
-                    Some(n) => reply_json(reply, &n),
-                    None => reply_err(reply, &Error::ActorNotFound(name)),
-                }
-            }
             kind::CLUSTER_STATE if cl.is_head() => {
                 let rt2 = rt.clone();
                 rt.tokio.spawn(async move {
@@ -1220,6 +1200,9 @@ impl Handler for NodeHandler {
     }
 
     fn on_oneway(&self, msg: Message) {
+        if let Some(g) = self.gcs_for(msg.kind()) {
+            return g.on_oneway(msg);
+        }
         let Some(rt) = self.rt() else { return };
         match msg.kind() {
             kind::CALLS => {
@@ -1268,6 +1251,9 @@ impl Handler for NodeHandler {
     }
 
     fn on_stream(&self, header: Message, mut incoming: IncomingStream) {
+        if let Some(g) = self.gcs_for(header.kind()) {
+            return g.on_stream(header, incoming);
+        }
         let Some(cl) = self.rt().and_then(|rt| rt.cluster.get().cloned()) else {
             return incoming.error("node is not in cluster mode");
         };

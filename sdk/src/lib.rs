@@ -55,6 +55,7 @@ mod arg;
 mod batch;
 pub mod bench;
 mod cluster;
+mod control;
 mod error;
 pub mod node;
 mod object;
@@ -72,6 +73,7 @@ use std::time::Duration;
 pub use actor::{ActorClass, ActorHandle};
 pub use arg::{Arg, IntoArg};
 pub use cluster::NodeSettings;
+pub use control::kv;
 pub use error::{Error, Result};
 pub use node::{connect, run_node_if_requested};
 pub use object::{ObjectId, ObjectRef, ObjectView};
@@ -97,7 +99,11 @@ pub fn init() -> Result<()> {
 
 /// As [`init`], with explicit settings.
 pub fn init_with(config: Config) -> Result<()> {
-    runtime::install(config).map(|_| ())
+    let rt = runtime::install(config)?;
+    if rt.cluster.get().is_none() {
+        runtime::start_embedded_gcs(&rt)?;
+    }
+    Ok(())
 }
 
 /// Whether `init` (or `connect`) has been called.

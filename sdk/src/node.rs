@@ -7,6 +7,7 @@
 //! Security: the head creates the cluster CA once (key files 0600 in its data dir) and a join token. A node proves
 //! the token to obtain a certificate; every mesh connection is then mutually authenticated TLS.
 
+use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -21,6 +22,9 @@ use crate::cluster::{Cluster, NodeHandler, NodeSettings};
 use crate::error::{Error, Result};
 use crate::runtime::{self, Config, block_on_io};
 use crate::wire::{ClusterState, kind};
+
+/// The GCS member id of the head's replica (this build runs one replica, on the head).
+const GCS_MEMBER: u64 = 1;
 
 /// What a node needs to join: the head's join token and the head's node id, printed by `start --head` as one
 /// string (`<join token>~<head id>`).
@@ -168,6 +172,22 @@ pub fn start_head(opts: HeadOptions) -> Result<ClusterAddress> {
             .await
             .map_err(|e| Error::Cluster(format!("cannot bind the mesh endpoint: {e}")))
     })?;
+    // The head hosts the GCS replica (durable in the data dir) and serves it to the other nodes over the mesh.
+    let gcs_dir = dir.join("gcs");
+    let (server, client) = {
+        let _enter = rt.tokio.enter();
+        oxray_gcs::GcsServer::embedded(&gcs_dir).map_err(|e| {
+            Error::Cluster(format!(
+                "cannot start the GCS in {}: {e}",
+                gcs_dir.display()
+            ))
+        })?
+    };
+    let service = oxray_gcs::mesh::GcsService::new(BTreeMap::from([(GCS_MEMBER, node)]));
+    service.attach(server.clone());
+    handler.serve_gcs(service);
+    let _ = rt.gcs_server.set(server);
+    let _ = rt.gcs.set(oxray_gcs::tables::Tables::new(client));
     let cluster = Cluster::new(mesh, node, opts.settings.clone(), true, rt.tokio.clone());
     let _ = rt.cluster.set(cluster.clone());
     handler.attach(&rt);
@@ -231,6 +251,18 @@ pub fn join_cluster(address: &str, token: &str, settings: NodeSettings) -> Resul
             .map_err(|e| Error::Cluster(format!("cannot bind the mesh endpoint: {e}")))
     })?;
     mesh.add_peer(token.head, addr);
+    let connector = oxray_gcs::mesh::MeshConnector::new(
+        mesh.clone(),
+        BTreeMap::from([(GCS_MEMBER, token.head)]),
+        Duration::from_secs(2),
+    );
+    let client = oxray_gcs::GcsClient::new(
+        connector,
+        vec![GCS_MEMBER],
+        1,
+        oxray_gcs::ClientConfig::default(),
+    );
+    let _ = rt.gcs.set(oxray_gcs::tables::Tables::new(client));
     let cluster = Cluster::new(mesh, token.head, settings, false, rt.tokio.clone());
     let _ = rt.cluster.set(cluster.clone());
     handler.attach(&rt);

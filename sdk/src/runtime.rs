@@ -68,6 +68,12 @@ pub(crate) struct Runtime {
     pub(crate) tokio: tokio::runtime::Handle,
     /// CPUs (in thousandths) held by the actors hosted here: not available to tasks or to new actors.
     pub(crate) held_milli_cpus: Arc<AtomicU64>,
+    /// The GCS's tables (named actors, the actor directory, the user KV), through a client.
+    pub(crate) gcs: OnceLock<oxray_gcs::tables::Tables>,
+    /// The GCS replica hosted by this process (embedded mode, or the head), kept alive with the runtime.
+    pub(crate) gcs_server: OnceLock<oxray_gcs::GcsServer>,
+    /// The embedded GCS's directory, removed at shutdown.
+    pub(crate) gcs_tempdir: OnceLock<std::path::PathBuf>,
     /// Set when this process is a node of a cluster (`connect`, `start`).
     pub(crate) cluster: OnceLock<Arc<Cluster>>,
     /// Kept so the runtime's threads live as long as this process's oxray runtime.
@@ -118,11 +124,37 @@ pub(crate) fn install_as(config: Config, node: Option<u128>) -> Result<Arc<Runti
         tasks: DashMap::new(),
         tokio: handle,
         held_milli_cpus: Arc::new(AtomicU64::new(0)),
+        gcs: OnceLock::new(),
+        gcs_server: OnceLock::new(),
+        gcs_tempdir: OnceLock::new(),
         cluster: OnceLock::new(),
         _tokio: owned,
     });
     *cur = Some(rt.clone());
     Ok(rt)
+}
+
+/// Starts the one-replica GCS of the embedded default in a fresh temporary directory.
+pub(crate) fn start_embedded_gcs(rt: &Arc<Runtime>) -> Result<()> {
+    if rt.gcs.get().is_some() {
+        return Ok(());
+    }
+    let dir = std::env::temp_dir().join(format!(
+        "oxray-{}-{:x}",
+        std::process::id(),
+        rand_u128() as u64
+    ));
+    let _enter = rt.tokio.enter();
+    let (server, client) = oxray_gcs::GcsServer::embedded(&dir).map_err(|e| {
+        Error::Cluster(format!(
+            "cannot start the embedded GCS in {}: {e}",
+            dir.display()
+        ))
+    })?;
+    let _ = rt.gcs_tempdir.set(dir);
+    let _ = rt.gcs_server.set(server);
+    let _ = rt.gcs.set(oxray_gcs::tables::Tables::new(client));
+    Ok(())
 }
 
 /// Removes the runtime: pending work is dropped, actors stop.
@@ -134,6 +166,9 @@ pub(crate) fn uninstall() {
             a.value().kill("the runtime shut down");
         }
         rt.actors.clear();
+        if let Some(dir) = rt.gcs_tempdir.get() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
         // The tokio runtime may not be dropped inside an async context; park it on a plain thread.
         if let Some(tok) = &rt._tokio {
             let tok = tok.clone();
@@ -342,7 +377,7 @@ impl Runtime {
                 Decision::RunLocal => {}
                 Decision::Spill(n) | Decision::RunInBundle { node: n, .. } => {
                     if let Some(name) = &opts.name {
-                        self.register_name(cl, name, id, class, n.0)?;
+                        crate::control::register_named(self, name, id, class, n.0)?;
                     }
                     let spec = CreateW {
                         actor: id,
@@ -364,17 +399,10 @@ impl Runtime {
                     return Err(Error::Infeasible(format!("actor {class}: {why}")));
                 }
             }
-            if let Some(name) = &opts.name {
-                self.register_name(cl, name, id, class, self.node)?;
-            }
         }
         let entry = registry::class(class, sig)?;
-        if let Some(name) = &opts.name
-            && self.named.contains_key(name)
-        {
-            return Err(Error::InvalidArgument(format!(
-                "an actor named {name:?} already exists"
-            )));
+        if let Some(name) = &opts.name {
+            crate::control::register_named(self, name, id, class, self.node)?;
         }
         let host = ActorHost::spawn(
             self.clone(),
@@ -390,30 +418,6 @@ impl Runtime {
             self.named.insert(name.clone(), core.clone());
         }
         Ok(core)
-    }
-
-    fn register_name(
-        &self,
-        cl: &Arc<Cluster>,
-        name: &str,
-        actor: u128,
-        class: &str,
-        node: u128,
-    ) -> Result<()> {
-        let n = wire::NamedActor {
-            name: name.to_string(),
-            actor,
-            class: class.to_string(),
-            node,
-        };
-        let body =
-            Bytes::from(serde_json::to_vec(&n).map_err(|e| Error::Serialization(e.to_string()))?);
-        let cl2 = cl.clone();
-        let head = cl.head;
-        block_on_io(&self.tokio, async move {
-            cl2.control(head, kind::NAME_ACTOR, body).await
-        })
-        .map(|_| ())
     }
 
     /// Hosts an actor created by another node.
@@ -432,27 +436,24 @@ impl Runtime {
         Ok(())
     }
 
-    /// Finds a named actor: locally, then through the head.
+    /// Finds a named actor through the GCS's directory.
     pub(crate) fn lookup_actor(self: &Arc<Self>, name: &str) -> Result<ActorCore> {
-        if let Some(c) = self.named.get(name) {
+        if let Some(c) = self.named.get(name)
+            && c.is_alive()
+        {
             return Ok(c.clone());
         }
-        let Some(cl) = self.cluster.get() else {
-            return Err(Error::ActorNotFound(name.to_string()));
-        };
-        let cl2 = cl.clone();
-        let head = cl.head;
-        let body = Bytes::from(name.as_bytes().to_vec());
-        let b = block_on_io(&self.tokio, async move {
-            cl2.control(head, kind::LOOKUP_ACTOR, body).await
-        })?;
-        let n: wire::NamedActor =
-            serde_json::from_slice(&b).map_err(|e| Error::Cluster(e.to_string()))?;
-        let class: &'static str = registry::class_name(&n.class).unwrap_or("unknown");
-        if n.node == self.node
-            && let Some(host) = self.actors.get(&n.actor)
-        {
+        let n = crate::control::lookup_named(self, name)?;
+        let class: &'static str =
+            registry::class_name(&n.class).ok_or_else(|| Error::UnknownFunction {
+                name: n.class.clone(),
+                why: "actor class not compiled into this node's binary".into(),
+            })?;
+        if let Some(host) = self.actors.get(&n.actor) {
             return Ok(ActorCore::local(n.actor, class, host.clone()));
+        }
+        if n.node == self.node || self.cluster.get().is_none() {
+            return Err(Error::ActorNotFound(name.to_string()));
         }
         let created = Entry::ready(ObjectId::random(), Bytes::new());
         Ok(ActorCore::remote(n.actor, class, NodeId(n.node), created))
@@ -646,6 +647,11 @@ impl ActorHost {
         if d.is_none() {
             *d = Some(reason);
             self.held.0.fetch_sub(self.held.1, Ordering::Relaxed);
+            // A dead actor's name is free again, as in Ray.
+            if let (Some(name), Ok(rt)) = (&self.name, current()) {
+                rt.named.remove(name);
+                crate::control::unregister_named(&rt, name, self.id);
+            }
         }
         self.killed.store(true, Ordering::Release);
     }

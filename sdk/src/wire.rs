@@ -28,10 +28,6 @@ pub(crate) mod kind {
     pub const REGISTER: u16 = 16;
     /// To the head: liveness and load (`Load` JSON); replies with the member list.
     pub const HEARTBEAT: u16 = 17;
-    /// To the head: register a named actor (`NamedActor` JSON).
-    pub const NAME_ACTOR: u16 = 18;
-    /// To the head: look a named actor up (body: the name); replies with `NamedActor` JSON.
-    pub const LOOKUP_ACTOR: u16 = 19;
     /// Stop this node's process (one-way).
     pub const STOP: u16 = 20;
     /// To the head: the whole cluster's state (`ClusterState` JSON).
@@ -110,15 +106,6 @@ pub(crate) struct Load {
     pub id: u128,
     pub free_cpus: f64,
     pub queued: u32,
-}
-
-/// A named actor's directory entry.
-#[derive(Serialize, Deserialize, Debug, Clone)]
-pub(crate) struct NamedActor {
-    pub name: String,
-    pub actor: u128,
-    pub class: String,
-    pub node: u128,
 }
 
 /// The whole cluster, for `oxray status` and `oxray list`.

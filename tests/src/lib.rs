@@ -55,6 +55,12 @@ pub fn fail_with(msg: String) -> u8 {
     panic!("{msg}")
 }
 
+/// Reads a key of the user KV (from whichever node runs this).
+#[oxray::remote]
+pub fn kv_read(key: String) -> Option<Vec<u8>> {
+    oxray::kv::get(&key).expect("kv get")
+}
+
 /// An actor that records the calls it receives, in order.
 #[derive(Debug)]
 pub struct Recorder {

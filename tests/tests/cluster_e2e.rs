@@ -70,6 +70,27 @@ fn three_node_cluster_end_to_end() {
         Err(Error::ActorNotFound(_))
     ));
 
+    // The user KV lives in the GCS on the head: a write from the driver is read by a task on another node.
+    oxray::kv::put("config/lr", b"0.01").unwrap();
+    assert_eq!(
+        kv_read::remote("config/lr".to_string())
+            .unwrap()
+            .get()
+            .unwrap(),
+        Some(b"0.01".to_vec())
+    );
+    // A killed actor's name is free again.
+    let temp = Recorder::remote_with(&ActorOptions::new().name("temp"), 0).unwrap();
+    assert_eq!(temp.record(1).get().unwrap(), 2);
+    assert!(
+        Recorder::remote_with(&ActorOptions::new().name("temp"), 0).is_err(),
+        "name reused while alive"
+    );
+    oxray::kill(&temp);
+    assert!(wait_until(Duration::from_secs(10), || {
+        Recorder::remote_with(&ActorOptions::new().name("temp"), 0).is_ok()
+    }));
+
     // An infeasible task waits, visibly, until a node that fits joins.
     let gpu_task = add::remote_with(&TaskOptions::new().num_gpus(1.0), 1, 1).unwrap();
     assert!(matches!(
