@@ -491,6 +491,40 @@ pub fn run(cfg: &BenchConfig, mut report: impl FnMut(&Row)) -> Result<Vec<Row>> 
             push(name, key, "ops/s", r);
         }
     }
+    if want("placement_group_create_removal") {
+        let n = scaled(100.0);
+        let bundle = crate::Resources {
+            num_cpus: 0.001,
+            ..Default::default()
+        };
+        let r = timeit(t, || {
+            let groups: Vec<_> = (0..n)
+                .map(|_| {
+                    crate::pg::placement_group(
+                        vec![bundle.clone()],
+                        crate::pg::PlacementStrategy::Pack,
+                    )
+                })
+                .collect::<Result<_>>()?;
+            for g in &groups {
+                if !g.wait(std::time::Duration::from_secs(60)) {
+                    return Err(crate::Error::Infeasible(
+                        "a placement group was not reserved within 60 s".into(),
+                    ));
+                }
+            }
+            for g in &groups {
+                crate::pg::remove_placement_group(g)?;
+            }
+            Ok(n as f64)
+        })?;
+        push(
+            "placement group create/removal",
+            "placement_group_create_removal",
+            "ops/s",
+            r,
+        );
+    }
     if want("n_n_actor_calls_with_arg_async") {
         let tag = crate::object::rand_u128();
         let servers: Vec<String> = (0..cfg.n)

@@ -217,7 +217,7 @@ fn resource_set(cpus: f64, gpus: f64, custom: &BTreeMap<String, f64>) -> Resourc
     set
 }
 
-fn demand(r: &Resources) -> ResourceSet {
+pub(crate) fn demand(r: &Resources) -> ResourceSet {
     let mut set = resource_set(r.num_cpus, r.num_gpus, &r.custom);
     if r.memory > 0 {
         let _ = set.set(
@@ -525,6 +525,20 @@ impl Cluster {
             view.update_local(*n, &avail, q);
         }
         d
+    }
+
+    /// Plans a placement group's bundles on the current view (this node's own load made exact first).
+    pub(crate) fn plan_group(
+        &self,
+        rt: &Runtime,
+        spec: &oxray_scheduler::PlacementGroupSpec,
+    ) -> std::result::Result<Vec<NodeId>, oxray_scheduler::PlanError> {
+        let mut view = self.view.lock();
+        let (queued, running) = rt.pool.load();
+        let free = (self.settings.num_cpus - running as f64 - held_cpus(rt)).max(0.0);
+        let available = resource_set(free, self.settings.num_gpus, &self.settings.resources);
+        view.update_local(NodeId(rt.node), &available, queued as u32);
+        oxray_scheduler::pg::plan(&view, spec, &mut *self.rng.lock())
     }
 
     /// Accepts a full node id, or the short form printed by `status`.
@@ -1136,6 +1150,7 @@ impl Handler for NodeHandler {
                     args,
                     name,
                     spec.cpus.to_native(),
+                    Some(spec.pg.to_native()).filter(|p| *p != 0),
                 ) {
                     Ok(()) => reply.send(kind::OK, Bytes::new()),
                     Err(e) => reply_err(reply, &e),
@@ -1186,6 +1201,21 @@ impl Handler for NodeHandler {
                     };
                     let all = cl.head_heartbeat(h, &load);
                     reply_json(reply, &all);
+                }
+            }
+            kind::PG_PREPARE | kind::PG_RELEASE => {
+                let hold: crate::pg::BundleHold = match serde_json::from_slice(msg.body()) {
+                    Ok(h) => h,
+                    Err(e) => return reply.error(format!("bad bundle request: {e}")),
+                };
+                let r = if msg.kind() == kind::PG_PREPARE {
+                    rt.hold_bundles(&hold)
+                } else {
+                    rt.release_bundles(&hold)
+                };
+                match r {
+                    Ok(()) => reply.send(kind::OK, Bytes::new()),
+                    Err(e) => reply_err(reply, &e),
                 }
             }
             kind::CLUSTER_STATE if cl.is_head() => {

@@ -60,6 +60,7 @@ mod error;
 pub mod node;
 mod object;
 mod options;
+pub mod pg;
 mod pool;
 mod registry;
 mod runtime;

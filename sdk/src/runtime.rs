@@ -66,6 +66,12 @@ pub(crate) struct Runtime {
     pub(crate) cancels: DashMap<ObjectId, Arc<AtomicBool>>,
     pub(crate) tasks: DashMap<u128, TaskRecord>,
     pub(crate) tokio: tokio::runtime::Handle,
+    /// Placement groups created by this process, by id.
+    pub(crate) pgs: DashMap<u128, crate::pg::PlacementGroup>,
+    /// Bundles reserved on this node: (group, bundle index) → thousandths of a CPU held.
+    pub(crate) bundles: DashMap<(u128, u32), u64>,
+    /// CPUs this node offers (what bundles and actors are checked against).
+    pub(crate) total_cpus: f64,
     /// CPUs (in thousandths) held by the actors hosted here: not available to tasks or to new actors.
     pub(crate) held_milli_cpus: Arc<AtomicU64>,
     /// The GCS's tables (named actors, the actor directory, the user KV), through a client.
@@ -124,6 +130,9 @@ pub(crate) fn install_as(config: Config, node: Option<u128>) -> Result<Arc<Runti
         tasks: DashMap::new(),
         tokio: handle,
         held_milli_cpus: Arc::new(AtomicU64::new(0)),
+        pgs: DashMap::new(),
+        bundles: DashMap::new(),
+        total_cpus: config.num_cpus as f64,
         gcs: OnceLock::new(),
         gcs_server: OnceLock::new(),
         gcs_tempdir: OnceLock::new(),
@@ -254,7 +263,11 @@ impl Runtime {
         };
         if let Some(cl) = self.cluster.get() {
             let fid = crate::cluster::function_id(function, sig);
-            let decision = cl.decide(self, fid, &opts.resources, &opts.strategy);
+            let decision = match self.pg_target(&opts.strategy)? {
+                Some((node, _)) if node == self.node => Decision::RunLocal,
+                Some((node, _)) => Decision::Spill(NodeId(node)),
+                None => cl.decide(self, fid, &opts.resources, &opts.strategy),
+            };
             if !matches!(decision, Decision::RunLocal) {
                 let spec = TaskW {
                     task,
@@ -371,33 +384,47 @@ impl Runtime {
         opts: &ActorOptions,
     ) -> Result<ActorCore> {
         let id = rand_u128();
+        let pg = self.pg_target(&opts.strategy)?;
+        // In a placement group the bundle already holds the actor's resources.
+        let held_cpus = if pg.is_some() {
+            0.0
+        } else {
+            opts.resources.num_cpus
+        };
         if let Some(cl) = self.cluster.get() {
-            let fid = crate::cluster::function_id(class, sig);
-            match cl.decide(self, fid, &opts.resources, &opts.strategy) {
-                Decision::RunLocal => {}
-                Decision::Spill(n) | Decision::RunInBundle { node: n, .. } => {
-                    if let Some(name) = &opts.name {
-                        crate::control::register_named(self, name, id, class, n.0)?;
+            let target = match pg {
+                Some((node, _)) => (node != self.node).then_some(NodeId(node)),
+                None => {
+                    let fid = crate::cluster::function_id(class, sig);
+                    match cl.decide(self, fid, &opts.resources, &opts.strategy) {
+                        Decision::RunLocal => None,
+                        Decision::Spill(n) | Decision::RunInBundle { node: n, .. } => Some(n),
+                        Decision::Wait => {
+                            return Err(Error::Infeasible(format!(
+                                "every node that could host {class} is busy; try again"
+                            )));
+                        }
+                        Decision::Infeasible(why) => {
+                            return Err(Error::Infeasible(format!("actor {class}: {why}")));
+                        }
                     }
-                    let spec = CreateW {
-                        actor: id,
-                        class: class.to_string(),
-                        sig,
-                        name: opts.name.clone(),
-                        cpus: opts.resources.num_cpus,
-                        args: Cluster::wire_args(&args, self.node),
-                    };
-                    let created = cl.create_remote(self, n, spec, args);
-                    return Ok(ActorCore::remote(id, class, n, created));
                 }
-                Decision::Wait => {
-                    return Err(Error::Infeasible(format!(
-                        "every node that could host {class} is busy; try again"
-                    )));
+            };
+            if let Some(n) = target {
+                if let Some(name) = &opts.name {
+                    crate::control::register_named(self, name, id, class, n.0)?;
                 }
-                Decision::Infeasible(why) => {
-                    return Err(Error::Infeasible(format!("actor {class}: {why}")));
-                }
+                let spec = CreateW {
+                    actor: id,
+                    class: class.to_string(),
+                    sig,
+                    name: opts.name.clone(),
+                    cpus: held_cpus,
+                    pg: pg.map(|p| p.1).unwrap_or(0),
+                    args: Cluster::wire_args(&args, self.node),
+                };
+                let created = cl.create_remote(self, n, spec, args);
+                return Ok(ActorCore::remote(id, class, n, created));
             }
         }
         let entry = registry::class(class, sig)?;
@@ -410,7 +437,8 @@ impl Runtime {
             entry,
             args,
             opts.name.clone(),
-            opts.resources.num_cpus,
+            held_cpus,
+            pg.map(|p| p.1),
         )?;
         self.actors.insert(id, host.clone());
         let core = ActorCore::local(id, class, host);
@@ -429,10 +457,73 @@ impl Runtime {
         args: Vec<Arg>,
         name: Option<String>,
         cpus: f64,
+        pg: Option<u128>,
     ) -> Result<()> {
         let entry = registry::class(class, sig)?;
-        let host = ActorHost::spawn(self.clone(), id, entry, args, name, cpus)?;
+        let host = ActorHost::spawn(self.clone(), id, entry, args, name, cpus, pg)?;
         self.actors.insert(id, host);
+        Ok(())
+    }
+
+    /// The node hosting the bundle a placement-group strategy names, and the group; `None` for other strategies.
+    fn pg_target(&self, s: &crate::options::Strategy) -> Result<Option<(u128, u128)>> {
+        match s {
+            crate::options::Strategy::PlacementGroup { group, bundle } => {
+                match crate::pg::PlacementGroup::node_of(self, *group, *bundle) {
+                    Some(n) => Ok(Some((n, *group))),
+                    None => Err(Error::Infeasible(format!(
+                        "placement group {:x} is unknown to this process or not reserved yet (call pg.wait() first)",
+                        group >> 80
+                    ))),
+                }
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// Holds a placement group's bundles on this node, all or none.
+    pub(crate) fn hold_bundles(&self, hold: &crate::pg::BundleHold) -> Result<()> {
+        let need: u64 = hold
+            .bundles
+            .iter()
+            .map(|(_, c)| (c.max(0.0) * 1000.0).round() as u64)
+            .sum();
+        let total = (self.total_cpus * 1000.0).round() as u64;
+        let held = &self.held_milli_cpus;
+        let mut cur = held.load(Ordering::Acquire);
+        loop {
+            if cur + need > total {
+                return Err(Error::Infeasible(format!(
+                    "node {} has {:.3} CPUs free, the bundles need {:.3}",
+                    short(self.node),
+                    total.saturating_sub(cur) as f64 / 1000.0,
+                    need as f64 / 1000.0
+                )));
+            }
+            match held.compare_exchange(cur, cur + need, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => break,
+                Err(now) => cur = now,
+            }
+        }
+        for (i, c) in &hold.bundles {
+            self.bundles
+                .insert((hold.pg, *i), (c.max(0.0) * 1000.0).round() as u64);
+        }
+        Ok(())
+    }
+
+    /// Releases bundles and kills the actors placed in their group on this node.
+    pub(crate) fn release_bundles(&self, hold: &crate::pg::BundleHold) -> Result<()> {
+        for (i, _) in &hold.bundles {
+            if let Some((_, milli)) = self.bundles.remove(&(hold.pg, *i)) {
+                self.held_milli_cpus.fetch_sub(milli, Ordering::AcqRel);
+            }
+        }
+        for a in self.actors.iter() {
+            if a.pg == Some(hold.pg) {
+                a.kill("its placement group was removed");
+            }
+        }
         Ok(())
     }
 
@@ -543,6 +634,8 @@ pub(crate) struct ActorHost {
     pub(crate) calls: AtomicU64,
     /// The node's held-CPU counter and this actor's share, given back when the actor dies.
     held: (Arc<AtomicU64>, u64),
+    /// The placement group the actor was placed in: removing the group kills it.
+    pub(crate) pg: Option<u128>,
 }
 
 impl ActorHost {
@@ -553,6 +646,7 @@ impl ActorHost {
         args: Vec<Arg>,
         name: Option<String>,
         cpus: f64,
+        pg: Option<u128>,
     ) -> Result<Arc<Self>> {
         let (tx, rx) = flume::unbounded::<ActorMsg>();
         let milli_cpus = (cpus.max(0.0) * 1000.0).round() as u64;
@@ -566,6 +660,7 @@ impl ActorHost {
             killed: AtomicBool::new(false),
             calls: AtomicU64::new(0),
             held: (rt.held_milli_cpus.clone(), milli_cpus),
+            pg,
         });
         let h = host.clone();
         std::thread::Builder::new()

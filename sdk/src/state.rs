@@ -76,6 +76,19 @@ pub struct ObjectSummary {
     pub owner: String,
 }
 
+/// One placement-group bundle held on a node.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct BundleSummary {
+    /// The group (short hex).
+    pub group: String,
+    /// The bundle's index in the group.
+    pub index: u32,
+    /// CPUs it holds.
+    pub cpus: f64,
+    /// The node holding it.
+    pub node: String,
+}
+
 /// Everything one node reports.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct NodeState {
@@ -87,6 +100,9 @@ pub struct NodeState {
     pub tasks: Vec<TaskSummary>,
     /// Objects owned here.
     pub objects: Vec<ObjectSummary>,
+    /// Placement-group bundles held here.
+    #[serde(default)]
+    pub bundles: Vec<BundleSummary>,
 }
 
 pub(crate) fn snapshot(rt: &Runtime, address: Option<String>) -> NodeState {
@@ -129,7 +145,18 @@ pub(crate) fn snapshot(rt: &Runtime, address: Option<String>) -> NodeState {
             owner: node.clone(),
         })
         .collect();
+    let bundles = rt
+        .bundles
+        .iter()
+        .map(|b| BundleSummary {
+            group: format!("{:012x}", b.key().0 >> 80),
+            index: b.key().1,
+            cpus: *b.value() as f64 / 1000.0,
+            node: node.clone(),
+        })
+        .collect();
     NodeState {
+        bundles,
         node: NodeSummary {
             id: node.clone(),
             address,

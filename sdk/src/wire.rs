@@ -38,6 +38,10 @@ pub(crate) mod kind {
     pub const RESULTS: u16 = 23;
     /// Stream: one large result; the header is the call id (8 bytes) and the kind (2 bytes).
     pub const RESULT_STREAM: u16 = 24;
+    /// Hold placement-group bundles on this node, all or none (`BundleHold` JSON).
+    pub const PG_PREPARE: u16 = 25;
+    /// Release placement-group bundles and kill the group's actors here (`BundleHold` JSON).
+    pub const PG_RELEASE: u16 = 26;
 }
 
 /// A task to run.
@@ -70,6 +74,8 @@ pub(crate) struct CreateW {
     pub name: Option<String>,
     /// CPUs the actor holds for its lifetime on the node that hosts it.
     pub cpus: f64,
+    /// The placement group the actor is placed in (0: none).
+    pub pg: u128,
     pub args: Vec<ArgW>,
 }
 

@@ -5,7 +5,8 @@
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use oxray::{ActorOptions, Error, TaskOptions};
+use oxray::pg::{PlacementStrategy, placement_group, remove_placement_group};
+use oxray::{ActorOptions, Error, Strategy, TaskOptions};
 use oxray_tests::harness::TestCluster;
 use oxray_tests::*;
 
@@ -104,6 +105,49 @@ fn three_node_cluster_end_to_end() {
     );
     cluster.add_node(1, &["--num-gpus", "1"]);
     assert_eq!(gpu_task.get_timeout(Duration::from_secs(30)).unwrap(), 2);
+
+    // Placement groups: STRICT_SPREAD puts each bundle on its own node, and tasks in a bundle run there.
+    let one_cpu = oxray::Resources {
+        num_cpus: 1.0,
+        ..Default::default()
+    };
+    let pg = placement_group(vec![one_cpu.clone(); 3], PlacementStrategy::StrictSpread).unwrap();
+    assert!(
+        pg.wait(Duration::from_secs(20)),
+        "placement group never reserved"
+    );
+    let nodes = pg.bundle_nodes().unwrap();
+    assert_eq!(
+        nodes.iter().collect::<HashSet<_>>().len(),
+        3,
+        "bundles share a node: {nodes:?}"
+    );
+    for (i, node) in nodes.iter().enumerate() {
+        let opts = TaskOptions::new().strategy(Strategy::PlacementGroup {
+            group: pg.id(),
+            bundle: Some(i),
+        });
+        assert_eq!(
+            &where_am_i::remote_with(&opts, 0).unwrap().get().unwrap(),
+            node
+        );
+    }
+    let listed = oxray::node::cluster_state(&cluster.address, &cluster.token).unwrap();
+    assert_eq!(
+        listed.nodes.iter().map(|n| n.bundles.len()).sum::<usize>(),
+        3
+    );
+    // More strictly spread bundles than nodes: it waits, reserving nothing.
+    let too_big = placement_group(vec![one_cpu; 9], PlacementStrategy::StrictSpread).unwrap();
+    assert!(!too_big.wait(Duration::from_millis(800)));
+    remove_placement_group(&too_big).unwrap();
+    remove_placement_group(&pg).unwrap();
+    let listed = oxray::node::cluster_state(&cluster.address, &cluster.token).unwrap();
+    assert_eq!(
+        listed.nodes.iter().map(|n| n.bundles.len()).sum::<usize>(),
+        0,
+        "bundles left after removal"
+    );
 
     // The CLI's view: every node listed, the named actor listed.
     let state = oxray::node::cluster_state(&cluster.address, &cluster.token).unwrap();

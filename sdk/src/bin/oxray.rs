@@ -257,11 +257,23 @@ fn main() -> Result<()> {
                     }
                 }
                 What::PlacementGroups => {
+                    let bundles: Vec<_> = s.nodes.iter().flat_map(|n| n.bundles.clone()).collect();
                     if target.json {
-                        println!("[]");
+                        println!("{}", serde_json::to_string_pretty(&bundles)?);
                     } else {
-                        println!(
-                            "no placement groups (placement groups are not exposed by this build's SDK yet)"
+                        table(
+                            &["GROUP", "BUNDLE", "CPUS", "NODE"],
+                            bundles
+                                .into_iter()
+                                .map(|b| {
+                                    vec![
+                                        b.group,
+                                        b.index.to_string(),
+                                        format!("{}", b.cpus),
+                                        b.node,
+                                    ]
+                                })
+                                .collect(),
                         );
                     }
                 }

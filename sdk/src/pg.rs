@@ -1,0 +1,272 @@
+//! Placement groups: bundles of resources reserved atomically across nodes, for tasks and actors to run in.
+//!
+//! The creator plans the bundles' nodes with the scheduler's planner (`oxray_scheduler::pg::plan`), then reserves
+//! in two phases: every chosen node is asked to hold its bundles (`PG_PREPARE`); if any refuses, the holds already
+//! made are released (`PG_RELEASE`) and the group is planned again a moment later. So a group is either wholly
+//! reserved or not at all. A group waits (and `wait` says so) until the cluster can hold it. Removing a group frees
+//! its resources and kills the actors placed in it; tasks already running in it finish.
+//!
+//! Not here: restarting bundles when a node dies (a group with a dead node's bundle keeps it until removed), and a
+//! cluster-wide directory of groups (a group is known to the process that created it).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use oxray_scheduler::{PgStrategy, PlacementGroupId, PlacementGroupSpec};
+use oxray_transport::NodeId;
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::object::{Entry, ObjectId, rand_u128};
+use crate::options::Resources;
+use crate::runtime::{self, Runtime, block_on_io};
+use crate::wire::kind;
+
+/// How a group's bundles are spread over nodes (Ray's names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PlacementStrategy {
+    /// As few nodes as possible.
+    Pack,
+    /// As many nodes as possible.
+    Spread,
+    /// All bundles on one node, or wait.
+    StrictPack,
+    /// Every bundle on a different node, or wait.
+    StrictSpread,
+}
+
+/// A bundle hold request or release, node side (JSON: rare and small).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct BundleHold {
+    pub pg: u128,
+    /// (bundle index, CPUs).
+    pub bundles: Vec<(u32, f64)>,
+}
+
+/// A placement group, as its creator holds it. Cheap to clone.
+#[derive(Clone)]
+pub struct PlacementGroup {
+    inner: Arc<PgInner>,
+}
+
+struct PgInner {
+    id: u128,
+    bundles: Vec<Resources>,
+    /// Node of each bundle, once reserved.
+    placement: Mutex<Option<Vec<u128>>>,
+    ready: Arc<Entry>,
+    removed: std::sync::atomic::AtomicBool,
+}
+
+impl std::fmt::Debug for PlacementGroup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "PlacementGroup({:x}, {} bundles)",
+            self.inner.id >> 80,
+            self.inner.bundles.len()
+        )
+    }
+}
+
+impl PlacementGroup {
+    /// The group's id (use it in `Strategy::PlacementGroup`).
+    pub fn id(&self) -> u128 {
+        self.inner.id
+    }
+
+    /// Waits until every bundle is reserved; `false` if `timeout` passed first.
+    pub fn wait(&self, timeout: Duration) -> bool {
+        matches!(
+            runtime::wait_blocking(&self.inner.ready, Some(Instant::now() + timeout)),
+            Ok(_)
+        )
+    }
+
+    /// The node (short id) of each bundle, once reserved.
+    pub fn bundle_nodes(&self) -> Option<Vec<String>> {
+        self.inner
+            .placement
+            .lock()
+            .as_ref()
+            .map(|p| p.iter().map(|n| runtime::short(*n)).collect())
+    }
+
+    /// Resolves the node that hosts `bundle` (any bundle: the first), if the group is reserved.
+    pub(crate) fn node_of(rt: &Runtime, pg: u128, bundle: Option<usize>) -> Option<u128> {
+        let g = rt.pgs.get(&pg)?;
+        let placement = g.inner.placement.lock();
+        let p = placement.as_ref()?;
+        p.get(bundle.unwrap_or(0)).copied()
+    }
+}
+
+fn to_scheduler(s: PlacementStrategy) -> PgStrategy {
+    match s {
+        PlacementStrategy::Pack => PgStrategy::Pack,
+        PlacementStrategy::Spread => PgStrategy::Spread,
+        PlacementStrategy::StrictPack => PgStrategy::StrictPack,
+        PlacementStrategy::StrictSpread => PgStrategy::StrictSpread,
+    }
+}
+
+/// Creates a placement group; it is reserved in the background (see [`PlacementGroup::wait`]).
+///
+/// ```
+/// use std::time::Duration;
+/// use oxray::pg::{PlacementStrategy, placement_group, remove_placement_group};
+/// oxray::init()?;
+/// let one_cpu = oxray::Resources { num_cpus: 1.0, ..Default::default() };
+/// let pg = placement_group(vec![one_cpu], PlacementStrategy::Pack)?;
+/// assert!(pg.wait(Duration::from_secs(10)));
+/// remove_placement_group(&pg)?;
+/// # Ok::<(), oxray::Error>(())
+/// ```
+pub fn placement_group(
+    bundles: Vec<Resources>,
+    strategy: PlacementStrategy,
+) -> Result<PlacementGroup> {
+    if bundles.is_empty() || bundles.len() > oxray_scheduler::pg::MAX_BUNDLES {
+        return Err(Error::InvalidArgument(format!(
+            "a placement group has 1 to {} bundles",
+            oxray_scheduler::pg::MAX_BUNDLES
+        )));
+    }
+    let rt = runtime::current()?;
+    let id = rand_u128();
+    let pg = PlacementGroup {
+        inner: Arc::new(PgInner {
+            id,
+            bundles,
+            placement: Mutex::new(None),
+            ready: Entry::new(ObjectId::random()),
+            removed: std::sync::atomic::AtomicBool::new(false),
+        }),
+    };
+    rt.pgs.insert(id, pg.clone());
+    let (rt2, g) = (rt.clone(), pg.clone());
+    rt.tokio
+        .spawn(async move { reserve(rt2, g, strategy).await });
+    Ok(pg)
+}
+
+/// Frees the group's resources and kills the actors placed in it.
+pub fn remove_placement_group(pg: &PlacementGroup) -> Result<()> {
+    let rt = runtime::current()?;
+    pg.inner
+        .removed
+        .store(true, std::sync::atomic::Ordering::Release);
+    rt.pgs.remove(&pg.inner.id);
+    pg.inner.ready.complete(Err(Error::Cancelled));
+    let placement = pg.inner.placement.lock().take();
+    if let Some(nodes) = placement {
+        let mut per_node: HashMap<u128, Vec<(u32, f64)>> = HashMap::new();
+        for (i, n) in nodes.iter().enumerate() {
+            per_node
+                .entry(*n)
+                .or_default()
+                .push((i as u32, pg.inner.bundles[i].num_cpus));
+        }
+        let id = pg.inner.id;
+        let rt2 = rt.clone();
+        block_on_io(&rt.tokio, async move {
+            for (node, bundles) in per_node {
+                send_hold(
+                    &rt2,
+                    node,
+                    kind::PG_RELEASE,
+                    &BundleHold { pg: id, bundles },
+                )
+                .await?;
+            }
+            Ok(())
+        })?;
+    }
+    Ok(())
+}
+
+/// Asks `node` (possibly this one) to hold or release bundles.
+async fn send_hold(rt: &Arc<Runtime>, node: u128, k: u16, hold: &BundleHold) -> Result<()> {
+    if node == rt.node {
+        return if k == kind::PG_PREPARE {
+            rt.hold_bundles(hold)
+        } else {
+            rt.release_bundles(hold)
+        };
+    }
+    let cl = rt.cluster.get().ok_or(Error::NotInitialized)?;
+    let body =
+        Bytes::from(serde_json::to_vec(hold).map_err(|e| Error::Serialization(e.to_string()))?);
+    cl.control(NodeId(node), k, body).await.map(|_| ())
+}
+
+async fn reserve(rt: Arc<Runtime>, pg: PlacementGroup, strategy: PlacementStrategy) {
+    let mut logged = false;
+    loop {
+        if pg.inner.removed.load(std::sync::atomic::Ordering::Acquire) {
+            return;
+        }
+        let nodes: Option<Vec<u128>> = match rt.cluster.get() {
+            None => Some(vec![rt.node; pg.inner.bundles.len()]),
+            Some(cl) => {
+                let spec = PlacementGroupSpec {
+                    id: PlacementGroupId(pg.inner.id),
+                    bundles: pg
+                        .inner
+                        .bundles
+                        .iter()
+                        .map(crate::cluster::demand)
+                        .collect(),
+                    strategy: to_scheduler(strategy),
+                };
+                match cl.plan_group(&rt, &spec) {
+                    Ok(n) => Some(n.into_iter().map(|n| n.0).collect()),
+                    Err(e) => {
+                        if !logged {
+                            tracing::warn!(pg = %format!("{:x}", pg.inner.id >> 80), cause = %e, "placement group waits for resources");
+                            logged = true;
+                        }
+                        None
+                    }
+                }
+            }
+        };
+        if let Some(nodes) = nodes {
+            let mut per_node: HashMap<u128, Vec<(u32, f64)>> = HashMap::new();
+            for (i, n) in nodes.iter().enumerate() {
+                per_node
+                    .entry(*n)
+                    .or_default()
+                    .push((i as u32, pg.inner.bundles[i].num_cpus));
+            }
+            // Phase one: every node holds its bundles. Any refusal undoes the holds made so far.
+            let mut held = Vec::new();
+            let mut ok = true;
+            for (node, bundles) in &per_node {
+                let hold = BundleHold {
+                    pg: pg.inner.id,
+                    bundles: bundles.clone(),
+                };
+                match send_hold(&rt, *node, kind::PG_PREPARE, &hold).await {
+                    Ok(()) => held.push((*node, hold)),
+                    Err(_) => {
+                        ok = false;
+                        break;
+                    }
+                }
+            }
+            if ok && !pg.inner.removed.load(std::sync::atomic::Ordering::Acquire) {
+                *pg.inner.placement.lock() = Some(nodes);
+                pg.inner.ready.complete(Ok(Bytes::new()));
+                return;
+            }
+            for (node, hold) in held {
+                let _ = send_hold(&rt, node, kind::PG_RELEASE, &hold).await;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
