@@ -1142,16 +1142,7 @@ impl Handler for NodeHandler {
                     Err(e) => return reply.error(format!("bad actor spec: {e}")),
                 };
                 let args = cl.import_args(&rt, &spec.args);
-                let name = spec.name.as_ref().map(|n| n.to_string());
-                match rt.host_actor(
-                    spec.actor.to_native(),
-                    spec.class.as_str(),
-                    spec.sig.to_native(),
-                    args,
-                    name,
-                    spec.cpus.to_native(),
-                    Some(spec.pg.to_native()).filter(|p| *p != 0),
-                ) {
+                match rt.host_actor(spec, args) {
                     Ok(()) => reply.send(kind::OK, Bytes::new()),
                     Err(e) => reply_err(reply, &e),
                 }

@@ -80,10 +80,7 @@ impl PlacementGroup {
 
     /// Waits until every bundle is reserved; `false` if `timeout` passed first.
     pub fn wait(&self, timeout: Duration) -> bool {
-        matches!(
-            runtime::wait_blocking(&self.inner.ready, Some(Instant::now() + timeout)),
-            Ok(_)
-        )
+        runtime::wait_blocking(&self.inner.ready, Some(Instant::now() + timeout)).is_ok()
     }
 
     /// The node (short id) of each bundle, once reserved.

@@ -451,16 +451,22 @@ impl Runtime {
     /// Hosts an actor created by another node.
     pub(crate) fn host_actor(
         self: &Arc<Self>,
-        id: u128,
-        class: &str,
-        sig: u64,
+        spec: &wire::ArchivedCreateW,
         args: Vec<Arg>,
-        name: Option<String>,
-        cpus: f64,
-        pg: Option<u128>,
     ) -> Result<()> {
-        let entry = registry::class(class, sig)?;
-        let host = ActorHost::spawn(self.clone(), id, entry, args, name, cpus, pg)?;
+        let entry = registry::class(spec.class.as_str(), spec.sig.to_native())?;
+        let id = spec.actor.to_native();
+        let name = spec.name.as_ref().map(|n| n.to_string());
+        let pg = Some(spec.pg.to_native()).filter(|p| *p != 0);
+        let host = ActorHost::spawn(
+            self.clone(),
+            id,
+            entry,
+            args,
+            name,
+            spec.cpus.to_native(),
+            pg,
+        )?;
         self.actors.insert(id, host);
         Ok(())
     }
