@@ -19,43 +19,8 @@ use parking_lot::{Condvar, Mutex};
 use crate::error::{Error, Result};
 use crate::value::{self, Value};
 
-/// The id of an object: random for `put`, derived from the task id for task returns.
-#[derive(
-    Copy,
-    Clone,
-    PartialEq,
-    Eq,
-    Hash,
-    PartialOrd,
-    Ord,
-    rkyv::Archive,
-    rkyv::Serialize,
-    rkyv::Deserialize,
-)]
-#[rkyv(derive(Debug, PartialEq, Eq, Hash))]
-pub struct ObjectId(pub u128);
-
-impl ObjectId {
-    /// A fresh random id (for `put`).
-    pub fn random() -> Self {
-        ObjectId(rand_u128())
-    }
-    /// The id of return value `index` of task `task`: deterministic, so a re-executed task rebuilds the same object.
-    pub fn for_task_return(task: u128, index: u32) -> Self {
-        ObjectId(task ^ ((index as u128 + 1) << 96))
-    }
-}
-
-impl fmt::Display for ObjectId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:032x}", self.0)
-    }
-}
-impl fmt::Debug for ObjectId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "ObjectId({self})")
-    }
-}
+/// Object ids are the object store's: random for `put`, derived from the task id for task returns.
+pub use oxray_objstore::ObjectId;
 
 pub(crate) fn rand_u128() -> u128 {
     use std::cell::Cell;
