@@ -12,6 +12,19 @@ use oxray_tests::*;
 
 const NODE: &str = env!("CARGO_BIN_EXE_oxray-test-node");
 
+/// The `oxray` CLI binary, built beside this test by `cargo nextest run --workspace`.
+fn oxray_cli() -> std::path::PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().and_then(|d| d.parent()).unwrap();
+    let cli = dir.join("oxray");
+    assert!(
+        cli.exists(),
+        "{} not built: run the tests with --workspace",
+        cli.display()
+    );
+    cli
+}
+
 fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;
     while Instant::now() < deadline {
@@ -165,6 +178,63 @@ fn three_node_cluster_end_to_end() {
             .iter()
             .flat_map(|n| &n.actors)
             .any(|a| a.name.as_deref() == Some("recorder"))
+    );
+
+    // The `oxray` CLI against the running cluster: people's table and scripts' JSON.
+    let cli = oxray_cli();
+    let status = std::process::Command::new(&cli)
+        .args([
+            "status",
+            "--address",
+            &cluster.address,
+            "--token",
+            &cluster.token,
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        status.status.success(),
+        "oxray status failed: {}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    assert!(text.contains("nodes: 5 alive, 0 dead"), "{text}");
+    let listed = std::process::Command::new(&cli)
+        .args([
+            "list",
+            "actors",
+            "--json",
+            "--address",
+            &cluster.address,
+            "--token",
+            &cluster.token,
+        ])
+        .output()
+        .unwrap();
+    let actors: serde_json::Value =
+        serde_json::from_slice(&listed.stdout).expect("list actors --json is JSON");
+    assert!(
+        actors
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a["name"] == "recorder"),
+        "{actors}"
+    );
+    let bad = std::process::Command::new(&cli)
+        .args([
+            "status",
+            "--address",
+            "127.0.0.1:1",
+            "--token",
+            &cluster.token,
+        ])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("is `start --head` running"),
+        "unhelpful error"
     );
 
     // A killed node is declared dead within the bound (1.5 s of silence, checked every 150 ms).

@@ -119,6 +119,25 @@ fn table(headers: &[&str], rows: Vec<Vec<String>>) {
     }
 }
 
+fn alive(yes: bool) -> String {
+    if yes { "ALIVE".into() } else { "DEAD".into() }
+}
+
+/// Prints `items` as a JSON array for scripts, or as a table for people.
+fn emit<T: serde::Serialize>(
+    json: bool,
+    items: &[T],
+    headers: &[&str],
+    row: impl Fn(&T) -> Vec<String>,
+) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(items)?);
+    } else {
+        table(headers, items.iter().map(row).collect());
+    }
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
@@ -178,104 +197,72 @@ fn main() -> Result<()> {
         Command::List { what, target } => {
             let (addr, tok) = locate(&target)?;
             let s = node::cluster_state(&addr, &tok)?;
+            let json = target.json;
             match what {
-                What::Nodes => {
-                    if target.json {
-                        println!("{}", serde_json::to_string_pretty(&s.members)?);
-                    } else {
-                        table(
-                            &["NODE", "ADDRESS", "STATE", "CPUS"],
-                            s.members
-                                .iter()
-                                .map(|m| {
-                                    vec![
-                                        m.id.clone(),
-                                        m.address.clone(),
-                                        if m.alive {
-                                            "ALIVE".into()
-                                        } else {
-                                            "DEAD".into()
-                                        },
-                                        format!("{}", m.cpus),
-                                    ]
-                                })
-                                .collect(),
-                        );
-                    }
-                }
+                What::Nodes => emit(
+                    json,
+                    &s.members,
+                    &["NODE", "ADDRESS", "STATE", "CPUS"],
+                    |m| {
+                        vec![
+                            m.id.clone(),
+                            m.address.clone(),
+                            alive(m.alive),
+                            format!("{}", m.cpus),
+                        ]
+                    },
+                )?,
                 What::Actors => {
                     let actors: Vec<_> = s.nodes.iter().flat_map(|n| n.actors.clone()).collect();
-                    if target.json {
-                        println!("{}", serde_json::to_string_pretty(&actors)?);
-                    } else {
-                        table(
-                            &["ACTOR", "CLASS", "NAME", "NODE", "STATE", "CALLS"],
-                            actors
-                                .into_iter()
-                                .map(|a| {
-                                    vec![
-                                        a.id,
-                                        a.class,
-                                        a.name.unwrap_or_default(),
-                                        a.node,
-                                        a.state,
-                                        a.calls.to_string(),
-                                    ]
-                                })
-                                .collect(),
-                        );
-                    }
+                    emit(
+                        json,
+                        &actors,
+                        &["ACTOR", "CLASS", "NAME", "NODE", "STATE", "CALLS"],
+                        |a| {
+                            let name = a.name.clone().unwrap_or_default();
+                            vec![
+                                a.id.clone(),
+                                a.class.clone(),
+                                name,
+                                a.node.clone(),
+                                a.state.clone(),
+                                a.calls.to_string(),
+                            ]
+                        },
+                    )?
                 }
                 What::Tasks => {
                     let tasks: Vec<_> = s.nodes.iter().flat_map(|n| n.tasks.clone()).collect();
-                    if target.json {
-                        println!("{}", serde_json::to_string_pretty(&tasks)?);
-                    } else {
-                        table(
-                            &["TASK", "NAME", "STATE", "NODE"],
-                            tasks
-                                .into_iter()
-                                .map(|t| vec![t.id, t.name, t.state, t.owner])
-                                .collect(),
-                        );
-                    }
+                    emit(json, &tasks, &["TASK", "NAME", "STATE", "NODE"], |t| {
+                        vec![
+                            t.id.clone(),
+                            t.name.clone(),
+                            t.state.clone(),
+                            t.owner.clone(),
+                        ]
+                    })?
                 }
                 What::Objects => {
                     let objects: Vec<_> = s.nodes.iter().flat_map(|n| n.objects.clone()).collect();
-                    if target.json {
-                        println!("{}", serde_json::to_string_pretty(&objects)?);
-                    } else {
-                        table(
-                            &["OBJECT", "READY", "SIZE", "OWNER"],
-                            objects
-                                .into_iter()
-                                .map(|o| {
-                                    vec![o.id, o.ready.to_string(), o.size.to_string(), o.owner]
-                                })
-                                .collect(),
-                        );
-                    }
+                    emit(json, &objects, &["OBJECT", "READY", "SIZE", "OWNER"], |o| {
+                        vec![
+                            o.id.clone(),
+                            o.ready.to_string(),
+                            o.size.to_string(),
+                            o.owner.clone(),
+                        ]
+                    })?
                 }
                 What::PlacementGroups => {
                     let bundles: Vec<_> = s.nodes.iter().flat_map(|n| n.bundles.clone()).collect();
-                    if target.json {
-                        println!("{}", serde_json::to_string_pretty(&bundles)?);
-                    } else {
-                        table(
-                            &["GROUP", "BUNDLE", "CPUS", "NODE"],
-                            bundles
-                                .into_iter()
-                                .map(|b| {
-                                    vec![
-                                        b.group,
-                                        b.index.to_string(),
-                                        format!("{}", b.cpus),
-                                        b.node,
-                                    ]
-                                })
-                                .collect(),
-                        );
-                    }
+                    emit(json, &bundles, &["GROUP", "BUNDLE", "CPUS", "NODE"], |b| {
+                        vec![
+                            b.group.clone(),
+                            b.index.to_string(),
+                            format!("{}", b.cpus),
+                            b.node.clone(),
+                        ]
+                    })?
                 }
             }
         }
