@@ -39,7 +39,8 @@ fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
 #[test]
 fn three_node_cluster_end_to_end() {
     link();
-    let mut cluster = TestCluster::start(NODE, 1, &["--dead-after-ms", "1500"]);
+    // 3 s of silence declares a node dead: long enough that a node starved by a loaded CI machine is not.
+    let mut cluster = TestCluster::start(NODE, 1, &["--dead-after-ms", "3000"]);
     cluster.add_node(1, &[]);
     let doomed = cluster.add_node(1, &[]);
     oxray::connect(&cluster.address, &cluster.token).expect("driver connects");
@@ -237,17 +238,18 @@ fn three_node_cluster_end_to_end() {
         "unhelpful error"
     );
 
-    // A killed node is declared dead within the bound (1.5 s of silence, checked every 150 ms).
+    // A killed node is declared dead within the bound (3 s of silence, checked every 300 ms), plus slack for a
+    // loaded machine.
     cluster.kill(doomed);
     let t = Instant::now();
-    let dead = wait_until(Duration::from_secs(10), || {
+    let dead = wait_until(Duration::from_secs(20), || {
         oxray::node::cluster_state(&cluster.address, &cluster.token)
             .map(|s| s.members.iter().any(|m| !m.alive))
             .unwrap_or(false)
     });
     assert!(dead, "killed node never declared dead");
     assert!(
-        t.elapsed() < Duration::from_secs(6),
+        t.elapsed() < Duration::from_secs(12),
         "declared dead only after {:?}",
         t.elapsed()
     );
