@@ -387,7 +387,7 @@ pub struct StartArgs {
     /// IP address to bind.
     #[arg(long, default_value = "127.0.0.1")]
     pub bind: IpAddr,
-    /// GCS replicas to run (this build runs the GCS's single replica on the head).
+    /// GCS replicas to run. This build runs one replica, on the head; other values are refused.
     #[arg(long, default_value_t = 1)]
     pub gcs_replicas: u32,
     /// The head's address, to join a cluster.
@@ -427,6 +427,14 @@ pub fn run_start(args: StartArgs) -> Result<()> {
         settings.resources = serde_json::from_str(r).map_err(|e| {
             Error::InvalidArgument(format!("--resources must be a JSON object of numbers: {e}"))
         })?;
+    }
+    if args.gcs_replicas != 1 {
+        // Multi-replica groups work inside the gcs crate (tested with 3 processes), but `start` cannot place them
+        // on other nodes yet: refuse rather than run with less fault tolerance than asked for.
+        return Err(Error::InvalidArgument(format!(
+            "--gcs-replicas {} is not supported yet: this build runs one GCS replica, on the head",
+            args.gcs_replicas
+        )));
     }
     if args.head {
         let opts = HeadOptions {

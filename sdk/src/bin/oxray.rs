@@ -138,8 +138,15 @@ fn emit<T: serde::Serialize>(
     Ok(())
 }
 
-fn main() -> Result<()> {
-    let cli = Cli::parse();
+fn main() {
+    if let Err(e) = run(Cli::parse()) {
+        // `{:#}` prints the cause chain on one line, without a backtrace: the message names the cause and the fix.
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Start(args) => {
             node::init_logging();
