@@ -1069,7 +1069,11 @@ impl Cluster {
 
     /// Gathers every node's state (head only).
     async fn cluster_state(self: &Arc<Self>, rt: &Arc<Runtime>) -> wire::ClusterState {
-        let members = self.members();
+        // The head's own register, not the copy its heartbeat refreshes: a node that joined a moment ago is asked too.
+        let members = match &self.head_state {
+            Some(h) => h.members.lock().values().cloned().collect(),
+            None => self.members(),
+        };
         let mut futs = Vec::new();
         for m in members.iter().filter(|m| m.alive) {
             if m.id == rt.node {
@@ -1077,16 +1081,36 @@ impl Cluster {
             }
             let cl = self.clone();
             let id = m.id;
-            futs.push(rt.tokio.spawn(async move {
-                cl.control(NodeId(id), kind::NODE_STATE, Bytes::new()).await
-            }));
+            futs.push((
+                id,
+                rt.tokio.spawn(async move {
+                    // One retry: a node busy with a burst of work can miss one deadline without being gone.
+                    let mut last = None;
+                    for _ in 0..2 {
+                        match cl.control(NodeId(id), kind::NODE_STATE, Bytes::new()).await {
+                            Ok(b) => return Ok(b),
+                            Err(e) => last = Some(e),
+                        }
+                    }
+                    Err(last.expect("tried"))
+                }),
+            ));
         }
         let mut nodes = vec![crate::state::snapshot(rt, Some(self.addr.to_string()))];
-        for f in futs {
-            if let Ok(Ok(b)) = f.await
-                && let Ok(s) = serde_json::from_slice::<crate::state::NodeState>(&b)
-            {
-                nodes.push(s);
+        let mut unreachable = std::collections::HashSet::new();
+        for (id, f) in futs {
+            let state = match f.await {
+                Ok(Ok(b)) => serde_json::from_slice::<crate::state::NodeState>(&b)
+                    .map_err(|e| Error::Cluster(format!("bad node state: {e}"))),
+                Ok(Err(e)) => Err(e),
+                Err(e) => Err(Error::Cluster(e.to_string())),
+            };
+            match state {
+                Ok(s) => nodes.push(s),
+                Err(e) => {
+                    tracing::warn!(node = %NodeId(id), cause = %e, "node did not report its state");
+                    unreachable.insert(id);
+                }
             }
         }
         let named = nodes
@@ -1094,11 +1118,6 @@ impl Cluster {
             .flat_map(|n| &n.actors)
             .filter_map(|a| a.name.clone().map(|name| (name, a.id.clone())))
             .collect();
-        let members = self
-            .head_state
-            .as_ref()
-            .map(|h| h.members.lock().values().cloned().collect::<Vec<_>>())
-            .unwrap_or(members);
         wire::ClusterState {
             nodes,
             members: members
@@ -1111,6 +1130,7 @@ impl Cluster {
                     queued: m.queued,
                     alive: m.alive,
                     head: m.is_head,
+                    reachable: m.alive && !unreachable.contains(&m.id),
                 })
                 .collect(),
             named_actors: named,

@@ -13,6 +13,9 @@ use parking_lot::{Condvar, Mutex};
 
 type Job = Box<dyn FnOnce() + Send + 'static>;
 
+/// How long a thread above the slot count may sit idle before it exits.
+const IDLE_RETIRE: std::time::Duration = std::time::Duration::from_secs(10);
+
 struct State {
     queue: VecDeque<Job>,
     /// Workers currently holding a slot.
@@ -22,6 +25,8 @@ struct State {
     /// Threads waiting for work.
     idle: usize,
     shutdown: bool,
+    /// The thread cap was hit (warned once).
+    warned_cap: bool,
 }
 
 /// A pool of worker threads with a fixed number of execution slots.
@@ -46,6 +51,7 @@ impl WorkerPool {
                 threads: 0,
                 idle: 0,
                 shutdown: false,
+                warned_cap: false,
             }),
             cv: Condvar::new(),
             slots: slots.max(1),
@@ -79,7 +85,17 @@ impl WorkerPool {
         }
         if s.idle > 0 {
             self.cv.notify_one();
-        } else if s.threads < self.max_threads {
+        } else if s.threads >= self.max_threads {
+            if !s.warned_cap {
+                s.warned_cap = true;
+                tracing::warn!(
+                    threads = s.threads,
+                    queued = s.queue.len(),
+                    "every worker thread is busy or blocked in get: queued tasks wait for one to finish \
+                     (tasks that wait on tasks queued behind them deadlock; raise max_worker_threads)"
+                );
+            }
+        } else {
             s.threads += 1;
             let pool = self.clone();
             let spawned = std::thread::Builder::new()
@@ -110,8 +126,12 @@ impl WorkerPool {
                 continue;
             }
             s.idle += 1;
-            self.cv.wait(&mut s);
+            let timed_out = self.cv.wait_for(&mut s, IDLE_RETIRE).timed_out();
             s.idle -= 1;
+            // Threads started while others were blocked in `get` leave once the burst is over; `slots` stay warm.
+            if timed_out && s.threads > self.slots && s.queue.is_empty() {
+                break;
+            }
         }
         s.threads -= 1;
     }

@@ -42,7 +42,9 @@ impl Default for Config {
             .unwrap_or(1);
         Config {
             num_cpus: cpus,
-            max_worker_threads: (cpus * 32).max(64),
+            // Threads blocked in `get` hold no CPU slot, so deep task graphs need many: a thread costs little
+            // memory until it runs (its stack is reserved, not touched), and the cap only guards against runaways.
+            max_worker_threads: (cpus * 64).max(1024),
         }
     }
 }
@@ -348,14 +350,35 @@ impl Runtime {
                 state: "PENDING",
             },
         );
-        self.pool.submit(Box::new(move || {
+        // Arguments that are refs still being computed are awaited here, off the pool: a task holds a worker thread
+        // only once it can run. Waiting on a thread instead lets a wide task graph (every `add` of a tree waiting
+        // for its halves) use up the pool's threads while the tasks it waits for sit in the queue.
+        let waiting: Vec<Arc<Entry>> = args
+            .iter()
+            .filter_map(|a| match &a.0 {
+                ArgKind::Ref(r) if !r.entry.is_ready() => Some(r.entry.clone()),
+                _ => None,
+            })
+            .collect();
+        let pool = self.pool.clone();
+        let job: Box<dyn FnOnce() + Send> = Box::new(move || {
             if let Some(mut t) = rt.tasks.get_mut(&task) {
                 t.state = "RUNNING";
             }
             let result = rt.run_function(f, &args, attempts);
             rt.tasks.remove(&task);
             done.complete(result);
-        }));
+        });
+        if waiting.is_empty() {
+            return pool.submit(job);
+        }
+        self.tokio.spawn(async move {
+            for e in waiting {
+                // A failed argument is reported by the task itself when it resolves its arguments.
+                let _ = e.wait_async().await;
+            }
+            pool.submit(job);
+        });
     }
 
     fn run_function(

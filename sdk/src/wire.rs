@@ -117,7 +117,7 @@ pub(crate) struct Load {
 /// The whole cluster, for `oxray status` and `oxray list`.
 #[derive(Serialize, Deserialize, Debug, Clone)]
 pub struct ClusterState {
-    /// Every node's report (nodes that did not answer in time are listed with `reachable: false` in `members`).
+    /// Every node's report (a live node that did not answer is missing here and marked `reachable: false` in `members`).
     pub nodes: Vec<crate::state::NodeState>,
     /// Membership as the head sees it.
     pub members: Vec<MemberSummary>,
@@ -142,6 +142,14 @@ pub struct MemberSummary {
     pub alive: bool,
     /// Whether it is the head.
     pub head: bool,
+    /// Whether it answered the state request that built this report (a live but overloaded or cut-off node may
+    /// not: its tasks, actors and bundles are then missing from `nodes`).
+    #[serde(default = "yes")]
+    pub reachable: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 pub(crate) fn id_bytes(id: u128) -> bytes::Bytes {

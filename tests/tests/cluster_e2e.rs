@@ -146,22 +146,35 @@ fn three_node_cluster_end_to_end() {
             node
         );
     }
-    let listed = oxray::node::cluster_state(&cluster.address, &cluster.token).unwrap();
-    assert_eq!(
-        listed.nodes.iter().map(|n| n.bundles.len()).sum::<usize>(),
-        3
+    // Every bundle is listed by its node. A node too busy to answer at once is marked unreachable, not
+    // silently dropped, so the count is asked for until every node reports.
+    let bundles = || {
+        let s = oxray::node::cluster_state(&cluster.address, &cluster.token).unwrap();
+        let all = s.members.iter().all(|m| !m.alive || m.reachable);
+        (all, s.nodes.iter().map(|n| n.bundles.len()).sum::<usize>())
+    };
+    let mut seen = (false, 0);
+    assert!(
+        wait_until(Duration::from_secs(20), || {
+            seen = bundles();
+            seen.0
+        }),
+        "a node never reported its state"
     );
+    assert_eq!(seen.1, 3, "bundles listed");
     // More strictly spread bundles than nodes: it waits, reserving nothing.
     let too_big = placement_group(vec![one_cpu; 9], PlacementStrategy::StrictSpread).unwrap();
     assert!(!too_big.wait(Duration::from_millis(800)));
     remove_placement_group(&too_big).unwrap();
     remove_placement_group(&pg).unwrap();
-    let listed = oxray::node::cluster_state(&cluster.address, &cluster.token).unwrap();
-    assert_eq!(
-        listed.nodes.iter().map(|n| n.bundles.len()).sum::<usize>(),
-        0,
-        "bundles left after removal"
+    assert!(
+        wait_until(Duration::from_secs(20), || {
+            seen = bundles();
+            seen.0
+        }),
+        "a node never reported its state"
     );
+    assert_eq!(seen.1, 0, "bundles left after removal");
 
     // The CLI's view: every node listed, the named actor listed.
     let state = oxray::node::cluster_state(&cluster.address, &cluster.token).unwrap();

@@ -181,10 +181,12 @@ fn run(cli: Cli) -> Result<()> {
                         vec![
                             m.id.clone(),
                             m.address.clone(),
-                            if m.alive {
-                                "ALIVE".into()
-                            } else {
+                            if !m.alive {
                                 "DEAD".into()
+                            } else if !m.reachable {
+                                "UNREACHABLE".into()
+                            } else {
+                                "ALIVE".into()
                             },
                             format!("{}", m.cpus),
                             format!("{}", m.free_cpus),
