@@ -74,6 +74,7 @@ pub use pull::{PullAction, PullConfig, PullError, PullManager, Requested};
 pub use refs::{RefAction, RefTable};
 pub use store::{
     Object, ObjectBuffer, ObjectGuard, ObjectInfo, ObjectStore, ObjectWriter, StoreStats,
+    archived_len,
 };
 pub use transfer::{Transfer, TransferConfig, TransferHandler};
 

@@ -93,6 +93,14 @@ impl<E: rancor::Source> Writer<E> for ObjectWriter<'_> {
     }
 }
 
+/// The exact size of `value` once archived, found by serializing it without writing anything (no copy of its data):
+/// callers use it to choose between an inline buffer and the store before paying for either.
+pub fn archived_len<T: Object>(value: &T) -> Result<usize, String> {
+    rkyv::api::high::to_bytes_in::<_, BoxedError>(value, ObjectWriter::counting())
+        .map(|w| w.pos)
+        .map_err(|e| e.to_string())
+}
+
 /// Counts of what the store holds, for tests, metrics and `list objects`.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct StoreStats {

@@ -36,7 +36,16 @@ pub trait IntoArg<T> {
 
 impl<T: Value> IntoArg<T> for T {
     fn into_arg(self) -> Result<Arg> {
-        Ok(Arg(ArgKind::Value(value::encode(&self)?)))
+        // A large value is put into the store once and passed as a ref (as Ray does above 100 KiB): the call
+        // message stays small, and a callee on another node pulls the value instead of it riding in a batch.
+        let bytes = value::encode(&self)?;
+        if !oxray_objstore::is_inline(bytes.len())
+            && let Ok(rt) = crate::runtime::current()
+        {
+            // The encoded buffer is adopted by the store as it is: no second copy.
+            return Ok(Arg(ArgKind::Ref(rt.put_encoded::<T>(bytes)?.inner)));
+        }
+        Ok(Arg(ArgKind::Value(bytes)))
     }
 }
 

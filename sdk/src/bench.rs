@@ -26,7 +26,7 @@ pub fn put_small_many(n: u32) -> u32 {
 /// Puts `n` objects of `bytes` bytes from inside a task (the multi-client put gigabytes row).
 #[crate::remote]
 pub fn put_large_many(n: u32, bytes: u64) -> u64 {
-    let data = vec![0u8; bytes as usize];
+    let data = vec![1u8; bytes as usize];
     for _ in 0..n {
         let _ = crate::put(&data);
     }
@@ -256,9 +256,28 @@ pub fn run(cfg: &BenchConfig, mut report: impl FnMut(&Row)) -> Result<Vec<Row>> 
             r,
         );
     }
+    if want("gigabytes") {
+        // The bound of the two gigabytes rows, measured in the same run: copying the same amount between two
+        // buffers whose pages are already mapped.
+        let bytes = scaled(800.0 * 1024.0 * 1024.0);
+        let src = vec![1u8; bytes];
+        let mut dst = vec![2u8; bytes];
+        let r = timeit(t, || {
+            dst.copy_from_slice(&src);
+            std::hint::black_box(&mut dst);
+            Ok(bytes as f64 / 1e9)
+        })?;
+        push(
+            "memcpy gigabytes (reference, not a Ray row)",
+            "memcpy_gigabytes",
+            "GB/s",
+            r,
+        );
+    }
     if want("single_client_put_gigabytes") {
         let bytes = scaled(800.0 * 1024.0 * 1024.0);
-        let data = vec![0u8; bytes];
+        // Touched pages (not calloc's shared zero page), so the figure is comparable with the memcpy row.
+        let data = vec![1u8; bytes];
         let r = timeit(t, || {
             crate::put(&data)?;
             Ok(bytes as f64 / 1e9)

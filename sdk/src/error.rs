@@ -34,6 +34,10 @@ pub enum Error {
     /// Every copy of the object is gone and it could not be rebuilt.
     #[error("object {0} was lost: no copy is left")]
     ObjectLost(String),
+    /// The node's object store cannot hold the object: it is larger than the store, or everything in the store is
+    /// in use and nothing can be spilled. The message says what holds the memory.
+    #[error("object store full: {0}")]
+    ObjectStoreFull(String),
     /// The process that owned the object died, so its value can never be produced.
     #[error("object {0} is unavailable: its owner died")]
     OwnerDied(String),

@@ -80,6 +80,7 @@ pub use node::{connect, run_node_if_requested};
 pub use object::{ObjectId, ObjectRef, ObjectView};
 pub use options::{ActorOptions, Resources, Strategy, TaskOptions};
 pub use oxray_macros::{actor, remote};
+pub use oxray_objstore::StoreConfig;
 pub use runtime::{ActorCore, Config};
 pub use value::Value;
 
@@ -127,8 +128,7 @@ pub fn shutdown() {
 /// # Ok::<(), oxray::Error>(())
 /// ```
 pub fn put<T: Value>(value: &T) -> Result<ObjectRef<T>> {
-    let rt = runtime::current()?;
-    Ok(rt.put_bytes(value::encode(value)?))
+    runtime::current()?.put(value)
 }
 
 /// Gets every ref's value, in order; fails with the first error.

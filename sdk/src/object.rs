@@ -9,7 +9,7 @@
 
 use std::fmt;
 use std::marker::PhantomData;
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -18,6 +18,7 @@ use parking_lot::{Condvar, Mutex};
 
 use crate::error::{Error, Result};
 use crate::value::{self, Value};
+use oxray_objstore::{ObjectStore, ObjectStoreError};
 
 /// Object ids are the object store's: random for `put`, derived from the task id for task returns.
 pub use oxray_objstore::ObjectId;
@@ -65,8 +66,37 @@ fn getrandom(buf: &mut [u8]) {
 /// The state of one object in its owner's table.
 pub(crate) enum Slot {
     Pending,
+    /// Small (inline) values, and values borrowed from another node for a task's arguments.
     Ready(Bytes),
+    /// Large values the owner keeps in its node's object store: bounded memory, spilled to disk under pressure,
+    /// read back (pinned) on each access.
+    Stored {
+        store: ObjectStore,
+        len: usize,
+    },
     Failed(Error),
+}
+
+impl Slot {
+    fn value(&self, id: ObjectId) -> Option<Result<Bytes>> {
+        match self {
+            Slot::Pending => None,
+            Slot::Ready(b) => Some(Ok(b.clone())),
+            Slot::Stored { store, .. } => Some(store.get_bytes(id).map_err(store_error)),
+            Slot::Failed(e) => Some(Err(e.clone())),
+        }
+    }
+}
+
+/// The SDK's error for a store failure, in words a user acts on.
+pub(crate) fn store_error(e: ObjectStoreError) -> Error {
+    match e {
+        ObjectStoreError::NotFound(id) => Error::ObjectLost(id.to_string()),
+        e @ (ObjectStoreError::ObjectStoreFull(_) | ObjectStoreError::TooLarge { .. }) => {
+            Error::ObjectStoreFull(e.to_string())
+        }
+        e => Error::Serialization(e.to_string()),
+    }
 }
 
 /// One object in the owner's table: its value once known, and the means to wait for it (blocking and async).
@@ -75,28 +105,38 @@ pub(crate) struct Entry {
     slot: Mutex<Slot>,
     cv: Condvar,
     notify: tokio::sync::Notify,
+    /// The owner's store, for entries in an owner's table: a large value completing this entry moves into it.
+    store: OnceLock<ObjectStore>,
 }
 
 impl Entry {
-    pub(crate) fn new(id: ObjectId) -> Arc<Self> {
+    fn with_slot(id: ObjectId, slot: Slot) -> Arc<Self> {
         Arc::new(Entry {
             id,
-            slot: Mutex::new(Slot::Pending),
+            slot: Mutex::new(slot),
             cv: Condvar::new(),
             notify: tokio::sync::Notify::new(),
+            store: OnceLock::new(),
         })
+    }
+
+    pub(crate) fn new(id: ObjectId) -> Arc<Self> {
+        Self::with_slot(id, Slot::Pending)
     }
 
     pub(crate) fn ready(id: ObjectId, bytes: Bytes) -> Arc<Self> {
-        Arc::new(Entry {
-            id,
-            slot: Mutex::new(Slot::Ready(bytes)),
-            cv: Condvar::new(),
-            notify: tokio::sync::Notify::new(),
-        })
+        Self::with_slot(id, Slot::Ready(bytes))
+    }
+
+    /// An entry whose value is already in `store` under `id`.
+    pub(crate) fn stored(id: ObjectId, store: ObjectStore, len: usize) -> Arc<Self> {
+        Self::with_slot(id, Slot::Stored { store, len })
     }
 
     /// Completes the object. The first completion wins: a late duplicate (a retried task) is ignored.
+    ///
+    /// In an owner's table, a value of at least the inline threshold is adopted by the node's store (no copy); if the
+    /// store cannot take it, the object fails with `ObjectStoreFull` rather than growing memory past the limit.
     pub(crate) fn complete(&self, result: Result<Bytes>) {
         {
             let mut slot = self.slot.lock();
@@ -104,7 +144,21 @@ impl Entry {
                 return;
             }
             *slot = match result {
-                Ok(b) => Slot::Ready(b),
+                Ok(b) => match self.store.get() {
+                    Some(store) if !store.config().is_inline(b.len()) => {
+                        let len = b.len();
+                        match store.put_aligned(self.id, b.clone()) {
+                            Ok(()) => Slot::Stored {
+                                store: store.clone(),
+                                len,
+                            },
+                            // Bytes that arrived unaligned stay inline rather than being copied again.
+                            Err(ObjectStoreError::Misaligned { .. }) => Slot::Ready(b),
+                            Err(e) => Slot::Failed(store_error(e)),
+                        }
+                    }
+                    _ => Slot::Ready(b),
+                },
                 Err(e) => Slot::Failed(e),
             };
         }
@@ -114,10 +168,16 @@ impl Entry {
 
     /// The value if it is known now.
     pub(crate) fn try_value(&self) -> Option<Result<Bytes>> {
+        self.slot.lock().value(self.id)
+    }
+
+    /// (known, size, in the store) without reading the value: listing objects must not pin or restore them.
+    pub(crate) fn summary(&self) -> (bool, usize, bool) {
         match &*self.slot.lock() {
-            Slot::Pending => None,
-            Slot::Ready(b) => Some(Ok(b.clone())),
-            Slot::Failed(e) => Some(Err(e.clone())),
+            Slot::Pending => (false, 0, false),
+            Slot::Ready(b) => (true, b.len(), false),
+            Slot::Stored { len, .. } => (true, *len, true),
+            Slot::Failed(_) => (true, 0, false),
         }
     }
 
@@ -129,10 +189,8 @@ impl Entry {
     pub(crate) fn wait_blocking(&self, deadline: Option<Instant>) -> Result<Bytes> {
         let mut slot = self.slot.lock();
         loop {
-            match &*slot {
-                Slot::Ready(b) => return Ok(b.clone()),
-                Slot::Failed(e) => return Err(e.clone()),
-                Slot::Pending => {}
+            if let Some(v) = slot.value(self.id) {
+                return v;
             }
             match deadline {
                 None => self.cv.wait(&mut slot),
@@ -160,14 +218,36 @@ impl Entry {
     }
 }
 
+impl Drop for Entry {
+    fn drop(&mut self) {
+        // The last holder is gone (refs, in-flight tasks, senders): the store may reuse the memory.
+        if let Slot::Stored { store, .. } = &*self.slot.get_mut() {
+            store.free(self.id);
+        }
+    }
+}
+
 /// The owner's table: every object this node owns that still has a reference, by id (so other nodes can fetch them).
-#[derive(Default)]
 pub(crate) struct ObjectTable {
     entries: DashMap<ObjectId, Arc<Entry>>,
+    /// This node's store, where large values of the entries live.
+    store: ObjectStore,
 }
 
 impl ObjectTable {
+    pub(crate) fn new(store: ObjectStore) -> Self {
+        ObjectTable {
+            entries: DashMap::new(),
+            store,
+        }
+    }
+
+    pub(crate) fn store(&self) -> &ObjectStore {
+        &self.store
+    }
+
     pub(crate) fn insert(&self, entry: Arc<Entry>) {
+        let _ = entry.store.set(self.store.clone());
         self.entries.insert(entry.id, entry);
     }
     pub(crate) fn lookup(&self, id: ObjectId) -> Option<Arc<Entry>> {
@@ -179,17 +259,13 @@ impl ObjectTable {
     pub(crate) fn len(&self) -> usize {
         self.entries.len()
     }
-    pub(crate) fn ids(&self) -> Vec<(ObjectId, bool, usize)> {
+    /// (id, known, size, in the store) of every entry.
+    pub(crate) fn ids(&self) -> Vec<(ObjectId, bool, usize, bool)> {
         self.entries
             .iter()
             .map(|e| {
-                let v = e.value().try_value();
-                let ready = v.is_some();
-                let size = match v {
-                    Some(Ok(b)) => b.len(),
-                    _ => 0,
-                };
-                (*e.key(), ready, size)
+                let (ready, size, stored) = e.value().summary();
+                (*e.key(), ready, size, stored)
             })
             .collect()
     }

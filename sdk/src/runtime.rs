@@ -22,6 +22,7 @@ use crate::object::{Entry, ObjectId, ObjectRef, ObjectTable, RefInner, rand_u128
 use crate::options::{ActorOptions, TaskOptions};
 use crate::pool::WorkerPool;
 use crate::registry::{self, ActorClassEntry, Args, FunctionEntry};
+use crate::value::{self, Value};
 use crate::wire::{self, CallW, CreateW, TaskW, kind};
 use oxray_scheduler::Decision;
 use oxray_transport::NodeId;
@@ -33,6 +34,8 @@ pub struct Config {
     pub num_cpus: usize,
     /// Upper bound on worker threads, counting those blocked in `get`.
     pub max_worker_threads: usize,
+    /// This node's object store: where values of 100 KiB and more live (memory limit, spill directory).
+    pub object_store: oxray_objstore::StoreConfig,
 }
 
 impl Default for Config {
@@ -45,6 +48,7 @@ impl Default for Config {
             // Threads blocked in `get` hold no CPU slot, so deep task graphs need many: a thread costs little
             // memory until it runs (its stack is reserved, not touched), and the cap only guards against runaways.
             max_worker_threads: (cpus * 64).max(1024),
+            object_store: oxray_objstore::StoreConfig::from_system(),
         }
     }
 }
@@ -124,7 +128,9 @@ pub(crate) fn install_as(config: Config, node: Option<u128>) -> Result<Arc<Runti
     };
     let rt = Arc::new(Runtime {
         node: node.unwrap_or_else(rand_u128),
-        objects: Arc::new(ObjectTable::default()),
+        objects: Arc::new(ObjectTable::new(oxray_objstore::ObjectStore::new(
+            config.object_store.clone(),
+        ))),
         pool: WorkerPool::new("oxray", config.num_cpus, config.max_worker_threads),
         actors: DashMap::new(),
         named: DashMap::new(),
@@ -239,13 +245,43 @@ impl Runtime {
 
     pub(crate) fn put_bytes<T>(&self, bytes: Bytes) -> ObjectRef<T> {
         let id = ObjectId::random();
-        let entry = Entry::ready(id, bytes);
+        self.owned_ref(Entry::ready(id, bytes))
+    }
+
+    fn owned_ref<T>(&self, entry: Arc<Entry>) -> ObjectRef<T> {
         self.objects.insert(entry.clone());
         ObjectRef::from_inner(Arc::new(RefInner {
             entry,
             owner: self.node,
             table: Some(Arc::downgrade(&self.objects)),
         }))
+    }
+
+    /// Stores an already-encoded value this process owns: adopted by the store (no copy) when large.
+    pub(crate) fn put_encoded<T>(&self, bytes: Bytes) -> Result<ObjectRef<T>> {
+        let store = self.objects.store();
+        if store.config().is_inline(bytes.len()) {
+            return Ok(self.put_bytes(bytes));
+        }
+        let id = ObjectId::random();
+        let len = bytes.len();
+        store
+            .put_aligned(id, bytes)
+            .map_err(crate::object::store_error)?;
+        Ok(self.owned_ref(Entry::stored(id, store.clone(), len)))
+    }
+
+    /// Stores a value this process owns: small ones inline, large ones serialized once, straight into a (warm,
+    /// pooled) buffer of the node's object store.
+    pub(crate) fn put<T: Value>(&self, value: &T) -> Result<ObjectRef<T>> {
+        let store = self.objects.store();
+        let len = oxray_objstore::archived_len(value).map_err(Error::Serialization)?;
+        if store.config().is_inline(len) {
+            return Ok(self.put_bytes(value::encode(value)?));
+        }
+        let id = ObjectId::random();
+        store.put(id, value).map_err(crate::object::store_error)?;
+        Ok(self.owned_ref(Entry::stored(id, store.clone(), len)))
     }
 
     /// Submits a remote function call. Returns at once; the result arrives in the returned ref.

@@ -31,6 +31,26 @@ pub struct NodeSummary {
     /// Tasks submitted here that no node can take yet.
     #[serde(default)]
     pub infeasible: usize,
+    /// The node's object store.
+    #[serde(default)]
+    pub store: StoreSummary,
+}
+
+/// A node's object store: what it holds against its limit.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct StoreSummary {
+    /// Objects in the store (in memory or spilled).
+    pub objects: usize,
+    /// Bytes of object data in memory.
+    pub used: usize,
+    /// Bytes of free buffers kept warm for the next large puts (inside the limit).
+    pub pooled: usize,
+    /// The memory limit.
+    pub limit: usize,
+    /// Objects spilled to disk and not in memory.
+    pub spilled: usize,
+    /// Objects pinned by a reader right now.
+    pub pinned: usize,
 }
 
 /// One actor.
@@ -74,6 +94,9 @@ pub struct ObjectSummary {
     pub size: usize,
     /// The owning node.
     pub owner: String,
+    /// `inline` (in the owner's table), `store` (in its object store's memory) or `spilled` (on its disk).
+    #[serde(default)]
+    pub location: String,
 }
 
 /// One placement-group bundle held on a node.
@@ -108,17 +131,31 @@ pub struct NodeState {
 pub(crate) fn snapshot(rt: &Runtime, address: Option<String>) -> NodeState {
     let (queued, running) = rt.pool.load();
     let node = short(rt.node);
+    let store = rt.objects.store();
+    let on_disk: std::collections::HashSet<_> = store
+        .objects()
+        .into_iter()
+        .filter(|o| !o.resident && o.spilled)
+        .map(|o| o.id)
+        .collect();
     let objects: Vec<ObjectSummary> = rt
         .objects
         .ids()
         .into_iter()
-        .map(|(id, ready, size)| ObjectSummary {
+        .map(|(id, ready, size, stored)| ObjectSummary {
             id: id.to_string(),
             ready,
             size,
             owner: node.clone(),
+            location: match (stored, on_disk.contains(&id)) {
+                (false, _) => "inline",
+                (true, false) => "store",
+                (true, true) => "spilled",
+            }
+            .to_string(),
         })
         .collect();
+    let stats = store.stats();
     let actors: Vec<ActorSummary> = rt
         .actors
         .iter()
@@ -168,6 +205,14 @@ pub(crate) fn snapshot(rt: &Runtime, address: Option<String>) -> NodeState {
             object_bytes: objects.iter().map(|o| o.size).sum(),
             functions: crate::registry::table().len(),
             infeasible: 0,
+            store: StoreSummary {
+                objects: stats.objects,
+                used: stats.used,
+                pooled: stats.pooled,
+                limit: stats.limit,
+                spilled: stats.spilled,
+                pinned: stats.pinned,
+            },
         },
         actors,
         tasks,

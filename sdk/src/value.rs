@@ -21,6 +21,8 @@ use crate::error::Error;
 /// rkyv::Deserialize)]` structs. There is nothing to implement by hand.
 pub trait Value:
     Sized
+    // Large values are serialized straight into the object store's buffers.
+    + oxray_objstore::Object
     + Archive<
         Archived: for<'a> CheckBytes<HighValidator<'a, rancor::Error>>
                       + Deserialize<Self, Strategy<Pool, rancor::Error>>,
@@ -31,7 +33,8 @@ pub trait Value:
 }
 
 impl<T> Value for T where
-    T: Archive<
+    T: oxray_objstore::Object
+        + Archive<
             Archived: for<'a> CheckBytes<HighValidator<'a, rancor::Error>>
                           + Deserialize<T, Strategy<Pool, rancor::Error>>,
         > + for<'a> Serialize<HighSerializer<AlignedVec, ArenaHandle<'a>, rancor::Error>>

@@ -164,6 +164,7 @@ fn nested_tasks_do_not_deadlock_the_pool() {
     oxray::init_with(oxray::Config {
         num_cpus: 2,
         max_worker_threads: 512,
+        ..Default::default()
     })
     .unwrap();
     assert_eq!(
@@ -239,6 +240,7 @@ fn cancelling_a_pending_task() {
     oxray::init_with(oxray::Config {
         num_cpus: 2,
         max_worker_threads: 64,
+        ..Default::default()
     })
     .unwrap();
     // Fill every slot, then cancel a queued task: it must never run.

@@ -171,6 +171,19 @@ fn run(cli: Cli) -> Result<()> {
                 s.members.len() - alive.len()
             );
             println!("resources: {:.1}/{:.1} CPU used", total - free, total);
+            let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
+            let (used, limit, spilled) = s.nodes.iter().fold((0, 0, 0), |(u, l, sp), n| {
+                (
+                    u + n.node.store.used,
+                    l + n.node.store.limit,
+                    sp + n.node.store.spilled,
+                )
+            });
+            println!(
+                "object store: {:.2}/{:.2} GiB used, {spilled} objects spilled",
+                gib(used),
+                gib(limit)
+            );
             println!("demand: {queued} queued, {infeasible} infeasible");
             println!();
             table(
@@ -253,14 +266,20 @@ fn run(cli: Cli) -> Result<()> {
                 }
                 What::Objects => {
                     let objects: Vec<_> = s.nodes.iter().flat_map(|n| n.objects.clone()).collect();
-                    emit(json, &objects, &["OBJECT", "READY", "SIZE", "OWNER"], |o| {
-                        vec![
-                            o.id.clone(),
-                            o.ready.to_string(),
-                            o.size.to_string(),
-                            o.owner.clone(),
-                        ]
-                    })?
+                    emit(
+                        json,
+                        &objects,
+                        &["OBJECT", "READY", "SIZE", "WHERE", "OWNER"],
+                        |o| {
+                            vec![
+                                o.id.clone(),
+                                o.ready.to_string(),
+                                o.size.to_string(),
+                                o.location.clone(),
+                                o.owner.clone(),
+                            ]
+                        },
+                    )?
                 }
                 What::PlacementGroups => {
                     let bundles: Vec<_> = s.nodes.iter().flat_map(|n| n.bundles.clone()).collect();
