@@ -74,3 +74,52 @@ impl<A: ActorClass> std::ops::Deref for ActorHandle<A> {
         &self.methods
     }
 }
+
+/// How an actor handle travels inside a value: the actor's id and its node. Not used directly.
+#[doc(hidden)]
+#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize, Debug)]
+pub struct ActorW {
+    id: u128,
+    node: u128,
+}
+
+impl<A: ActorClass> ActorHandle<A> {
+    fn wire(&self) -> ActorW {
+        ActorW {
+            id: self.core.id(),
+            node: self.core.node(),
+        }
+    }
+}
+
+// A handle passed to a task or an actor (or nested in a value) is archived as (actor, node); the receiver gets a
+// working typed handle to the same actor. The class is the handle's type parameter, so it is checked at compile
+// time on both sides.
+impl<A: ActorClass> rkyv::Archive for ActorHandle<A> {
+    type Archived = ArchivedActorW;
+    type Resolver = ActorWResolver;
+    fn resolve(&self, resolver: Self::Resolver, out: rkyv::Place<Self::Archived>) {
+        self.wire().resolve(resolver, out)
+    }
+}
+
+impl<A: ActorClass, S: rkyv::rancor::Fallible + ?Sized> rkyv::Serialize<S> for ActorHandle<A>
+where
+    ActorW: rkyv::Serialize<S>,
+{
+    fn serialize(&self, s: &mut S) -> Result<Self::Resolver, S::Error> {
+        self.wire().serialize(s)
+    }
+}
+
+impl<A: ActorClass, D: rkyv::rancor::Fallible + ?Sized> rkyv::Deserialize<ActorHandle<A>, D>
+    for ArchivedActorW
+where
+    D::Error: rkyv::rancor::Source,
+{
+    fn deserialize(&self, _: &mut D) -> Result<ActorHandle<A>, D::Error> {
+        ActorCore::resolve(self.id.to_native(), self.node.to_native(), A::NAME)
+            .map(ActorHandle::from_core)
+            .map_err(<D::Error as rkyv::rancor::Source>::new)
+    }
+}

@@ -38,12 +38,16 @@ impl<T: Value> IntoArg<T> for T {
     fn into_arg(self) -> Result<Arg> {
         // A large value is put into the store once and passed as a ref (as Ray does above 100 KiB): the call
         // message stays small, and a callee on another node pulls the value instead of it riding in a batch.
+        crate::object::clear_contained();
         let bytes = value::encode(&self)?;
-        if !oxray_objstore::is_inline(bytes.len())
+        let nested = crate::object::take_contained();
+        // A value with refs nested in it goes the same way: its object then keeps those refs alive until the
+        // call is done with it.
+        if (!oxray_objstore::is_inline(bytes.len()) || !nested.is_empty())
             && let Ok(rt) = crate::runtime::current()
         {
             // The encoded buffer is adopted by the store as it is: no second copy.
-            return Ok(Arg(ArgKind::Ref(rt.put_encoded::<T>(bytes)?.inner)));
+            return Ok(Arg(ArgKind::Ref(rt.put_encoded::<T>(bytes, nested)?.inner)));
         }
         Ok(Arg(ArgKind::Value(bytes)))
     }

@@ -33,6 +33,12 @@ pub fn put_large_many(n: u32, bytes: u64) -> u64 {
     bytes * n as u64
 }
 
+/// Puts `n` small objects and returns the refs (the "object containing 10k refs" row, as in Ray's script).
+#[crate::remote]
+pub fn create_object_containing_refs(n: u64) -> Vec<ObjectRef<u64>> {
+    (0..n).filter_map(|_| crate::put(&1u64).ok()).collect()
+}
+
 /// Submits `n` empty tasks and waits for all of them (the multi-client task row's client).
 #[crate::remote]
 pub fn submit_many(n: u32) -> u32 {
@@ -318,6 +324,27 @@ pub fn run(cfg: &BenchConfig, mut report: impl FnMut(&Row)) -> Result<Vec<Row>> 
             "multi client put gigabytes",
             "multi_client_put_gigabytes",
             "GB/s",
+            r,
+        );
+    }
+    if want("single_client_get_object_containing_10k_refs") {
+        // A task on the node puts 10,000 objects and returns their refs; the driver gets the list. The refs come
+        // back as borrowed handles, fetched only if used (and the node keeps the objects until the list is gone).
+        let n = scaled(10_000.0) as u64;
+        let r = timeit(t, || {
+            let refs = create_object_containing_refs::remote(n)?.get()?;
+            if refs.len() as u64 != n {
+                return Err(crate::Error::Cluster(format!(
+                    "{} refs came back, not {n}",
+                    refs.len()
+                )));
+            }
+            Ok(1.0)
+        })?;
+        push(
+            "single client get object containing 10k refs",
+            "single_client_get_object_containing_10k_refs",
+            "ops/s",
             r,
         );
     }

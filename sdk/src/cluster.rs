@@ -136,6 +136,8 @@ pub(crate) struct Cluster {
     tokio: tokio::runtime::Handle,
     /// When the head last answered a heartbeat: a worker node whose head is gone for long exits.
     head_seen: Mutex<Instant>,
+    /// Refs nested in results sent as `OK_LENT`, by (owner node, call): kept alive until the owner's `RELEASE`.
+    lent: DashMap<(u128, u64), Vec<Arc<RefInner>>>,
 }
 
 /// The mesh handler: forwards to the runtime and cluster once both exist.
@@ -263,6 +265,7 @@ impl Cluster {
             result_out: DashMap::new(),
             tokio,
             head_seen: Mutex::new(Instant::now()),
+            lent: DashMap::new(),
         })
     }
 
@@ -701,11 +704,45 @@ impl Cluster {
                 self.fail_pending(p, &format!("node {node} died"));
             }
         }
+        // Nobody on a dead node will read what was lent to it.
+        self.lent.retain(|(owner, _), _| *owner != node.0);
+    }
+
+    /// Sends a result whose value nests `nested` refs: this node keeps them alive until the owner releases the
+    /// result, so the owner (or whoever it hands the value to) can still fetch them.
+    pub(crate) fn send_result_holding(
+        self: &Arc<Self>,
+        owner: NodeId,
+        call: u64,
+        result: Result<Bytes>,
+        nested: Vec<Arc<RefInner>>,
+    ) {
+        let lend = result.is_ok() && !nested.is_empty();
+        if lend {
+            self.lent.insert((owner.0, call), nested);
+        }
+        self.send_result_kind(owner, call, result, lend)
+    }
+
+    /// Tells `node` that the result of `call` it lent refs for is gone.
+    pub(crate) fn release(self: &Arc<Self>, node: u128, call: u64) {
+        let _ = self.results_to(NodeId(node)).push(Item {
+            kind: kind::RELEASE,
+            call,
+            body: Bytes::new(),
+        });
     }
 
     /// Sends a result back to its owner: batched if small, streamed into an aligned buffer if large.
-    pub(crate) fn send_result(self: &Arc<Self>, owner: NodeId, call: u64, result: Result<Bytes>) {
+    fn send_result_kind(
+        self: &Arc<Self>,
+        owner: NodeId,
+        call: u64,
+        result: Result<Bytes>,
+        lent: bool,
+    ) {
         let (k, body) = match result {
+            Ok(b) if lent => (kind::OK_LENT, b),
             Ok(b) => (kind::OK, b),
             Err(e) => (
                 kind::ERR,
@@ -733,13 +770,17 @@ impl Cluster {
         });
     }
 
-    /// Completes the calls whose results arrived.
-    fn on_results(&self, body: Bytes) {
+    /// Completes the calls whose results arrived (and drops lent refs the sender released).
+    fn on_results(&self, from: NodeId, body: Bytes) {
         let items = match batch::decode(&body) {
             Ok(i) => i,
             Err(e) => return tracing::warn!(cause = %e, "malformed result batch dropped"),
         };
         for item in items {
+            if item.kind == kind::RELEASE {
+                self.lent.remove(&(from.0, item.call));
+                continue;
+            }
             self.complete_call(item.call, item.kind, item.body);
         }
     }
@@ -748,7 +789,14 @@ impl Cluster {
         let Some((_, p)) = self.pending.remove(&call) else {
             return;
         };
-        let result = if k == kind::OK {
+        let result = if k == kind::OK || k == kind::OK_LENT {
+            if k == kind::OK_LENT {
+                let (node, entry) = match &p {
+                    Pending::Task { node, task } => (node, &task.entry),
+                    Pending::Call { node, entry, .. } => (node, entry),
+                };
+                entry.set_lender(node.0, call);
+            }
             Ok(body)
         } else {
             Err(serde_json::from_slice::<Error>(&body)
@@ -899,8 +947,14 @@ impl Cluster {
     /// Asks the owner of an object for its value.
     pub(crate) fn fetch(self: &Arc<Self>, rt: &Runtime, id: u128, owner: u128) -> Arc<Entry> {
         let entry = Entry::new(ObjectId(id));
+        self.fetch_into(rt, entry.clone(), owner);
+        entry
+    }
+
+    /// Fetches the value of `e` (an object of `owner`) into it.
+    pub(crate) fn fetch_into(self: &Arc<Self>, rt: &Runtime, e: Arc<Entry>, owner: u128) {
+        let id = e.id.0;
         let cl = self.clone();
-        let e = entry.clone();
         rt.tokio.spawn(async move {
             let r = match cl
                 .mesh
@@ -920,7 +974,6 @@ impl Cluster {
             };
             e.complete(r);
         });
-        entry
     }
 
     /// Turns wire arguments into local ones, starting fetches for refs owned elsewhere.
@@ -945,11 +998,7 @@ impl Cluster {
                     } else {
                         self.fetch(rt, id, owner)
                     };
-                    Arg(ArgKind::Ref(Arc::new(RefInner {
-                        entry,
-                        owner,
-                        table: None,
-                    })))
+                    Arg(ArgKind::Ref(RefInner::borrowed(entry, owner)))
                 }
             })
             .collect()
@@ -1254,7 +1303,8 @@ impl Handler for NodeHandler {
             }
             kind::RESULTS => {
                 if let Some(cl) = rt.cluster.get().cloned() {
-                    cl.on_results(msg.into_body());
+                    let from = msg.source();
+                    cl.on_results(from, msg.into_body());
                 }
             }
             kind::KILL_ACTOR => {

@@ -169,7 +169,7 @@ pub fn wait<T>(
     num_returns: usize,
     timeout: Option<Duration>,
 ) -> (Vec<ObjectRef<T>>, Vec<ObjectRef<T>>) {
-    let entries: Vec<_> = refs.iter().map(|r| r.inner.entry.clone()).collect();
+    let entries: Vec<_> = refs.iter().map(|r| r.inner.used().clone()).collect();
     let (r, n) = runtime::wait_indices(&entries, num_returns, timeout);
     (
         r.into_iter().map(|i| refs[i].clone()).collect(),

@@ -9,6 +9,7 @@
 
 use std::fmt;
 use std::marker::PhantomData;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
@@ -107,6 +108,26 @@ pub(crate) struct Entry {
     notify: tokio::sync::Notify,
     /// The owner's store, for entries in an owner's table: a large value completing this entry moves into it.
     store: OnceLock<ObjectStore>,
+    /// Live owned `RefInner`s naming this entry: the table forgets the object when the last one goes.
+    families: AtomicUsize,
+    /// Refs nested in this object's value, kept alive as long as the value may be read.
+    contained: Mutex<Vec<Arc<RefInner>>>,
+    /// Set when the value came from another node's task and nests refs that node owns: that node keeps them alive
+    /// until this lease is dropped by this entry and by every ref read out of the value.
+    lease: OnceLock<Arc<Lease>>,
+}
+
+/// Refs lent by another node inside one result: the lender keeps their objects until the last holder of this lease
+/// (the result's entry, and every ref read out of it here) is gone.
+pub(crate) struct Lease {
+    node: u128,
+    call: u64,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        crate::runtime::release_lent(self.node, self.call);
+    }
 }
 
 impl Entry {
@@ -117,7 +138,26 @@ impl Entry {
             cv: Condvar::new(),
             notify: tokio::sync::Notify::new(),
             store: OnceLock::new(),
+            families: AtomicUsize::new(0),
+            contained: Mutex::new(Vec::new()),
+            lease: OnceLock::new(),
         })
+    }
+
+    /// Keeps `refs` (nested in this object's value) alive as long as this object.
+    pub(crate) fn hold(&self, refs: Vec<Arc<RefInner>>) {
+        if !refs.is_empty() {
+            self.contained.lock().extend(refs);
+        }
+    }
+
+    /// Records that `node` keeps refs nested in this value alive (for its call `call`) until released.
+    pub(crate) fn set_lender(&self, node: u128, call: u64) {
+        let _ = self.lease.set(Arc::new(Lease { node, call }));
+    }
+
+    pub(crate) fn lease(&self) -> Option<Arc<Lease>> {
+        self.lease.get().cloned()
     }
 
     pub(crate) fn new(id: ObjectId) -> Arc<Self> {
@@ -227,9 +267,73 @@ impl Drop for Entry {
     }
 }
 
+thread_local! {
+    /// Refs serialized on this thread since the last `take_contained`: the refs nested in the value being encoded.
+    static CONTAINED: std::cell::RefCell<Vec<Arc<RefInner>>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+thread_local! {
+    /// Leases of the values being decoded on this thread: a remote ref read out of them holds the leases.
+    static DECODING: std::cell::RefCell<Vec<Arc<Lease>>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` (which decodes values read from `entries`) so that remote refs read out of them keep the lenders'
+/// objects alive.
+pub(crate) fn decoding<'a, R>(
+    entries: impl IntoIterator<Item = &'a Arc<Entry>>,
+    f: impl FnOnce() -> R,
+) -> R {
+    let leases: Vec<Arc<Lease>> = entries.into_iter().filter_map(|e| e.lease()).collect();
+    if leases.is_empty() {
+        return f();
+    }
+    let saved = DECODING.with(|d| std::mem::replace(&mut *d.borrow_mut(), leases));
+    let out = f();
+    DECODING.with(|d| *d.borrow_mut() = saved);
+    out
+}
+
+pub(crate) fn current_leases() -> Vec<Arc<Lease>> {
+    DECODING.with(|d| d.borrow().clone())
+}
+
+/// Forgets refs collected by earlier serializations on this thread.
+pub(crate) fn clear_contained() {
+    CONTAINED.with(|c| c.borrow_mut().clear());
+}
+
+/// The refs serialized on this thread since the last clear: those nested in the value just encoded.
+pub(crate) fn take_contained() -> Vec<Arc<RefInner>> {
+    CONTAINED.with(|c| std::mem::take(&mut *c.borrow_mut()))
+}
+
+/// Hashes object ids by folding their bits: ids are random (or derived from random task ids), so a keyed hash
+/// would only add cost to every put and lookup.
+#[derive(Default, Clone, Copy)]
+pub(crate) struct IdHasher(u64);
+
+impl std::hash::Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut b = [0u8; 8];
+            b[..chunk.len()].copy_from_slice(chunk);
+            self.0 =
+                (self.0.rotate_left(5) ^ u64::from_le_bytes(b)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        }
+    }
+    fn write_u128(&mut self, v: u128) {
+        self.0 = ((v as u64) ^ ((v >> 64) as u64)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+}
+
+type IdMap<V> = DashMap<ObjectId, V, std::hash::BuildHasherDefault<IdHasher>>;
+
 /// The owner's table: every object this node owns that still has a reference, by id (so other nodes can fetch them).
 pub(crate) struct ObjectTable {
-    entries: DashMap<ObjectId, Arc<Entry>>,
+    entries: IdMap<Arc<Entry>>,
     /// This node's store, where large values of the entries live.
     store: ObjectStore,
 }
@@ -237,7 +341,7 @@ pub(crate) struct ObjectTable {
 impl ObjectTable {
     pub(crate) fn new(store: ObjectStore) -> Self {
         ObjectTable {
-            entries: DashMap::new(),
+            entries: IdMap::default(),
             store,
         }
     }
@@ -275,17 +379,119 @@ impl ObjectTable {
 pub(crate) struct RefInner {
     pub(crate) entry: Arc<Entry>,
     /// The owning node (this process's id for objects it owns).
-    #[allow(dead_code)] // read by the cluster layer when a ref travels to another node
     pub(crate) owner: u128,
     /// The owner's table, when this process is the owner; `None` for a borrowed ref.
     pub(crate) table: Option<Weak<ObjectTable>>,
+    /// Set for a ref read out of a value and owned by another node, until its value is first asked for: the fetch
+    /// starts then, so a value holding thousands of refs costs no network traffic until they are used.
+    unfetched: AtomicBool,
+    /// The leases of the values this ref was read out of: the lender keeps the object while this ref lives.
+    _leases: Vec<Arc<Lease>>,
+}
+
+impl RefInner {
+    /// A new family of refs to an entry of this process's table: the table keeps the object while any family lives.
+    pub(crate) fn owned(entry: Arc<Entry>, owner: u128, table: &Arc<ObjectTable>) -> Arc<RefInner> {
+        entry.families.fetch_add(1, Ordering::AcqRel);
+        Arc::new(RefInner {
+            entry,
+            owner,
+            table: Some(Arc::downgrade(table)),
+            unfetched: AtomicBool::new(false),
+            _leases: Vec::new(),
+        })
+    }
+
+    /// A ref that does not keep the owner's table entry (an argument's, or one borrowed from another node).
+    pub(crate) fn borrowed(entry: Arc<Entry>, owner: u128) -> Arc<RefInner> {
+        Arc::new(RefInner {
+            entry,
+            owner,
+            table: None,
+            unfetched: AtomicBool::new(false),
+            _leases: Vec::new(),
+        })
+    }
+
+    /// A ref to object `id` of node `owner`, fetched when first used.
+    pub(crate) fn remote(id: ObjectId, owner: u128) -> Arc<RefInner> {
+        Arc::new(RefInner {
+            entry: Entry::new(id),
+            owner,
+            table: None,
+            unfetched: AtomicBool::new(true),
+            _leases: current_leases(),
+        })
+    }
+
+    /// The entry, about to be waited on or read: a remote ref's fetch starts on first use.
+    pub(crate) fn used(&self) -> &Arc<Entry> {
+        if self.unfetched.load(Ordering::Relaxed) && self.unfetched.swap(false, Ordering::AcqRel) {
+            crate::runtime::start_fetch(&self.entry, self.owner);
+        }
+        &self.entry
+    }
 }
 
 impl Drop for RefInner {
     fn drop(&mut self) {
-        if let Some(table) = self.table.as_ref().and_then(Weak::upgrade) {
+        if let Some(table) = self.table.as_ref().and_then(Weak::upgrade)
+            && self.entry.families.fetch_sub(1, Ordering::AcqRel) == 1
+        {
             table.remove(self.entry.id);
         }
+    }
+}
+
+/// How a ref travels inside a value: the object's id and its owner. Not used directly.
+#[doc(hidden)]
+#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize, Debug)]
+pub struct RefW {
+    id: u128,
+    owner: u128,
+}
+
+impl<T> ObjectRef<T> {
+    fn wire(&self) -> RefW {
+        let owner = match self.inner.owner {
+            0 => crate::runtime::current().map(|rt| rt.node).unwrap_or(0),
+            o => o,
+        };
+        RefW {
+            id: self.inner.entry.id.0,
+            owner,
+        }
+    }
+}
+
+// A ref nested in a value is archived as (id, owner). Serializing it records it on this thread, so whoever encodes
+// the value can keep the object alive as long as the value; deserializing it gives a working ref on this node.
+impl<T> rkyv::Archive for ObjectRef<T> {
+    type Archived = ArchivedRefW;
+    type Resolver = RefWResolver;
+    fn resolve(&self, resolver: Self::Resolver, out: rkyv::Place<Self::Archived>) {
+        self.wire().resolve(resolver, out)
+    }
+}
+
+impl<T, S: rkyv::rancor::Fallible + ?Sized> rkyv::Serialize<S> for ObjectRef<T>
+where
+    RefW: rkyv::Serialize<S>,
+{
+    fn serialize(&self, s: &mut S) -> std::result::Result<Self::Resolver, S::Error> {
+        CONTAINED.with(|c| c.borrow_mut().push(self.inner.clone()));
+        self.wire().serialize(s)
+    }
+}
+
+impl<T, D: rkyv::rancor::Fallible + ?Sized> rkyv::Deserialize<ObjectRef<T>, D> for ArchivedRefW
+where
+    D::Error: rkyv::rancor::Source,
+{
+    fn deserialize(&self, _: &mut D) -> std::result::Result<ObjectRef<T>, D::Error> {
+        crate::runtime::borrow_ref(self.id.to_native(), self.owner.to_native())
+            .map(ObjectRef::from_inner)
+            .map_err(<D::Error as rkyv::rancor::Source>::new)
     }
 }
 
@@ -337,7 +543,7 @@ impl<T> ObjectRef<T> {
 
     /// Whether the value (or its error) is already known, without blocking.
     pub fn is_ready(&self) -> bool {
-        self.inner.entry.is_ready()
+        self.inner.used().is_ready()
     }
 
     /// A ref with its type erased, for `wait` over refs of mixed types.
@@ -354,28 +560,33 @@ impl<T: Value> ObjectRef<T> {
     ///
     /// Inside a task this releases the task's CPU slot while it waits, so nested tasks cannot deadlock the pool.
     pub fn get(&self) -> Result<T> {
-        let bytes = crate::runtime::wait_blocking(&self.inner.entry, None)?;
-        value::decode::<T>(&bytes)
+        let entry = self.inner.used();
+        let bytes = crate::runtime::wait_blocking(entry, None)?;
+        decoding([entry], || value::decode::<T>(&bytes))
     }
 
     /// As [`ObjectRef::get`], giving up with [`Error::GetTimeout`] after `timeout`.
     pub fn get_timeout(&self, timeout: Duration) -> Result<T> {
-        let bytes =
-            crate::runtime::wait_blocking(&self.inner.entry, Some(Instant::now() + timeout))?;
-        value::decode::<T>(&bytes)
+        let entry = self.inner.used();
+        let bytes = crate::runtime::wait_blocking(entry, Some(Instant::now() + timeout))?;
+        decoding([entry], || value::decode::<T>(&bytes))
     }
 
     /// Waits without blocking a thread and returns the value deserialized.
     pub async fn get_async(&self) -> Result<T> {
-        let bytes = self.inner.entry.wait_async().await?;
-        value::decode::<T>(&bytes)
+        let entry = self.inner.used();
+        let bytes = entry.wait_async().await?;
+        decoding([entry], || value::decode::<T>(&bytes))
     }
 
     /// Blocks until the value is available and returns a view of the archived value, in place: no copy, no
     /// deserialization (the bytes are validated once, here).
     pub fn view(&self) -> Result<ObjectView<T>> {
-        let bytes = crate::runtime::wait_blocking(&self.inner.entry, None)?;
-        ObjectView::new(bytes)
+        let entry = self.inner.used();
+        let bytes = crate::runtime::wait_blocking(entry, None)?;
+        let mut view = ObjectView::new(bytes)?;
+        view.lease = entry.lease();
+        Ok(view)
     }
 }
 
@@ -383,6 +594,8 @@ impl<T: Value> ObjectRef<T> {
 pub struct ObjectView<T: Value> {
     bytes: Bytes,
     archived: *const T::Archived,
+    /// Keeps refs nested in the value (lent by another node) alive while the view can still deserialize them.
+    lease: Option<Arc<Lease>>,
 }
 
 // SAFETY: the view only hands out shared references into `bytes`, which is immutable and Send + Sync;
@@ -399,7 +612,11 @@ impl<T: Value> ObjectView<T> {
             value::aligned_copy(&bytes)
         };
         let archived: *const T::Archived = value::access::<T>(&bytes)?;
-        Ok(ObjectView { bytes, archived })
+        Ok(ObjectView {
+            bytes,
+            archived,
+            lease: None,
+        })
     }
 
     /// The raw archive bytes.
@@ -409,8 +626,20 @@ impl<T: Value> ObjectView<T> {
 
     /// Deserializes the viewed value into an owned `T`.
     pub fn deserialize(&self) -> Result<T> {
-        rkyv::deserialize::<T, rkyv::rancor::Error>(&**self)
-            .map_err(|e| Error::Serialization(e.to_string()))
+        let run = || {
+            rkyv::deserialize::<T, rkyv::rancor::Error>(&**self)
+                .map_err(|e| Error::Serialization(e.to_string()))
+        };
+        match &self.lease {
+            None => run(),
+            Some(lease) => {
+                let saved =
+                    DECODING.with(|d| std::mem::replace(&mut *d.borrow_mut(), vec![lease.clone()]));
+                let out = run();
+                DECODING.with(|d| *d.borrow_mut() = saved);
+                out
+            }
+        }
     }
 }
 

@@ -208,14 +208,66 @@ pub(crate) enum Done {
 
 impl Done {
     pub(crate) fn complete(self, result: Result<Bytes>) {
+        self.complete_holding(result, Vec::new())
+    }
+
+    /// Completes with a value that has `nested` refs inside: they stay alive as long as the result may be read.
+    pub(crate) fn complete_holding(self, result: Result<Bytes>, nested: Vec<Arc<RefInner>>) {
         match self {
-            Done::Entry(e) => e.complete(result),
+            Done::Entry(e) => {
+                if result.is_ok() {
+                    e.hold(nested);
+                }
+                e.complete(result)
+            }
             Done::Remote {
                 cluster,
                 owner,
                 call,
-            } => cluster.send_result(owner, call, result),
+            } => cluster.send_result_holding(owner, call, result, nested),
         }
+    }
+}
+
+/// Tells `node` that the result of `call` it lent refs for is gone (from `Entry`'s drop).
+pub(crate) fn release_lent(node: u128, call: u64) {
+    if let Ok(rt) = current()
+        && let Some(cl) = rt.cluster.get()
+    {
+        cl.release(node, call);
+    }
+}
+
+/// A ref read out of a value on this node: its own object if this node owns it, else one fetched from its owner.
+pub(crate) fn borrow_ref(id: u128, owner: u128) -> Result<Arc<RefInner>> {
+    let rt = current()?;
+    if owner == rt.node || owner == 0 {
+        return Ok(match rt.objects.lookup(ObjectId(id)) {
+            Some(entry) => RefInner::owned(entry, rt.node, &rt.objects),
+            None => {
+                let e = Entry::new(ObjectId(id));
+                e.complete(Err(Error::ObjectLost(ObjectId(id).to_string())));
+                RefInner::borrowed(e, rt.node)
+            }
+        });
+    }
+    if rt.cluster.get().is_none() {
+        return Err(Error::Cluster(format!(
+            "object {} is owned by another node, and this process is not in a cluster",
+            ObjectId(id)
+        )));
+    }
+    Ok(RefInner::remote(ObjectId(id), owner))
+}
+
+/// Starts fetching `entry`'s value from its owner (a remote ref's first use).
+pub(crate) fn start_fetch(entry: &Arc<Entry>, owner: u128) {
+    match current() {
+        Ok(rt) => match rt.cluster.get() {
+            Some(cl) => cl.fetch_into(&rt, entry.clone(), owner),
+            None => entry.complete(Err(Error::NotInitialized)),
+        },
+        Err(e) => entry.complete(Err(e)),
     }
 }
 
@@ -235,53 +287,53 @@ impl Runtime {
     fn new_owned(&self, id: ObjectId) -> (Arc<Entry>, Arc<RefInner>) {
         let entry = Entry::new(id);
         self.objects.insert(entry.clone());
-        let inner = Arc::new(RefInner {
-            entry: entry.clone(),
-            owner: self.node,
-            table: Some(Arc::downgrade(&self.objects)),
-        });
+        let inner = RefInner::owned(entry.clone(), self.node, &self.objects);
         (entry, inner)
-    }
-
-    pub(crate) fn put_bytes<T>(&self, bytes: Bytes) -> ObjectRef<T> {
-        let id = ObjectId::random();
-        self.owned_ref(Entry::ready(id, bytes))
     }
 
     fn owned_ref<T>(&self, entry: Arc<Entry>) -> ObjectRef<T> {
         self.objects.insert(entry.clone());
-        ObjectRef::from_inner(Arc::new(RefInner {
-            entry,
-            owner: self.node,
-            table: Some(Arc::downgrade(&self.objects)),
-        }))
+        ObjectRef::from_inner(RefInner::owned(entry, self.node, &self.objects))
     }
 
     /// Stores an already-encoded value this process owns: adopted by the store (no copy) when large.
-    pub(crate) fn put_encoded<T>(&self, bytes: Bytes) -> Result<ObjectRef<T>> {
+    /// `nested` are the refs inside the value, kept alive as long as the object.
+    pub(crate) fn put_encoded<T>(
+        &self,
+        bytes: Bytes,
+        nested: Vec<Arc<RefInner>>,
+    ) -> Result<ObjectRef<T>> {
         let store = self.objects.store();
-        if store.config().is_inline(bytes.len()) {
-            return Ok(self.put_bytes(bytes));
-        }
         let id = ObjectId::random();
-        let len = bytes.len();
-        store
-            .put_aligned(id, bytes)
-            .map_err(crate::object::store_error)?;
-        Ok(self.owned_ref(Entry::stored(id, store.clone(), len)))
+        let entry = if store.config().is_inline(bytes.len()) {
+            Entry::ready(id, bytes)
+        } else {
+            let len = bytes.len();
+            store
+                .put_aligned(id, bytes)
+                .map_err(crate::object::store_error)?;
+            Entry::stored(id, store.clone(), len)
+        };
+        entry.hold(nested);
+        Ok(self.owned_ref(entry))
     }
 
     /// Stores a value this process owns: small ones inline, large ones serialized once, straight into a (warm,
     /// pooled) buffer of the node's object store.
     pub(crate) fn put<T: Value>(&self, value: &T) -> Result<ObjectRef<T>> {
         let store = self.objects.store();
+        crate::object::clear_contained();
         let len = oxray_objstore::archived_len(value).map_err(Error::Serialization)?;
         if store.config().is_inline(len) {
-            return Ok(self.put_bytes(value::encode(value)?));
+            let bytes = value::encode(value)?;
+            return self.put_encoded(bytes, crate::object::take_contained());
         }
         let id = ObjectId::random();
         store.put(id, value).map_err(crate::object::store_error)?;
-        Ok(self.owned_ref(Entry::stored(id, store.clone(), len)))
+        let entry = Entry::stored(id, store.clone(), len);
+        // Refs nested in the value live as long as it does (each was recorded once per serialization pass).
+        entry.hold(crate::object::take_contained());
+        Ok(self.owned_ref(entry))
     }
 
     /// Submits a remote function call. Returns at once; the result arrives in the returned ref.
@@ -392,7 +444,7 @@ impl Runtime {
         let waiting: Vec<Arc<Entry>> = args
             .iter()
             .filter_map(|a| match &a.0 {
-                ArgKind::Ref(r) if !r.entry.is_ready() => Some(r.entry.clone()),
+                ArgKind::Ref(r) if !r.used().is_ready() => Some(r.entry.clone()),
                 _ => None,
             })
             .collect();
@@ -401,9 +453,12 @@ impl Runtime {
             if let Some(mut t) = rt.tasks.get_mut(&task) {
                 t.state = "RUNNING";
             }
+            crate::object::clear_contained();
             let result = rt.run_function(f, &args, attempts);
+            // Refs serialized into the result (the last encode on this thread) must outlive it.
+            let nested = crate::object::take_contained();
             rt.tasks.remove(&task);
-            done.complete(result);
+            done.complete_holding(result, nested);
         });
         if waiting.is_empty() {
             return pool.submit(job);
@@ -424,9 +479,12 @@ impl Runtime {
         attempts: u32,
     ) -> Result<Bytes> {
         let mut last = Err(Error::Cancelled);
+        let entries = arg_entries(args);
         for _ in 0..attempts.max(1) {
             let resolved = resolve_args(args)?;
-            last = catch_task(f.name, self.node, || (f.invoke)(Args::new(resolved)));
+            last = crate::object::decoding(&entries, || {
+                catch_task(f.name, self.node, || (f.invoke)(Args::new(resolved)))
+            });
             if last.is_ok() {
                 break;
             }
@@ -629,18 +687,37 @@ impl Runtime {
     }
 }
 
+/// The entries of the ref arguments (whose leases the call's decoding holds).
+fn arg_entries(args: &[Arg]) -> Vec<Arc<Entry>> {
+    args.iter()
+        .filter_map(|a| match &a.0 {
+            ArgKind::Ref(r) => Some(r.entry.clone()),
+            ArgKind::Value(_) => None,
+        })
+        .collect()
+}
+
 /// Resolves arguments to their bytes, waiting for referenced objects (releasing the CPU slot while waiting).
 fn resolve_args(args: &[Arg]) -> Result<Vec<Bytes>> {
     args.iter()
         .map(|a| match &a.0 {
             ArgKind::Value(b) => Ok(b.clone()),
-            ArgKind::Ref(r) => wait_blocking(&r.entry, None),
+            ArgKind::Ref(r) => wait_blocking(r.used(), None),
         })
         .collect()
 }
 
 /// Runs user code, turning a panic into a `TaskFailed` carrying the panic message.
 fn catch_task(name: &str, node: u128, f: impl FnOnce() -> Result<Bytes>) -> Result<Bytes> {
+    catch_task_named(|| name.to_string(), node, f)
+}
+
+/// As `catch_task`, with the task's name built only if it failed (the name is not free for actor methods).
+fn catch_task_named(
+    name: impl FnOnce() -> String,
+    node: u128,
+    f: impl FnOnce() -> Result<Bytes>,
+) -> Result<Bytes> {
     match std::panic::catch_unwind(AssertUnwindSafe(f)) {
         Ok(Ok(b)) => Ok(b),
         Ok(Err(Error::TaskFailed {
@@ -653,7 +730,7 @@ fn catch_task(name: &str, node: u128, f: impl FnOnce() -> Result<Bytes>) -> Resu
             message,
         }),
         Ok(Err(e)) => Err(Error::TaskFailed {
-            task: name.to_string(),
+            task: name(),
             node: short(node),
             message: e.to_string(),
         }),
@@ -666,7 +743,7 @@ fn catch_task(name: &str, node: u128, f: impl FnOnce() -> Result<Bytes>) -> Resu
                 "panicked with a non-string payload".to_string()
             };
             Err(Error::TaskFailed {
-                task: name.to_string(),
+                task: name(),
                 node: short(node),
                 message,
             })
@@ -766,14 +843,18 @@ impl ActorHost {
                     why: "no such method".into(),
                 }),
                 Some(m) => resolve_args(&args).and_then(|resolved| {
-                    let task = format!("{}::{}", self.class.name, m.name);
-                    catch_task(&task, rt.node, || {
-                        (m.invoke)(state.as_mut(), Args::new(resolved))
+                    crate::object::clear_contained();
+                    crate::object::decoding(&arg_entries(&args), || {
+                        catch_task_named(
+                            || format!("{}::{}", self.class.name, m.name),
+                            rt.node,
+                            || (m.invoke)(state.as_mut(), Args::new(resolved)),
+                        )
                     })
                 }),
             };
             self.calls.fetch_add(1, Ordering::Relaxed);
-            done.complete(result);
+            done.complete_holding(result, crate::object::take_contained());
         }
         drop(state);
     }
@@ -943,6 +1024,33 @@ impl ActorCore {
         }
     }
 
+    /// The node hosting the actor (this process's node for a local one).
+    pub(crate) fn node(&self) -> u128 {
+        match &self.inner.location {
+            Location::Local(_) => current().map(|rt| rt.node).unwrap_or(0),
+            Location::Remote { node, .. } => node.0,
+        }
+    }
+
+    /// A handle of class `class` to actor `id` on `node`, read out of a value on this node. Calls through it are
+    /// ordered among themselves (it is a caller of its own).
+    pub(crate) fn resolve(id: u128, node: u128, class: &'static str) -> Result<ActorCore> {
+        let rt = current()?;
+        if let Some(host) = rt.actors.get(&id) {
+            return Ok(ActorCore::local(id, class, host.clone()));
+        }
+        let created = Entry::new(ObjectId::random());
+        if node == rt.node || node == 0 || rt.cluster.get().is_none() {
+            created.complete(Err(Error::ActorDied {
+                actor: short(id),
+                reason: "it no longer exists on the node that hosted it".into(),
+            }));
+        } else {
+            created.complete(Ok(Bytes::new()));
+        }
+        Ok(ActorCore::remote(id, class, NodeId(node), created))
+    }
+
     pub(crate) fn is_alive(&self) -> bool {
         match &self.inner.location {
             Location::Local(host) => host.is_alive(),
@@ -974,11 +1082,7 @@ pub(crate) fn block_on_io<T: Send + 'static>(
 pub(crate) fn failed_ref<R>(e: Error) -> ObjectRef<R> {
     let entry = Entry::new(ObjectId::random());
     entry.complete(Err(e));
-    ObjectRef::from_inner(Arc::new(RefInner {
-        entry,
-        owner: 0,
-        table: None,
-    }))
+    ObjectRef::from_inner(RefInner::borrowed(entry, 0))
 }
 
 /// Waits until `num_returns` of `refs` are ready or `timeout` passes; returns (ready, not ready) indices in order.

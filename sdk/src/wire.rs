@@ -42,6 +42,10 @@ pub(crate) mod kind {
     pub const PG_PREPARE: u16 = 25;
     /// Release placement-group bundles and kill the group's actors here (`BundleHold` JSON).
     pub const PG_RELEASE: u16 = 26;
+    /// Result item: like `OK`, and the sender keeps refs nested in the value alive until told `RELEASE`.
+    pub const OK_LENT: u16 = 27;
+    /// One-way: results received as `OK_LENT` are gone (body: call ids, 8 little-endian bytes each).
+    pub const RELEASE: u16 = 28;
 }
 
 /// A task to run.

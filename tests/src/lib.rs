@@ -87,3 +87,27 @@ impl Recorder {
         oxray::node_state().map(|s| s.node.id).unwrap_or_default()
     }
 }
+
+/// Puts `n` values on the node it runs on and returns refs to them (owned by that node).
+#[oxray::remote]
+pub fn make_refs(n: u64) -> Vec<oxray::ObjectRef<u64>> {
+    (0..n)
+        .map(|i| oxray::put(&(i * 10)).expect("put"))
+        .collect()
+}
+
+/// Gets every nested ref (wherever its owner is) and sums the values.
+#[oxray::remote]
+pub fn sum_refs(refs: Vec<oxray::ObjectRef<u64>>) -> u64 {
+    refs.iter().map(|r| r.get().expect("nested get")).sum()
+}
+
+/// Records `v` through a handle it was passed, and says where it ran.
+#[oxray::remote]
+pub fn record_via(rec: oxray::ActorHandle<Recorder>, v: u64) -> (usize, String) {
+    let n = rec.record(v).get().expect("call through a passed handle");
+    (
+        n,
+        oxray::node_state().map(|s| s.node.id).unwrap_or_default(),
+    )
+}

@@ -80,6 +80,43 @@ fn three_node_cluster_end_to_end() {
     assert_eq!(rec.seen().get().unwrap(), (0..=300).collect::<Vec<u64>>());
     let same = oxray::get_actor::<Recorder>("recorder").unwrap();
     assert_eq!(same.record(1000).get().unwrap(), 302);
+    // A handle passed to a task on any node reaches the same actor.
+    let via: Vec<_> = (0..3)
+        .map(|i| record_via::remote(rec.clone(), 2000 + i).unwrap())
+        .collect();
+    let via = oxray::get_all(&via).unwrap();
+    assert_eq!(
+        via.iter().map(|(n, _)| *n).max(),
+        Some(305),
+        "calls through passed handles: {via:?}"
+    );
+
+    // Refs made on another node come back nested in a result and resolve from their owner; refs owned here travel
+    // nested in an argument and resolve over there.
+    let made: Vec<oxray::ObjectRef<u64>> = make_refs::remote(5).unwrap().get().unwrap();
+    assert_eq!(oxray::get_all(&made).unwrap(), vec![0, 10, 20, 30, 40]);
+    let mine: Vec<oxray::ObjectRef<u64>> = (1..=10u64).map(|i| oxray::put(&i).unwrap()).collect();
+    assert_eq!(sum_refs::remote(mine).unwrap().get().unwrap(), 55);
+    let chained = make_refs::remote(4).unwrap();
+    assert_eq!(sum_refs::remote(&chained).unwrap().get().unwrap(), 60);
+    // Once this process holds none of those refs, the nodes that made them free them.
+    drop((made, chained));
+    let me = oxray::node_state().unwrap().node.id;
+    let mut left = usize::MAX;
+    let freed = wait_until(Duration::from_secs(15), || {
+        let s = oxray::node::cluster_state(&cluster.address, &cluster.token).unwrap();
+        left = s
+            .nodes
+            .iter()
+            .filter(|n| n.node.id != me)
+            .map(|n| n.objects.len())
+            .sum();
+        left == 0
+    });
+    assert!(
+        freed,
+        "{left} objects left on the nodes after every ref was dropped"
+    );
     assert!(matches!(
         oxray::get_actor::<Recorder>("nobody"),
         Err(Error::ActorNotFound(_))

@@ -1,0 +1,117 @@
+//! Refs nested in values and actor handles passed as arguments, on the embedded default.
+//!
+//! The tests only look at their own objects, so they also pass when a runner shares one process between them.
+
+use oxray::{ActorHandle, ObjectRef};
+
+#[derive(Debug, Default)]
+pub struct Tally {
+    total: u64,
+}
+
+#[oxray::actor]
+impl Tally {
+    pub fn new() -> Self {
+        Tally::default()
+    }
+    pub fn add(&mut self, n: u64) -> u64 {
+        self.total += n;
+        self.total
+    }
+    pub fn total(&self) -> u64 {
+        self.total
+    }
+}
+
+/// Gets every nested ref and sums the values.
+#[oxray::remote]
+fn sum_refs(refs: Vec<ObjectRef<u64>>) -> u64 {
+    refs.iter().map(|r| r.get().unwrap()).sum()
+}
+
+/// Puts `n` values and returns refs to them: the refs outlive the task that made them.
+#[oxray::remote]
+fn make_refs(n: u64) -> Vec<ObjectRef<u64>> {
+    (0..n).map(|i| oxray::put(&(i * 10)).unwrap()).collect()
+}
+
+/// Calls the actor it was handed.
+#[oxray::remote]
+fn bump(tally: ActorHandle<Tally>, times: u64) -> u64 {
+    let calls: Vec<_> = (0..times).map(|_| tally.add(1)).collect();
+    oxray::get_all(&calls)
+        .unwrap()
+        .into_iter()
+        .max()
+        .unwrap_or(0)
+}
+
+fn is_listed(id: oxray::ObjectId) -> bool {
+    let id = id.to_string();
+    oxray::node_state()
+        .unwrap()
+        .objects
+        .iter()
+        .any(|o| o.id == id)
+}
+
+#[test]
+fn refs_nested_in_a_put_value_live_as_long_as_it() {
+    oxray::init().unwrap();
+    let inner: Vec<ObjectRef<u64>> = (0..100u64).map(|i| oxray::put(&i).unwrap()).collect();
+    let first = inner[0].id();
+    let outer = oxray::put(&inner).unwrap();
+    // The only refs left are inside `outer`'s value: the objects must stay.
+    drop(inner);
+    assert!(
+        is_listed(first),
+        "nested object freed while its container lives"
+    );
+    let back: Vec<ObjectRef<u64>> = outer.get().unwrap();
+    assert_eq!(
+        back.iter().map(|r| r.get().unwrap()).collect::<Vec<_>>(),
+        (0..100u64).collect::<Vec<_>>()
+    );
+    // The archived view reads the refs in place too.
+    assert_eq!(outer.view().unwrap().len(), 100);
+    // Container and read-back refs gone: the nested objects are freed.
+    drop(back);
+    drop(outer);
+    assert!(!is_listed(first), "nested object outlived every ref to it");
+}
+
+#[test]
+fn refs_nested_in_arguments_and_results() {
+    oxray::init().unwrap();
+    let refs: Vec<ObjectRef<u64>> = (1..=10u64).map(|i| oxray::put(&i).unwrap()).collect();
+    assert_eq!(sum_refs::remote(refs).unwrap().get().unwrap(), 55);
+    // Refs made inside a task come back through its result and still resolve.
+    let made: Vec<ObjectRef<u64>> = make_refs::remote(5).unwrap().get().unwrap();
+    assert_eq!(oxray::get_all(&made).unwrap(), vec![0, 10, 20, 30, 40]);
+    // And a result holding refs can be passed on as an argument, by ref.
+    let r = make_refs::remote(4).unwrap();
+    let nested_sum: u64 = sum_refs::remote(&r).unwrap().get().unwrap();
+    assert_eq!(nested_sum, 60);
+}
+
+#[test]
+fn actor_handles_pass_to_tasks() {
+    oxray::init().unwrap();
+    let tally = Tally::remote().unwrap();
+    let jobs: Vec<_> = (0..4)
+        .map(|_| bump::remote(tally.clone(), 25).unwrap())
+        .collect();
+    oxray::get_all(&jobs).unwrap();
+    assert_eq!(tally.total().get().unwrap(), 100);
+    // A handle nested in a value works too.
+    let handles = oxray::put(&vec![tally.clone(), tally.clone()]).unwrap();
+    let back: Vec<ActorHandle<Tally>> = handles.get().unwrap();
+    assert_eq!(back[1].add(5).get().unwrap(), 105);
+    // A handle to an actor that was killed fails calls with ActorDied, not a hang.
+    oxray::kill(&tally);
+    let stale: Vec<ActorHandle<Tally>> = handles.get().unwrap();
+    assert!(matches!(
+        stale[0].total().get(),
+        Err(oxray::Error::ActorDied { .. })
+    ));
+}
