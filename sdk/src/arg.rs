@@ -9,8 +9,10 @@ use crate::object::{ObjectRef, RefInner};
 use crate::value::{self, Value};
 
 /// One argument of a remote call, ready to travel. Opaque: made by [`IntoArg`].
+#[derive(Clone)]
 pub struct Arg(pub(crate) ArgKind);
 
+#[derive(Clone)]
 pub(crate) enum ArgKind {
     /// The value itself, encoded.
     Value(Bytes),

@@ -29,7 +29,7 @@ use crate::error::{Error, Result};
 use crate::object::{Entry, ObjectId, RefInner};
 use crate::options::{Resources, Strategy};
 use crate::registry;
-use crate::runtime::{Done, Runtime, short};
+use crate::runtime::{Done, RemoteActor, Runtime, short};
 use crate::value;
 use crate::wire::{self, ArgW, CallW, CreateW, Load, Member, TaskW, kind};
 
@@ -83,12 +83,17 @@ pub(crate) struct Outgoing {
 enum Pending {
     /// A task; kept whole so it can be placed again if its node dies.
     Task { node: NodeId, task: Box<Outgoing> },
-    /// An actor call; the args are kept so their objects outlive the callee's fetches.
+    /// An actor call; the args are kept so their objects outlive the callee's fetches, and so the call can be sent
+    /// again to a restarted actor.
     Call {
         node: NodeId,
-        actor: u128,
+        actor: Arc<RemoteActor>,
         entry: Arc<Entry>,
-        _args: Vec<Arg>,
+        args: Vec<Arg>,
+        method: u32,
+        /// Its place in the caller's order (resent calls keep their order).
+        seq: u64,
+        retries: u32,
     },
 }
 
@@ -138,6 +143,8 @@ pub(crate) struct Cluster {
     head_seen: Mutex<Instant>,
     /// Refs nested in results sent as `OK_LENT`, by (owner node, call): kept alive until the owner's `RELEASE`.
     lent: DashMap<(u128, u64), Vec<Arc<RefInner>>>,
+    /// Actors this process created with `max_restarts`, by id.
+    restartable: DashMap<u128, Weak<RemoteActor>>,
 }
 
 /// The mesh handler: forwards to the runtime and cluster once both exist.
@@ -266,6 +273,7 @@ impl Cluster {
             tokio,
             head_seen: Mutex::new(Instant::now()),
             lent: DashMap::new(),
+            restartable: DashMap::new(),
         })
     }
 
@@ -420,9 +428,21 @@ impl Cluster {
     fn apply_members(self: &Arc<Self>, me: u128, members: Vec<Member>) {
         let mut died = Vec::new();
         self.apply_members_to_view(me, &members, &mut died);
+        // Every member that was alive and is now dead, drivers included (the view above only has placement targets).
+        let gone: Vec<NodeId> = {
+            let old = self.members.read();
+            members
+                .iter()
+                .filter(|m| !m.alive && old.iter().any(|o| o.id == m.id && o.alive))
+                .map(|m| NodeId(m.id))
+                .collect()
+        };
         *self.members.write() = members;
         for d in died {
             self.node_died(d);
+        }
+        for d in gone {
+            self.member_died(d);
         }
     }
 
@@ -660,7 +680,7 @@ impl Cluster {
     fn fail_pending(self: &Arc<Self>, p: Pending, why: &str) {
         match p {
             Pending::Call { actor, entry, .. } => entry.complete(Err(Error::ActorDied {
-                actor: short(actor),
+                actor: short(actor.id),
                 reason: why.to_string(),
             })),
             Pending::Task { node, mut task } => {
@@ -691,21 +711,66 @@ impl Cluster {
         }
     }
 
-    /// Fails or re-places everything in flight to a node that was declared dead.
+    /// Fails or re-places everything in flight to a node that was declared dead, and restarts the actors this
+    /// process created there with `max_restarts`.
     fn node_died(self: &Arc<Self>, node: NodeId) {
+        let mut restarted = std::collections::HashSet::new();
+        if let Ok(rt) = crate::runtime::current() {
+            let ours: Vec<Arc<RemoteActor>> = self
+                .restartable
+                .iter()
+                .filter_map(|a| a.value().upgrade())
+                .filter(|a| a.node() == node)
+                .collect();
+            self.restartable.retain(|_, a| a.strong_count() > 0);
+            for a in ours {
+                if self.restart_actor(&rt, &a) {
+                    restarted.insert(a.id);
+                }
+            }
+        }
         let lost: Vec<u64> = self
             .pending
             .iter()
             .filter(|p| p.value().node() == node)
             .map(|p| *p.key())
             .collect();
+        let mut resend = Vec::new();
         for call in lost {
             if let Some((_, p)) = self.pending.remove(&call) {
-                self.fail_pending(p, &format!("node {node} died"));
+                match p {
+                    Pending::Call {
+                        actor,
+                        entry,
+                        args,
+                        method,
+                        seq,
+                        retries,
+                        ..
+                    } if retries > 0 && restarted.contains(&actor.id) => {
+                        resend.push((seq, actor, method, args, entry, retries - 1))
+                    }
+                    p => self.fail_pending(p, &format!("node {node} died")),
+                }
+            }
+        }
+        // Calls retried on the new incarnation go in their original order.
+        resend.sort_by_key(|r| r.0);
+        if let Ok(rt) = crate::runtime::current() {
+            for (_, actor, method, args, entry, retries) in resend {
+                self.call_remote(&rt, &actor, method, args, entry, retries);
             }
         }
         // Nobody on a dead node will read what was lent to it.
         self.lent.retain(|(owner, _), _| *owner != node.0);
+    }
+
+    /// A member (any node, drivers included) was declared dead: its work is failed or re-placed above, and the
+    /// actors it created here stop unless detached.
+    fn member_died(self: &Arc<Self>, node: NodeId) {
+        if let Ok(rt) = crate::runtime::current() {
+            rt.owner_died(node.0);
+        }
     }
 
     /// Sends a result whose value nests `nested` refs: this node keeps them alive until the owner releases the
@@ -1004,16 +1069,25 @@ impl Cluster {
             .collect()
     }
 
-    /// Sends an actor call (after the actor exists); `entry` completes with the result.
+    /// Sends an actor call to the actor's current incarnation (after it exists); `entry` completes with the result.
+    /// `retries` is how often the call is sent again if the actor's node dies and the actor is restarted.
     pub(crate) fn call_remote(
         self: &Arc<Self>,
         rt: &Runtime,
-        node: NodeId,
-        created: Arc<Entry>,
-        call: CallW,
+        actor: &Arc<RemoteActor>,
+        method: u32,
         args: Vec<Arg>,
         entry: Arc<Entry>,
+        retries: u32,
     ) {
+        let route = actor.route();
+        let call = CallW {
+            actor: actor.id,
+            caller: route.caller,
+            seq: route.seq,
+            method,
+            args: Cluster::wire_args(&args, rt.node),
+        };
         let body = match rkyv::to_bytes::<rkyv::rancor::Error>(&call) {
             Ok(b) => Bytes::from_owner(b),
             Err(e) => return entry.complete(Err(Error::Serialization(e.to_string()))),
@@ -1025,8 +1099,10 @@ impl Cluster {
             ))));
         }
         let id = self.next_call.fetch_add(1, Ordering::Relaxed);
-        let actor = call.actor;
         let cl = self.clone();
+        let node = route.node;
+        let actor = actor.clone();
+        let seq = route.seq;
         let send = move |entry: Arc<Entry>| {
             cl.pending.insert(
                 id,
@@ -1034,7 +1110,10 @@ impl Cluster {
                     node,
                     actor,
                     entry,
-                    _args: args,
+                    args,
+                    method,
+                    seq,
+                    retries,
                 },
             );
             if cl
@@ -1050,6 +1129,7 @@ impl Cluster {
                 cl.fail_pending(p, "the sender to that node stopped");
             }
         };
+        let created = route.created;
         match created.try_value() {
             Some(Ok(_)) => send(entry),
             Some(Err(e)) => entry.complete(Err(e)),
@@ -1063,6 +1143,39 @@ impl Cluster {
                 });
             }
         }
+    }
+
+    /// Remembers an actor this process created with `max_restarts`, to restart it if its node dies.
+    pub(crate) fn watch_restartable(&self, actor: &Arc<RemoteActor>) {
+        self.restartable.insert(actor.id, Arc::downgrade(actor));
+    }
+
+    /// Restarts `actor` (whose node died) on another node, if it has restarts left. Returns whether it did.
+    fn restart_actor(self: &Arc<Self>, rt: &Arc<Runtime>, actor: &Arc<RemoteActor>) -> bool {
+        let Some(restart) = &actor.restart else {
+            return false;
+        };
+        let mut r = restart.lock();
+        if r.left == 0 {
+            return false;
+        }
+        let target = match self.decide(rt, r.function, &r.res, &r.strategy) {
+            Decision::RunLocal => NodeId(rt.node),
+            Decision::Spill(n) | Decision::RunInBundle { node: n, .. } => n,
+            Decision::Wait | Decision::Infeasible(_) => {
+                tracing::warn!(actor = %short(actor.id), "actor's node died and no node can host it now");
+                return false;
+            }
+        };
+        r.left -= 1;
+        r.done += 1;
+        tracing::warn!(actor = %short(actor.id), node = %target, restart = r.done, "actor's node died; restarting it");
+        let created = self.create_remote(rt, target, r.spec.clone(), r.args.clone());
+        actor.moved(target, created);
+        if let Some(name) = r.spec.name.clone() {
+            crate::control::actor_moved(rt, &name, actor.id, target.0, r.done);
+        }
+        true
     }
 
     /// Creates an actor on `node`; the returned entry completes when it exists (or failed to).

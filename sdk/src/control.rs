@@ -97,6 +97,26 @@ pub(crate) fn lookup_named(rt: &Arc<Runtime>, name: &str) -> Result<NamedEntry> 
     })
 }
 
+/// Records in the directory that a restarted actor now lives on `node`, so name lookups find it there.
+pub(crate) fn actor_moved(rt: &Arc<Runtime>, name: &str, actor: u128, node: u128, restarts: u32) {
+    let Ok(t) = tables(rt) else { return };
+    let name = name.to_string();
+    rt.tokio.spawn(async move {
+        let key = hex_id(actor);
+        match t.actors.get(&key).await {
+            Ok(Some(mut info)) => {
+                info.value.node = Some(NodeId(node));
+                info.value.restarts = restarts;
+                if let Err(e) = t.actors.put(&key, &info.value).await {
+                    tracing::warn!(actor = %name, cause = %e, "restarted actor's new node not recorded");
+                }
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!(actor = %name, cause = %e, "restarted actor's new node not recorded"),
+        }
+    });
+}
+
 /// Frees a dead actor's name so it can be used again.
 pub(crate) fn unregister_named(rt: &Arc<Runtime>, name: &str, actor: u128) {
     let Ok(t) = tables(rt) else { return };

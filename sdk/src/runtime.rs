@@ -23,7 +23,7 @@ use crate::options::{ActorOptions, TaskOptions};
 use crate::pool::WorkerPool;
 use crate::registry::{self, ActorClassEntry, Args, FunctionEntry};
 use crate::value::{self, Value};
-use crate::wire::{self, CallW, CreateW, TaskW, kind};
+use crate::wire::{self, CreateW, TaskW, kind};
 use oxray_scheduler::Decision;
 use oxray_transport::NodeId;
 
@@ -538,10 +538,26 @@ impl Runtime {
                     name: opts.name.clone(),
                     cpus: held_cpus,
                     pg: pg.map(|p| p.1).unwrap_or(0),
+                    owner: self.node,
+                    detached: opts.detached,
                     args: Cluster::wire_args(&args, self.node),
                 };
+                let restart = (opts.max_restarts > 0).then(|| RestartSpec {
+                    spec: spec.clone(),
+                    args: args.clone(),
+                    function: crate::cluster::function_id(class, sig),
+                    res: opts.resources.clone(),
+                    strategy: opts.strategy.clone(),
+                    left: opts.max_restarts,
+                    done: 0,
+                    task_retries: opts.max_task_retries,
+                });
                 let created = cl.create_remote(self, n, spec, args);
-                return Ok(ActorCore::remote(id, class, n, created));
+                let ra = RemoteActor::new(id, n, created, restart);
+                if ra.restart.is_some() {
+                    cl.watch_restartable(&ra);
+                }
+                return Ok(ActorCore::new(id, class, Location::Remote(ra)));
             }
         }
         let entry = registry::class(class, sig)?;
@@ -553,9 +569,13 @@ impl Runtime {
             id,
             entry,
             args,
-            opts.name.clone(),
-            held_cpus,
-            pg.map(|p| p.1),
+            HostTerms {
+                name: opts.name.clone(),
+                cpus: held_cpus,
+                pg: pg.map(|p| p.1),
+                owner: self.node,
+                detached: opts.detached,
+            },
         )?;
         self.actors.insert(id, host.clone());
         let core = ActorCore::local(id, class, host);
@@ -580,9 +600,13 @@ impl Runtime {
             id,
             entry,
             args,
-            name,
-            spec.cpus.to_native(),
-            pg,
+            HostTerms {
+                name,
+                cpus: spec.cpus.to_native(),
+                pg,
+                owner: spec.owner.to_native(),
+                detached: spec.detached,
+            },
         )?;
         self.actors.insert(id, host);
         Ok(())
@@ -601,6 +625,17 @@ impl Runtime {
                 }
             }
             _ => Ok(None),
+        }
+    }
+
+    /// Kills the actors whose owner was `node` (declared dead), except detached ones: nobody can reach them any
+    /// more unless they have a name, and a non-detached actor's lifetime is its creator's.
+    pub(crate) fn owner_died(&self, node: u128) {
+        for a in self.actors.iter() {
+            if a.owner == node && !a.detached && a.is_alive() {
+                tracing::info!(actor = %short(a.id), owner = %short(node), "actor's owner died; stopping it");
+                a.kill("its owner died (create it with ActorOptions::detached to keep it)");
+            }
         }
     }
 
@@ -778,6 +813,18 @@ pub(crate) struct ActorHost {
     held: (Arc<AtomicU64>, u64),
     /// The placement group the actor was placed in: removing the group kills it.
     pub(crate) pg: Option<u128>,
+    /// The node (driver or worker) that created the actor: unless detached, the actor dies with it.
+    pub(crate) owner: u128,
+    pub(crate) detached: bool,
+}
+
+/// How an actor is hosted: its name, what it holds, and whose it is.
+struct HostTerms {
+    name: Option<String>,
+    cpus: f64,
+    pg: Option<u128>,
+    owner: u128,
+    detached: bool,
 }
 
 impl ActorHost {
@@ -786,10 +833,15 @@ impl ActorHost {
         id: u128,
         class: &'static ActorClassEntry,
         args: Vec<Arg>,
-        name: Option<String>,
-        cpus: f64,
-        pg: Option<u128>,
+        terms: HostTerms,
     ) -> Result<Arc<Self>> {
+        let HostTerms {
+            name,
+            cpus,
+            pg,
+            owner,
+            detached,
+        } = terms;
         let (tx, rx) = flume::unbounded::<ActorMsg>();
         let milli_cpus = (cpus.max(0.0) * 1000.0).round() as u64;
         rt.held_milli_cpus.fetch_add(milli_cpus, Ordering::Relaxed);
@@ -803,6 +855,8 @@ impl ActorHost {
             calls: AtomicU64::new(0),
             held: (rt.held_milli_cpus.clone(), milli_cpus),
             pg,
+            owner,
+            detached,
         });
         let h = host.clone();
         std::thread::Builder::new()
@@ -924,20 +978,114 @@ pub struct ActorCore {
 
 enum Location {
     Local(Arc<ActorHost>),
-    /// On another node; `created` completes once the actor exists there (calls wait for it).
-    Remote {
-        node: NodeId,
-        created: Arc<Entry>,
-    },
+    Remote(Arc<RemoteActor>),
 }
 
 struct ActorCoreInner {
     id: u128,
     class: &'static str,
     location: Location,
-    /// This handle's identity as a caller: the host orders calls per (actor, caller) by `seq`.
+}
+
+/// An actor on another node, as one family of handles sees it: where its current incarnation lives, and (on the
+/// creator's handles of an actor with `max_restarts`) how to build it again.
+pub(crate) struct RemoteActor {
+    pub(crate) id: u128,
+    at: Mutex<Incarnation>,
+    pub(crate) restart: Option<Mutex<RestartSpec>>,
+    /// Killed through this handle family: later calls fail here at once instead of racing the kill message.
+    killed: AtomicBool,
+}
+
+/// One life of a remote actor.
+struct Incarnation {
+    node: NodeId,
+    /// Completes once the actor exists there (calls wait for it).
+    created: Arc<Entry>,
+    /// This handle family's identity as a caller of this incarnation: the host orders calls per (actor, caller) by
+    /// `seq`, so a new incarnation starts a new caller at 0.
     caller: u128,
-    seq: AtomicU64,
+    seq: u64,
+}
+
+/// What the creator keeps to restart an actor whose node died.
+pub(crate) struct RestartSpec {
+    pub(crate) spec: CreateW,
+    pub(crate) args: Vec<Arg>,
+    pub(crate) function: u64,
+    pub(crate) res: crate::options::Resources,
+    pub(crate) strategy: crate::options::Strategy,
+    pub(crate) left: u32,
+    pub(crate) done: u32,
+    pub(crate) task_retries: u32,
+}
+
+/// A call ready to send to a remote actor's current incarnation.
+pub(crate) struct Route {
+    pub(crate) node: NodeId,
+    pub(crate) created: Arc<Entry>,
+    pub(crate) caller: u128,
+    pub(crate) seq: u64,
+}
+
+impl RemoteActor {
+    pub(crate) fn new(
+        id: u128,
+        node: NodeId,
+        created: Arc<Entry>,
+        restart: Option<RestartSpec>,
+    ) -> Arc<Self> {
+        Arc::new(RemoteActor {
+            id,
+            at: Mutex::new(Incarnation {
+                node,
+                created,
+                caller: rand_u128(),
+                seq: 0,
+            }),
+            restart: restart.map(Mutex::new),
+            killed: AtomicBool::new(false),
+        })
+    }
+
+    pub(crate) fn node(&self) -> NodeId {
+        self.at.lock().node
+    }
+
+    /// Where the next call goes, with its place in this handle family's order.
+    pub(crate) fn route(&self) -> Route {
+        let mut at = self.at.lock();
+        let seq = at.seq;
+        at.seq += 1;
+        Route {
+            node: at.node,
+            created: at.created.clone(),
+            caller: at.caller,
+            seq,
+        }
+    }
+
+    /// Moves the handle family to a new incarnation on `node`.
+    pub(crate) fn moved(&self, node: NodeId, created: Arc<Entry>) {
+        *self.at.lock() = Incarnation {
+            node,
+            created,
+            caller: rand_u128(),
+            seq: 0,
+        };
+    }
+
+    /// Retries a call gets after a restart (0 when the actor cannot restart).
+    pub(crate) fn task_retries(&self) -> u32 {
+        self.restart
+            .as_ref()
+            .map(|r| r.lock().task_retries)
+            .unwrap_or(0)
+    }
+
+    fn created(&self) -> Arc<Entry> {
+        self.at.lock().created.clone()
+    }
 }
 
 impl std::fmt::Debug for ActorCore {
@@ -953,8 +1101,6 @@ impl ActorCore {
                 id,
                 class,
                 location,
-                caller: rand_u128(),
-                seq: AtomicU64::new(0),
             }),
         }
     }
@@ -964,7 +1110,11 @@ impl ActorCore {
     }
 
     fn remote(id: u128, class: &'static str, node: NodeId, created: Arc<Entry>) -> Self {
-        Self::new(id, class, Location::Remote { node, created })
+        Self::new(
+            id,
+            class,
+            Location::Remote(RemoteActor::new(id, node, created, None)),
+        )
     }
 
     /// The actor's id.
@@ -994,16 +1144,16 @@ impl ActorCore {
         };
         match &self.inner.location {
             Location::Local(host) => host.call(method, args, Done::Entry(entry)),
-            Location::Remote { node, created } => match rt.cluster.get() {
+            Location::Remote(ra) if ra.killed.load(Ordering::Acquire) => {
+                entry.complete(Err(Error::ActorDied {
+                    actor: short(ra.id),
+                    reason: "it was killed with oxray::kill".into(),
+                }))
+            }
+            Location::Remote(ra) => match rt.cluster.get() {
                 Some(cl) => {
-                    let call = CallW {
-                        actor: self.inner.id,
-                        caller: self.inner.caller,
-                        seq: self.inner.seq.fetch_add(1, Ordering::Relaxed),
-                        method,
-                        args: Cluster::wire_args(&args, rt.node),
-                    };
-                    cl.call_remote(&rt, *node, created.clone(), call, args, entry);
+                    let retries = ra.task_retries();
+                    cl.call_remote(&rt, ra, method, args, entry, retries);
                 }
                 None => entry.complete(Err(Error::NotInitialized)),
             },
@@ -1014,11 +1164,21 @@ impl ActorCore {
     pub(crate) fn kill(&self) {
         match &self.inner.location {
             Location::Local(host) => host.kill("it was killed with oxray::kill"),
-            Location::Remote { node, .. } => {
+            Location::Remote(ra) => {
+                ra.killed.store(true, Ordering::Release);
+                // A killed actor is not restarted.
+                if let Some(r) = &ra.restart {
+                    r.lock().left = 0;
+                }
                 if let Ok(rt) = current()
                     && let Some(cl) = rt.cluster.get()
                 {
-                    cl.send_oneway(&rt, *node, kind::KILL_ACTOR, wire::id_bytes(self.inner.id));
+                    cl.send_oneway(
+                        &rt,
+                        ra.node(),
+                        kind::KILL_ACTOR,
+                        wire::id_bytes(self.inner.id),
+                    );
                 }
             }
         }
@@ -1028,7 +1188,7 @@ impl ActorCore {
     pub(crate) fn node(&self) -> u128 {
         match &self.inner.location {
             Location::Local(_) => current().map(|rt| rt.node).unwrap_or(0),
-            Location::Remote { node, .. } => node.0,
+            Location::Remote(ra) => ra.node().0,
         }
     }
 
@@ -1054,11 +1214,12 @@ impl ActorCore {
     pub(crate) fn is_alive(&self) -> bool {
         match &self.inner.location {
             Location::Local(host) => host.is_alive(),
-            Location::Remote { node, created } => {
-                !matches!(created.try_value(), Some(Err(_)))
+            Location::Remote(ra) => {
+                !ra.killed.load(Ordering::Acquire)
+                    && !matches!(ra.created().try_value(), Some(Err(_)))
                     && current()
                         .ok()
-                        .and_then(|rt| rt.cluster.get().map(|cl| cl.node_alive(node.0)))
+                        .and_then(|rt| rt.cluster.get().map(|cl| cl.node_alive(ra.node().0)))
                         .unwrap_or(false)
             }
         }

@@ -61,7 +61,7 @@ pub(crate) struct TaskW {
 }
 
 /// One argument on the wire.
-#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize, Debug)]
+#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize, Debug, Clone)]
 pub(crate) enum ArgW {
     /// The encoded value.
     Value(Vec<u8>),
@@ -70,7 +70,7 @@ pub(crate) enum ArgW {
 }
 
 /// An actor to create.
-#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize, Debug)]
+#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize, Debug, Clone)]
 pub(crate) struct CreateW {
     pub actor: u128,
     pub class: String,
@@ -80,6 +80,9 @@ pub(crate) struct CreateW {
     pub cpus: f64,
     /// The placement group the actor is placed in (0: none).
     pub pg: u128,
+    /// The creating node: the actor dies with it unless `detached`.
+    pub owner: u128,
+    pub detached: bool,
     pub args: Vec<ArgW>,
 }
 

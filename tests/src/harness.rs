@@ -15,6 +15,8 @@ pub struct TestCluster {
     /// The head's data dir (holds cluster.json).
     pub data_dir: tempfile::TempDir,
     children: Vec<Child>,
+    /// Short node ids as printed by `start`, by index (empty for the head).
+    node_ids: Vec<String>,
     binary: PathBuf,
 }
 
@@ -71,6 +73,7 @@ impl TestCluster {
             token,
             data_dir,
             children: vec![child],
+            node_ids: vec![String::new()],
             binary: PathBuf::from(binary),
         }
     }
@@ -92,9 +95,15 @@ impl TestCluster {
             .stderr(Stdio::inherit())
             .spawn()
             .expect("spawn node");
-        read_line_with(&mut child, "node:", Duration::from_secs(30));
+        let id = read_line_with(&mut child, "node:", Duration::from_secs(30));
         self.children.push(child);
+        self.node_ids.push(id);
         self.children.len() - 1
+    }
+
+    /// The short node id of worker `index` (as `status` prints it).
+    pub fn node_id(&self, index: usize) -> &str {
+        &self.node_ids[index]
     }
 
     /// SIGKILLs node `index` (0 is the head).

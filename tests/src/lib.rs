@@ -82,6 +82,11 @@ impl Recorder {
     pub fn seen(&self) -> Vec<u64> {
         self.seen.clone()
     }
+    /// Sleeps, then returns how many values it holds (a call that is in flight for a while).
+    pub fn nap(&mut self, ms: u64) -> usize {
+        std::thread::sleep(Duration::from_millis(ms));
+        self.seen.len()
+    }
     /// The node hosting this actor.
     pub fn node(&self) -> String {
         oxray::node_state().map(|s| s.node.id).unwrap_or_default()

@@ -143,6 +143,28 @@ fn three_node_cluster_end_to_end() {
         Recorder::remote_with(&ActorOptions::new().name("temp"), 0).is_ok()
     }));
 
+    // Actors die with the process that created them, unless detached: a driver creates one of each and exits.
+    let out = std::process::Command::new(NODE)
+        .args(["drive-and-exit", &cluster.address, &cluster.token])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("ready"),
+        "short-lived driver failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let t = Instant::now();
+    assert!(
+        wait_until(Duration::from_secs(20), || matches!(
+            oxray::get_actor::<Recorder>("ephemeral"),
+            Err(Error::ActorNotFound(_))
+        )),
+        "an actor outlived its creator"
+    );
+    assert!(t.elapsed() < Duration::from_secs(15));
+    let keeper = oxray::get_actor::<Recorder>("keeper").expect("detached actor gone");
+    assert_eq!(keeper.seen().get().unwrap(), vec![2, 20]);
+
     // An infeasible task waits, visibly, until a node that fits joins.
     let gpu_task = add::remote_with(&TaskOptions::new().num_gpus(1.0), 1, 1).unwrap();
     assert!(matches!(
@@ -249,7 +271,8 @@ fn three_node_cluster_end_to_end() {
         "oxray status failed: {}",
         String::from_utf8_lossy(&status.stderr)
     );
-    assert!(text.contains("nodes: 5 alive, 0 dead"), "{text}");
+    // The short-lived driver is listed dead.
+    assert!(text.contains("nodes: 5 alive, 1 dead"), "{text}");
     let listed = std::process::Command::new(&cli)
         .args([
             "list",
@@ -288,13 +311,38 @@ fn three_node_cluster_end_to_end() {
         "unhelpful error"
     );
 
+    // An actor with restarts, on the node about to die, with a call in flight when it dies.
+    let doomed_id = cluster.node_id(doomed).to_string();
+    let phoenix = Recorder::remote_with(
+        &ActorOptions::new()
+            .name("phoenix")
+            .max_restarts(1)
+            .max_task_retries(1)
+            .strategy(Strategy::NodeAffinity {
+                node: u128::from_str_radix(&doomed_id, 16).unwrap(),
+                soft: true,
+            }),
+        7,
+    )
+    .unwrap();
+    assert_eq!(phoenix.node().get().unwrap(), doomed_id);
+    assert_eq!(phoenix.record(8).get().unwrap(), 2);
+    let in_flight = phoenix.nap(1500);
+    std::thread::sleep(Duration::from_millis(200));
+
     // A killed node is declared dead within the bound (3 s of silence, checked every 300 ms), plus slack for a
     // loaded machine.
     cluster.kill(doomed);
     let t = Instant::now();
     let dead = wait_until(Duration::from_secs(20), || {
         oxray::node::cluster_state(&cluster.address, &cluster.token)
-            .map(|s| s.members.iter().any(|m| !m.alive))
+            .map(|s| {
+                s.members
+                    .iter()
+                    .filter(|m| !m.alive && m.cpus > 0.0)
+                    .count()
+                    == 1
+            })
             .unwrap_or(false)
     });
     assert!(dead, "killed node never declared dead");
@@ -311,4 +359,23 @@ fn three_node_cluster_end_to_end() {
             .unwrap(),
         4
     );
+    // The actor was restarted elsewhere (its constructor ran again: state is fresh), the call in flight was retried
+    // there, and its name leads to the new incarnation.
+    assert_eq!(in_flight.get_timeout(Duration::from_secs(30)).unwrap(), 1);
+    assert_eq!(phoenix.seen().get().unwrap(), vec![7]);
+    assert_ne!(phoenix.node().get().unwrap(), doomed_id);
+    let by_name = oxray::get_actor::<Recorder>("phoenix").unwrap();
+    assert!(
+        wait_until(Duration::from_secs(10), || by_name.seen().get().is_ok()
+            || oxray::get_actor::<Recorder>("phoenix")
+                .map(|h| h.seen().get().is_ok())
+                .unwrap_or(false)),
+        "restarted actor not reachable by name"
+    );
+    // Without restarts left, the next death is final.
+    oxray::kill(&phoenix);
+    assert!(matches!(
+        phoenix.seen().get_timeout(Duration::from_secs(10)),
+        Err(Error::ActorDied { .. })
+    ));
 }
