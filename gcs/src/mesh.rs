@@ -9,6 +9,11 @@
 //!   serves only the GCS can use [`GcsService`] directly as its [`Handler`].
 //!
 //! Bodies are the encodings of [`crate::wire`]; nothing here makes decisions.
+//!
+//! Three small control kinds let a node running `start` learn and join the replica group without a second
+//! protocol: [`KIND_MEMBERS`] (the member table, answered by any member), [`KIND_STATUS`] (one member's
+//! [`ShardStatus`] list, for `oxray status` and tests) and [`KIND_CLAIM`] (a bootstrap slot request, answered by
+//! whatever hook the head installed with [`GcsService::set_claim_handler`]; the slot policy is the caller's).
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -20,7 +25,7 @@ use bytes::Bytes;
 use oxray_transport::{Handler, Mesh, Message, NodeId, Responder};
 
 use crate::client::{CallError, Connector};
-use crate::server::{GcsServer, PeerNetwork};
+use crate::server::{GcsServer, PeerNetwork, ShardStatus};
 use crate::wire::{Request, Response};
 
 /// Mesh message kind of a client request to a GCS member (answered with [`KIND_RESPONSE`]).
@@ -31,6 +36,19 @@ pub const KIND_RESPONSE: u16 = 0x0301;
 pub const KIND_RAFT: u16 = 0x0302;
 /// Mesh stream kind of a large Raft message (a snapshot) streamed between GCS members.
 pub const KIND_RAFT_STREAM: u16 = 0x0303;
+/// Mesh message kind asking a member for the member table (empty body; answered with [`encode_members`]).
+pub const KIND_MEMBERS: u16 = 0x0304;
+/// Mesh message kind asking a member for its shard replicas' status (answered with [`encode_status`]).
+pub const KIND_STATUS: u16 = 0x0305;
+/// Mesh message kind claiming a bootstrap replica slot (body and answer are defined by the claim hook).
+pub const KIND_CLAIM: u16 = 0x0306;
+
+/// Most members a member table may list. Raft groups beyond 7 voters only slow commits down, and the bound
+/// keeps a decoded table from a peer small.
+pub const MAX_MEMBERS: usize = 7;
+
+/// What the head answers a [`KIND_CLAIM`] with: the reply body, or an error shown to the claimant.
+pub type ClaimHandler = Arc<dyn Fn(NodeId, &[u8]) -> Result<Bytes, String> + Send + Sync>;
 
 /// Raft messages larger than this (in practice only snapshots) are streamed rather than sent as one mesh
 /// message, which the transport caps at `max_message_bytes` (64 MiB by default).
@@ -140,11 +158,21 @@ impl Connector for MeshConnector {
 ///
 /// A Raft message is accepted only if the mesh-authenticated sender is the node of the member the message
 /// claims to come from, so a node that is not a member cannot vote or append.
-#[derive(Debug)]
 pub struct GcsService {
     /// Replaceable, so a member restarted in-process (from its files) can take over the same endpoint.
     server: parking_lot::RwLock<Option<GcsServer>>,
     members: BTreeMap<u64, NodeId>,
+    claims: OnceLock<ClaimHandler>,
+}
+
+impl std::fmt::Debug for GcsService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GcsService")
+            .field("server", &*self.server.read())
+            .field("members", &self.members)
+            .field("hands_out_slots", &self.claims.get().is_some())
+            .finish()
+    }
 }
 
 impl GcsService {
@@ -154,7 +182,19 @@ impl GcsService {
         Arc::new(GcsService {
             server: parking_lot::RwLock::new(None),
             members,
+            claims: OnceLock::new(),
         })
+    }
+
+    /// The member table this service was created with (member id → node id).
+    pub fn members(&self) -> &BTreeMap<u64, NodeId> {
+        &self.members
+    }
+
+    /// Installs the answer to [`KIND_CLAIM`] (only the bootstrapping head does; later calls are ignored).
+    /// Without one, claims are refused.
+    pub fn set_claim_handler(&self, handler: ClaimHandler) {
+        let _ = self.claims.set(handler);
     }
 
     /// Sets (or replaces) the server to dispatch to.
@@ -169,21 +209,42 @@ impl GcsService {
 
     /// Whether `kind` is one of the GCS's message kinds.
     pub fn handles(kind: u16) -> bool {
-        matches!(kind, KIND_REQUEST | KIND_RAFT | KIND_RAFT_STREAM)
+        matches!(
+            kind,
+            KIND_REQUEST | KIND_RAFT | KIND_RAFT_STREAM | KIND_MEMBERS | KIND_STATUS | KIND_CLAIM
+        )
     }
 }
 
 impl Handler for GcsService {
     fn on_request(&self, msg: Message, reply: Responder) {
-        if msg.kind() != KIND_REQUEST {
-            reply.error(format!("gcs: unexpected request kind {:#x}", msg.kind()));
-            return;
+        match msg.kind() {
+            KIND_REQUEST | KIND_STATUS => {}
+            KIND_MEMBERS => return reply.send(KIND_RESPONSE, encode_members(&self.members)),
+            KIND_CLAIM => {
+                return match self.claims.get() {
+                    Some(h) => match h(msg.source(), msg.body()) {
+                        Ok(body) => reply.send(KIND_RESPONSE, body),
+                        Err(why) => reply.error(format!("gcs: claim refused: {why}")),
+                    },
+                    None => reply.error("gcs: this member does not hand out replica slots"),
+                };
+            }
+            other => {
+                reply.error(format!("gcs: unexpected request kind {other:#x}"));
+                return;
+            }
         }
         let Some(server) = self.server.read().clone() else {
             reply.error("gcs: member not started");
             return;
         };
         tokio::spawn(async move {
+            if msg.kind() == KIND_STATUS {
+                let status = server.status().await;
+                reply.send(KIND_RESPONSE, encode_status(&status));
+                return;
+            }
             let resp = server.handle_bytes(msg.body()).await;
             reply.send(KIND_RESPONSE, resp);
         });
@@ -207,6 +268,7 @@ impl Handler for GcsService {
         let this = GcsService {
             server: parking_lot::RwLock::new(self.server.read().clone()),
             members: self.members.clone(),
+            claims: OnceLock::new(),
         };
         tokio::spawn(async move {
             match incoming.read_all().await {
@@ -237,5 +299,179 @@ impl GcsService {
                 tracing::debug!(source = %source, cause = %e, "malformed raft message dropped")
             }
         }
+    }
+}
+
+/// Encodes a member table: a `u32` count, then `(member u64, node u128)` pairs, little-endian.
+pub fn encode_members(members: &BTreeMap<u64, NodeId>) -> Bytes {
+    let mut out = Vec::with_capacity(4 + members.len() * 24);
+    out.extend_from_slice(&(members.len() as u32).to_le_bytes());
+    for (m, n) in members {
+        out.extend_from_slice(&m.to_le_bytes());
+        out.extend_from_slice(&n.0.to_le_bytes());
+    }
+    Bytes::from(out)
+}
+
+/// Decodes [`encode_members`]. The bytes come from the network: the length is checked against the count,
+/// the count against [`MAX_MEMBERS`], and member ids must be non-zero.
+pub fn decode_members(buf: &[u8]) -> Result<BTreeMap<u64, NodeId>, CallError> {
+    let bad = |why: &str| CallError::BadResponse(format!("member table: {why}"));
+    let (count, rest) = buf.split_first_chunk::<4>().ok_or_else(|| bad("truncated"))?;
+    let count = u32::from_le_bytes(*count) as usize;
+    if count == 0 || count > MAX_MEMBERS {
+        return Err(bad(&format!("{count} members")));
+    }
+    if rest.len() != count * 24 {
+        return Err(bad("length does not match the count"));
+    }
+    let mut out = BTreeMap::new();
+    for pair in rest.chunks_exact(24) {
+        let (m, n) = pair.split_at(8);
+        let m = u64::from_le_bytes(m.try_into().map_err(|_| bad("member"))?);
+        let n = u128::from_le_bytes(n.try_into().map_err(|_| bad("node"))?);
+        if m == 0 || out.insert(m, NodeId(n)).is_some() {
+            return Err(bad("member ids must be non-zero and distinct"));
+        }
+    }
+    Ok(out)
+}
+
+const STATUS_LEN: usize = 4 + 1 + 8 * 5;
+
+/// Encodes a member's shard statuses: per shard `shard u32, is_leader u8, leader u64 (0 = none), term, applied,
+/// revision, snapshot_index` (all `u64`, little-endian).
+pub fn encode_status(status: &[ShardStatus]) -> Bytes {
+    let mut out = Vec::with_capacity(status.len() * STATUS_LEN);
+    for s in status {
+        out.extend_from_slice(&s.shard.to_le_bytes());
+        out.push(u8::from(s.is_leader));
+        for v in [
+            s.leader.unwrap_or(0),
+            s.term,
+            s.applied,
+            s.revision,
+            s.snapshot_index,
+        ] {
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+    }
+    Bytes::from(out)
+}
+
+/// Decodes [`encode_status`] (network input: the length must be a whole number of records).
+pub fn decode_status(buf: &[u8]) -> Result<Vec<ShardStatus>, CallError> {
+    if !buf.len().is_multiple_of(STATUS_LEN) {
+        return Err(CallError::BadResponse("status: truncated record".into()));
+    }
+    let u64_at = |r: &[u8], at: usize| {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&r[at..at + 8]);
+        u64::from_le_bytes(b)
+    };
+    Ok(buf
+        .chunks_exact(STATUS_LEN)
+        .map(|r| {
+            let mut shard = [0u8; 4];
+            shard.copy_from_slice(&r[..4]);
+            let leader = u64_at(r, 5);
+            ShardStatus {
+                shard: u32::from_le_bytes(shard),
+                is_leader: r[4] != 0,
+                leader: (leader != 0).then_some(leader),
+                term: u64_at(r, 13),
+                applied: u64_at(r, 21),
+                revision: u64_at(r, 29),
+                snapshot_index: u64_at(r, 37),
+            }
+        })
+        .collect())
+}
+
+async fn control_call(
+    mesh: &Mesh,
+    node: NodeId,
+    kind: u16,
+    body: Bytes,
+    timeout: Duration,
+) -> Result<Message, CallError> {
+    let reply = mesh
+        .request(node, kind, body, timeout)
+        .await
+        .map_err(|e| CallError::Unreachable(e.to_string()))?;
+    if reply.kind() != KIND_RESPONSE {
+        return Err(CallError::BadResponse(format!(
+            "message kind {:#x}",
+            reply.kind()
+        )));
+    }
+    Ok(reply)
+}
+
+/// Asks the member on `node` for the member table.
+pub async fn fetch_members(
+    mesh: &Mesh,
+    node: NodeId,
+    timeout: Duration,
+) -> Result<BTreeMap<u64, NodeId>, CallError> {
+    let reply = control_call(mesh, node, KIND_MEMBERS, Bytes::new(), timeout).await?;
+    decode_members(reply.body())
+}
+
+/// Asks the member on `node` for its shard replicas' status.
+pub async fn fetch_status(
+    mesh: &Mesh,
+    node: NodeId,
+    timeout: Duration,
+) -> Result<Vec<ShardStatus>, CallError> {
+    let reply = control_call(mesh, node, KIND_STATUS, Bytes::new(), timeout).await?;
+    decode_status(reply.body())
+}
+
+/// Sends a [`KIND_CLAIM`] with `body` to `node` and returns the answer's body.
+pub async fn claim(
+    mesh: &Mesh,
+    node: NodeId,
+    body: Bytes,
+    timeout: Duration,
+) -> Result<Bytes, CallError> {
+    let reply = control_call(mesh, node, KIND_CLAIM, body, timeout).await?;
+    Ok(Bytes::copy_from_slice(reply.body()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn member_table_round_trips_and_rejects_bad_input() {
+        let m: BTreeMap<u64, NodeId> = [(1, NodeId(7)), (2, NodeId(u128::MAX)), (3, NodeId(0))]
+            .into_iter()
+            .collect();
+        let enc = encode_members(&m);
+        assert_eq!(decode_members(&enc).unwrap(), m);
+        assert!(decode_members(&enc[..enc.len() - 1]).is_err());
+        assert!(decode_members(&[]).is_err());
+        assert!(decode_members(&u32::MAX.to_le_bytes()).is_err());
+        let mut zero = enc.to_vec();
+        zero[4..12].copy_from_slice(&0u64.to_le_bytes());
+        assert!(decode_members(&zero).is_err());
+    }
+
+    #[test]
+    fn status_round_trips_and_rejects_bad_input() {
+        let s = vec![ShardStatus {
+            shard: 3,
+            is_leader: true,
+            leader: Some(2),
+            term: 4,
+            applied: 5,
+            revision: 6,
+            snapshot_index: 7,
+        }];
+        let enc = encode_status(&s);
+        assert_eq!(decode_status(&enc).unwrap(), s);
+        assert!(decode_status(&enc[1..]).is_err());
+        assert!(decode_status(&[]).unwrap().is_empty());
     }
 }
