@@ -227,7 +227,11 @@ impl Handler for GcsService {
                         Ok(body) => reply.send(KIND_RESPONSE, body),
                         Err(why) => reply.error(format!("gcs: claim refused: {why}")),
                     },
-                    None => reply.error("gcs: this member does not hand out replica slots"),
+                    None if self.members.len() == 1 => reply.error(
+                        "gcs: this cluster's GCS has one replica, on the head, and no slots for others \
+                         (start the head with --gcs-replicas 3 for a replicated GCS)",
+                    ),
+                    None => reply.error("gcs: only the head hands out replica slots"),
                 };
             }
             other => {
@@ -317,7 +321,9 @@ pub fn encode_members(members: &BTreeMap<u64, NodeId>) -> Bytes {
 /// the count against [`MAX_MEMBERS`], and member ids must be non-zero.
 pub fn decode_members(buf: &[u8]) -> Result<BTreeMap<u64, NodeId>, CallError> {
     let bad = |why: &str| CallError::BadResponse(format!("member table: {why}"));
-    let (count, rest) = buf.split_first_chunk::<4>().ok_or_else(|| bad("truncated"))?;
+    let (count, rest) = buf
+        .split_first_chunk::<4>()
+        .ok_or_else(|| bad("truncated"))?;
     let count = u32::from_le_bytes(*count) as usize;
     if count == 0 || count > MAX_MEMBERS {
         return Err(bad(&format!("{count} members")));

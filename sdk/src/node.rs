@@ -23,8 +23,225 @@ use crate::error::{Error, Result};
 use crate::runtime::{self, Config, block_on_io};
 use crate::wire::{ClusterState, kind};
 
-/// The GCS member id of the head's replica (this build runs one replica, on the head).
+/// The GCS member id of the head's replica. The head is always member 1; `--gcs` nodes host members 2..=N.
 const GCS_MEMBER: u64 = 1;
+
+/// Shards of a cluster's GCS. One, as in embedded mode: the GCS holds cluster metadata, far from the load one
+/// Raft group can carry, and every member and client must agree on the number (it fixes the key-to-shard map).
+const GCS_SHARDS: u32 = 1;
+
+/// How long one GCS control exchange (member table, slot claim, status) may take.
+const GCS_CONTROL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The head's record of a multi-replica GCS group (`<data dir>/gcs-members.json`).
+///
+/// Static bootstrap: the first `start --head --gcs-replicas N` picks the node ids of all N members at once
+/// (member 1 is the head), so every member and client knows the whole group from the start and the Raft voter
+/// set never changes. Each `--gcs` node claims one free slot, identified by a claim key it generated and
+/// persisted first, so a claimant that crashed mid-claim and retries gets the same slot back.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct GcsBootstrap {
+    /// Group size.
+    replicas: u32,
+    /// Member id → node id (hex).
+    members: BTreeMap<u64, String>,
+    /// Claim key (hex) → member id.
+    claims: BTreeMap<String, u64>,
+}
+
+/// What the head answers a slot claim with (JSON).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct ClaimReply {
+    /// The member this node hosts.
+    member: u64,
+    /// The node id this node must take (the members table names it).
+    node: String,
+    /// The whole group: member id → node id (hex).
+    members: BTreeMap<u64, String>,
+}
+
+/// What a `--gcs` node keeps in `<data dir>/gcs-replica/member.json` so that a restart resumes the same member.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct ReplicaFile {
+    member: u64,
+    node: String,
+    members: BTreeMap<u64, String>,
+    /// Hex SHA-256 of the cluster CA, so a data dir is never reused for another cluster.
+    ca: String,
+}
+
+fn hex_node(n: NodeId) -> String {
+    format!("{:032x}", n.0)
+}
+
+fn parse_node(s: &str) -> Result<NodeId> {
+    u128::from_str_radix(s, 16)
+        .map(NodeId)
+        .map_err(|_| Error::Cluster(format!("bad node id {s:?} in the GCS member table")))
+}
+
+fn parse_members(m: &BTreeMap<u64, String>) -> Result<BTreeMap<u64, NodeId>> {
+    let out = m
+        .iter()
+        .map(|(k, v)| Ok((*k, parse_node(v)?)))
+        .collect::<Result<BTreeMap<_, _>>>()?;
+    let n = out.len() as u32;
+    if check_replicas(n).is_err() || out.keys().copied().ne(1..=u64::from(n)) {
+        return Err(Error::Cluster(format!(
+            "bad GCS member table: members {:?}",
+            out.keys().collect::<Vec<_>>()
+        )));
+    }
+    Ok(out)
+}
+
+fn hex_bytes(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Group sizes `--gcs-replicas` accepts. Odd only: an even group survives no more failures than the odd one below
+/// it and needs a larger quorum. At most 7: more voters only slow commits down.
+fn check_replicas(n: u32) -> Result<()> {
+    let why = match n {
+        1 | 3 | 5 | 7 => return Ok(()),
+        0 => "a GCS needs at least one replica".to_string(),
+        n if n > 7 => "more than 7 voters only slow every commit down".to_string(),
+        n => format!(
+            "an even group survives no more failures than {} replicas and needs a larger quorum",
+            n - 1
+        ),
+    };
+    Err(Error::InvalidArgument(format!(
+        "--gcs-replicas {n} is not possible: use 1, 3, 5 or 7 ({why})"
+    )))
+}
+
+/// Writes `data` to `path` so that a crash leaves either the old file or the new one: a temporary file, fsynced,
+/// renamed over `path`, and the directory fsynced.
+fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
+    let err = |e: std::io::Error| Error::Cluster(format!("cannot write {}: {e}", path.display()));
+    let tmp = path.with_extension("tmp");
+    write_private(&tmp, data)?;
+    std::fs::File::open(&tmp)
+        .and_then(|f| f.sync_all())
+        .map_err(err)?;
+    std::fs::rename(&tmp, path).map_err(err)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)
+            .and_then(|f| f.sync_all())
+            .map_err(err)?;
+    }
+    Ok(())
+}
+
+fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Option<T>> {
+    match std::fs::read(path) {
+        Ok(b) => serde_json::from_slice(&b)
+            .map(Some)
+            .map_err(|e| Error::Cluster(format!("{} is unreadable: {e}", path.display()))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(Error::Cluster(format!(
+            "cannot read {}: {e}",
+            path.display()
+        ))),
+    }
+}
+
+/// The head's GCS group: a fresh one-member group (`None`), or the persisted multi-member bootstrap.
+fn head_bootstrap(dir: &Path, asked: Option<u32>) -> Result<Option<GcsBootstrap>> {
+    if let Some(n) = asked {
+        check_replicas(n)?;
+    }
+    let path = dir.join("gcs-members.json");
+    if let Some(b) = read_json::<GcsBootstrap>(&path)? {
+        parse_members(&b.members)?;
+        if b.replicas as usize != b.members.len() {
+            return Err(Error::Cluster(format!(
+                "{} is inconsistent",
+                path.display()
+            )));
+        }
+        if let Some(n) = asked
+            && n != b.replicas
+        {
+            return Err(Error::InvalidArgument(format!(
+                "{} holds a GCS of {} replicas; start the head with --gcs-replicas {} (or without the flag), or \
+                 use a fresh --data-dir",
+                dir.display(),
+                b.replicas,
+                b.replicas
+            )));
+        }
+        return Ok(Some(b));
+    }
+    let n = asked.unwrap_or(1);
+    if n == 1 {
+        return Ok(None);
+    }
+    if dir.join("gcs").exists() {
+        // Raft's voter set is fixed in the log at its creation: a one-member log cannot become a group.
+        return Err(Error::InvalidArgument(format!(
+            "{} holds a one-replica GCS; --gcs-replicas {n} needs a fresh --data-dir",
+            dir.display()
+        )));
+    }
+    let b = GcsBootstrap {
+        replicas: n,
+        members: (1..=u64::from(n))
+            .map(|m| (m, hex_node(NodeId::random())))
+            .collect(),
+        claims: BTreeMap::new(),
+    };
+    write_atomic(
+        &path,
+        &serde_json::to_vec_pretty(&b).map_err(|e| Error::Cluster(e.to_string()))?,
+    )?;
+    Ok(Some(b))
+}
+
+/// The head's answer to a slot claim: the claimant's slot (the same one again for a key seen before), persisted
+/// before the answer leaves. The body is a 16-byte claim key; it comes from the network and is checked.
+fn claim_slot(
+    state: &parking_lot::Mutex<GcsBootstrap>,
+    path: &Path,
+    from: NodeId,
+    body: &[u8],
+) -> std::result::Result<bytes::Bytes, String> {
+    let key: [u8; 16] = body
+        .try_into()
+        .map_err(|_| format!("a claim key is 16 bytes, not {}", body.len()))?;
+    let key = hex_bytes(&key);
+    let mut b = state.lock();
+    let member = match b.claims.get(&key) {
+        Some(m) => *m,
+        None => {
+            let taken: std::collections::BTreeSet<u64> = b.claims.values().copied().collect();
+            let Some(free) = (2..=u64::from(b.replicas)).find(|m| !taken.contains(m)) else {
+                return Err(format!(
+                    "all {} replica slots of this {}-replica GCS are taken (a replica that lost its data dir \
+                     cannot rejoin: this cluster's group is fixed at bootstrap)",
+                    b.replicas - 1,
+                    b.replicas
+                ));
+            };
+            let mut next = b.clone();
+            next.claims.insert(key, free);
+            let json = serde_json::to_vec_pretty(&next).map_err(|e| e.to_string())?;
+            write_atomic(path, &json).map_err(|e| e.to_string())?;
+            *b = next;
+            tracing::info!(node = %from, member = free, "GCS replica slot claimed");
+            free
+        }
+    };
+    let reply = ClaimReply {
+        member,
+        node: b.members.get(&member).cloned().unwrap_or_default(),
+        members: b.members.clone(),
+    };
+    serde_json::to_vec(&reply)
+        .map(bytes::Bytes::from)
+        .map_err(|e| e.to_string())
+}
 
 /// What a node needs to join: the head's join token and the head's node id, printed by `start --head` as one
 /// string (`<join token>~<head id>`).
@@ -78,6 +295,8 @@ pub struct HeadOptions {
     pub data_dir: PathBuf,
     /// Resources offered and timing.
     pub settings: NodeSettings,
+    /// GCS group size (1, 3, 5 or 7). `None`: what the data dir holds, else 1.
+    pub gcs_replicas: Option<u32>,
 }
 
 impl Default for HeadOptions {
@@ -86,6 +305,7 @@ impl Default for HeadOptions {
             bind: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0),
             data_dir: default_data_dir(),
             settings: NodeSettings::default(),
+            gcs_replicas: None,
         }
     }
 }
@@ -151,7 +371,19 @@ pub fn start_head(opts: HeadOptions) -> Result<ClusterAddress> {
             t
         }
     };
-    let node = NodeId::random();
+    let bootstrap = head_bootstrap(dir, opts.gcs_replicas)?;
+    // A multi-replica group names the head's node id in its member table, so the head keeps it across restarts;
+    // a lone replica is reached only through the head, so a fresh id each start is fine.
+    let (node, members) = match &bootstrap {
+        Some(b) => {
+            let members = parse_members(&b.members)?;
+            (members[&GCS_MEMBER], members)
+        }
+        None => {
+            let node = NodeId::random();
+            (node, BTreeMap::from([(GCS_MEMBER, node)]))
+        }
+    };
     let identity = ca
         .issue(node)
         .map_err(|e| Error::Cluster(format!("cannot issue the head's certificate: {e}")))?;
@@ -172,18 +404,32 @@ pub fn start_head(opts: HeadOptions) -> Result<ClusterAddress> {
             .await
             .map_err(|e| Error::Cluster(format!("cannot bind the mesh endpoint: {e}")))
     })?;
-    // The head hosts the GCS replica (durable in the data dir) and serves it to the other nodes over the mesh.
+    // The head hosts GCS member 1 (durable in the data dir) and serves it to the other nodes over the mesh.
     let gcs_dir = dir.join("gcs");
-    let (server, client) = {
-        let _enter = rt.tokio.enter();
-        oxray_gcs::GcsServer::embedded(&gcs_dir).map_err(|e| {
-            Error::Cluster(format!(
-                "cannot start the GCS in {}: {e}",
-                gcs_dir.display()
-            ))
-        })?
+    let cannot = |e: oxray_gcs::server::StartError| {
+        Error::Cluster(format!(
+            "cannot start the GCS in {}: {e}",
+            gcs_dir.display()
+        ))
     };
-    let service = oxray_gcs::mesh::GcsService::new(BTreeMap::from([(GCS_MEMBER, node)]));
+    let service = oxray_gcs::mesh::GcsService::new(members.clone());
+    let (server, client) = match bootstrap {
+        None => {
+            let _enter = rt.tokio.enter();
+            oxray_gcs::GcsServer::embedded(&gcs_dir).map_err(cannot)?
+        }
+        Some(b) => {
+            // Writable once a quorum of members runs: until the `--gcs` nodes join, GCS calls time out.
+            let (server, client) =
+                start_member(&rt, &mesh, GCS_MEMBER, &members, &gcs_dir).map_err(cannot)?;
+            let state = parking_lot::Mutex::new(b);
+            let path = dir.join("gcs-members.json");
+            service.set_claim_handler(Arc::new(move |from, body| {
+                claim_slot(&state, &path, from, body)
+            }));
+            (server, client)
+        }
+    };
     service.attach(server.clone());
     handler.serve_gcs(service);
     let _ = rt.gcs_server.set(server);
@@ -204,6 +450,171 @@ pub fn start_head(opts: HeadOptions) -> Result<ClusterAddress> {
     Ok(addr)
 }
 
+/// Starts GCS member `member` of the group `members` in `dir`, with Raft over `mesh`, and a client that knows the
+/// whole group (it finds the leader by following NotLeader hints).
+fn start_member(
+    rt: &runtime::Runtime,
+    mesh: &Mesh,
+    member: u64,
+    members: &BTreeMap<u64, NodeId>,
+    dir: &Path,
+) -> std::result::Result<(oxray_gcs::GcsServer, oxray_gcs::GcsClient), oxray_gcs::server::StartError>
+{
+    let _enter = rt.tokio.enter();
+    let peers = oxray_gcs::mesh::MeshPeers::new(members.clone());
+    let ids: Vec<u64> = members.keys().copied().collect();
+    let server = oxray_gcs::GcsServer::start(
+        oxray_gcs::ServerConfig::new(member, ids, GCS_SHARDS, dir),
+        peers.clone(),
+    )?;
+    peers.attach(mesh.clone());
+    Ok((server, gcs_client(mesh, members)))
+}
+
+fn gcs_client(mesh: &Mesh, members: &BTreeMap<u64, NodeId>) -> oxray_gcs::GcsClient {
+    let connector =
+        oxray_gcs::mesh::MeshConnector::new(mesh.clone(), members.clone(), Duration::from_secs(2));
+    oxray_gcs::GcsClient::new(
+        connector,
+        members.keys().copied().collect(),
+        GCS_SHARDS,
+        oxray_gcs::ClientConfig::default(),
+    )
+}
+
+/// A `--gcs` node's replica identity: which member it hosts, its certificate, and the group.
+struct ReplicaIdentity {
+    member: u64,
+    identity: oxray_transport::tls::NodeIdentity,
+    members: BTreeMap<u64, NodeId>,
+    dir: PathBuf,
+}
+
+/// Held for the life of the process (the OS drops it at exit, SIGKILL included), so two processes can never
+/// host the same replica from one data dir.
+static REPLICA_LOCK: std::sync::OnceLock<std::fs::File> = std::sync::OnceLock::new();
+
+/// Loads this node's replica identity from `<data_dir>/gcs-replica/`, or claims a slot from the head and
+/// stores one there. Order matters for crash safety: the claim key is persisted before asking, the certificate
+/// before `member.json`, so a crash at any point is resumed by running the same command again.
+async fn replica_identity(
+    data_dir: &Path,
+    address: &str,
+    token_text: &str,
+    token: &ClusterToken,
+) -> Result<ReplicaIdentity> {
+    let dir = data_dir.join("gcs-replica");
+    let io = |what: &str, e: std::io::Error| {
+        Error::Cluster(format!("cannot {what} {}: {e}", dir.display()))
+    };
+    std::fs::create_dir_all(&dir).map_err(|e| io("create", e))?;
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join("lock"))
+        .map_err(|e| io("lock", e))?;
+    match lock.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            return Err(Error::Cluster(format!(
+                "another process hosts the GCS replica in {} (give each --gcs node its own --data-dir)",
+                dir.display()
+            )));
+        }
+        Err(std::fs::TryLockError::Error(e)) => return Err(io("lock", e)),
+    }
+    let _ = REPLICA_LOCK.set(lock);
+    let ca = hex_bytes(&token.join.ca_fingerprint());
+    let member_path = dir.join("member.json");
+    let id_dir = dir.join("identity");
+    if let Some(f) = read_json::<ReplicaFile>(&member_path)? {
+        if f.ca != ca {
+            return Err(Error::Cluster(format!(
+                "{} holds a GCS replica of another cluster; give this node a fresh --data-dir",
+                dir.display()
+            )));
+        }
+        let identity = oxray_transport::tls::NodeIdentity::load(&id_dir)
+            .map_err(|e| Error::Cluster(format!("cannot load {}: {e}", id_dir.display())))?;
+        let node = parse_node(&f.node)?;
+        let members = parse_members(&f.members)?;
+        if identity.node_id() != node || members.get(&f.member) != Some(&node) {
+            return Err(Error::Cluster(format!(
+                "{} is inconsistent: its certificate does not name member {}",
+                dir.display(),
+                f.member
+            )));
+        }
+        tracing::info!(member = f.member, "resuming GCS replica from its data dir");
+        return Ok(ReplicaIdentity {
+            member: f.member,
+            identity,
+            members,
+            dir,
+        });
+    }
+    let key_path = dir.join("claim-key");
+    let key = match std::fs::read_to_string(&key_path)
+        .ok()
+        .and_then(|k| u128::from_str_radix(k.trim(), 16).ok())
+    {
+        Some(k) => k,
+        None => {
+            let k = NodeId::random().0;
+            write_atomic(&key_path, format!("{k:032x}").as_bytes())?;
+            k
+        }
+    };
+    let (mesh, head) = head_link(address, token_text).await?;
+    let reply = oxray_gcs::mesh::claim(
+        &mesh,
+        head,
+        bytes::Bytes::copy_from_slice(&key.to_be_bytes()),
+        GCS_CONTROL_TIMEOUT,
+    )
+    .await;
+    mesh.shutdown().await;
+    let reply = reply.map_err(|e| Error::Cluster(format!("cannot get a GCS replica slot: {e}")))?;
+    let reply: ClaimReply = serde_json::from_slice(&reply)
+        .map_err(|e| Error::Cluster(format!("bad GCS slot answer: {e}")))?;
+    let members = parse_members(&reply.members)?;
+    let node = parse_node(&reply.node)?;
+    if reply.member == GCS_MEMBER || members.get(&reply.member) != Some(&node) {
+        return Err(Error::Cluster(format!(
+            "bad GCS slot answer: member {}",
+            reply.member
+        )));
+    }
+    let addr: SocketAddr = address
+        .parse()
+        .map_err(|_| Error::InvalidArgument(format!("{address:?} is not HOST:PORT")))?;
+    let identity = oxray_transport::join(addr, &token.join, node)
+        .await
+        .map_err(|e| Error::Cluster(format!("cannot join the cluster at {addr}: {e}")))?;
+    std::fs::create_dir_all(&id_dir).map_err(|e| io("create", e))?;
+    identity
+        .save(&id_dir)
+        .map_err(|e| Error::Cluster(format!("cannot save {}: {e}", id_dir.display())))?;
+    let file = ReplicaFile {
+        member: reply.member,
+        node: reply.node,
+        members: reply.members,
+        ca,
+    };
+    write_atomic(
+        &member_path,
+        &serde_json::to_vec_pretty(&file).map_err(|e| Error::Cluster(e.to_string()))?,
+    )?;
+    tracing::info!(member = file.member, "claimed a GCS replica slot");
+    Ok(ReplicaIdentity {
+        member: file.member,
+        identity,
+        members,
+        dir,
+    })
+}
+
 fn config_for(settings: &NodeSettings) -> Config {
     Config {
         num_cpus: settings.num_cpus.ceil().max(1.0) as usize,
@@ -213,25 +624,62 @@ fn config_for(settings: &NodeSettings) -> Config {
 
 /// Joins the cluster at `address` as a worker node (with `settings.num_cpus` CPUs) or a driver (0 CPUs).
 pub fn join_cluster(address: &str, token: &str, settings: NodeSettings) -> Result<()> {
+    join_inner(address, token, settings, None)
+}
+
+/// Joins the cluster at `address` as [`join_cluster`] does, and hosts one of its GCS replicas, kept in
+/// `<data_dir>/gcs-replica/`. The first time, this claims a free replica slot from the head; afterwards it
+/// resumes the same member from its certificate and durable log, and catches up from the leader.
+pub fn join_as_gcs_replica(
+    address: &str,
+    token: &str,
+    settings: NodeSettings,
+    data_dir: &Path,
+) -> Result<()> {
+    join_inner(address, token, settings, Some(data_dir))
+}
+
+fn join_inner(
+    address: &str,
+    token_text: &str,
+    settings: NodeSettings,
+    replica_dir: Option<&Path>,
+) -> Result<()> {
     let addr: SocketAddr = address.parse().map_err(|_| {
         Error::InvalidArgument(format!(
             "{address:?} is not HOST:PORT (an IP address and a port)"
         ))
     })?;
-    let token = ClusterToken::from_str(token)?;
-    let node = NodeId::random();
+    let token = ClusterToken::from_str(token_text)?;
+    // A replica's certificate comes with its slot (or from its data dir); any other node gets one below.
+    let (identity, replica) = match replica_dir {
+        Some(d) => {
+            let r = cli_runtime()?.block_on(replica_identity(d, address, token_text, &token))?;
+            (Some(r.identity), Some((r.member, r.members, r.dir)))
+        }
+        None => (None, None),
+    };
+    let node = identity
+        .as_ref()
+        .map(|i| i.node_id())
+        .unwrap_or_else(NodeId::random);
     let rt = runtime::install_as(config_for(&settings), Some(node.0))?;
     if rt.node != node.0 || rt.cluster.get().is_some() {
         return Err(Error::InvalidArgument(
             "this process already runs oxray; call shutdown() first".into(),
         ));
     }
-    let join = token.join.clone();
-    let identity = block_on_io(&rt.tokio, async move {
-        oxray_transport::join(addr, &join, node).await.map_err(|e| {
-            Error::Cluster(format!("cannot join the cluster at {addr}: {e} (is `start --head` running, and is the token right?)"))
-        })
-    })?;
+    let identity = match identity {
+        Some(i) => i,
+        None => {
+            let join = token.join.clone();
+            block_on_io(&rt.tokio, async move {
+                oxray_transport::join(addr, &join, node).await.map_err(|e| {
+                    Error::Cluster(format!("cannot join the cluster at {addr}: {e} (is `start --head` running, and is the token right?)"))
+                })
+            })?
+        }
+    };
     let bind_ip = if addr.ip().is_loopback() {
         IpAddr::V4(Ipv4Addr::LOCALHOST)
     } else {
@@ -251,17 +699,37 @@ pub fn join_cluster(address: &str, token: &str, settings: NodeSettings) -> Resul
             .map_err(|e| Error::Cluster(format!("cannot bind the mesh endpoint: {e}")))
     })?;
     mesh.add_peer(token.head, addr);
-    let connector = oxray_gcs::mesh::MeshConnector::new(
-        mesh.clone(),
-        BTreeMap::from([(GCS_MEMBER, token.head)]),
-        Duration::from_secs(2),
-    );
-    let client = oxray_gcs::GcsClient::new(
-        connector,
-        vec![GCS_MEMBER],
-        1,
-        oxray_gcs::ClientConfig::default(),
-    );
+    let client = match replica {
+        Some((member, members, dir)) => {
+            let gcs_dir = dir.join("gcs");
+            let (server, client) =
+                start_member(&rt, &mesh, member, &members, &gcs_dir).map_err(|e| {
+                    Error::Cluster(format!(
+                        "cannot start the GCS replica in {}: {e}",
+                        gcs_dir.display()
+                    ))
+                })?;
+            let service = oxray_gcs::mesh::GcsService::new(members);
+            service.attach(server.clone());
+            handler.serve_gcs(service);
+            let _ = rt.gcs_server.set(server);
+            client
+        }
+        None => {
+            // Every node's client knows the whole group, so it keeps working when any minority of it is down.
+            let (m, head) = (mesh.clone(), token.head);
+            let members = block_on_io(&rt.tokio, async move {
+                oxray_gcs::mesh::fetch_members(&m, head, GCS_CONTROL_TIMEOUT)
+                    .await
+                    .map_err(|e| {
+                        Error::Cluster(format!(
+                            "cannot get the GCS member table from the head: {e}"
+                        ))
+                    })
+            })?;
+            gcs_client(&mesh, &members)
+        }
+    };
     let _ = rt.gcs.set(oxray_gcs::tables::Tables::new(client));
     let cluster = Cluster::new(mesh, token.head, settings, false, rt.tokio.clone());
     let _ = rt.cluster.set(cluster.clone());
@@ -282,6 +750,97 @@ pub fn connect(address: &str, token: &str) -> Result<()> {
             ..NodeSettings::default()
         },
     )
+}
+
+/// One GCS member as [`gcs_status`] reports it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct GcsMemberStatus {
+    /// Member id (the head is 1).
+    pub member: u64,
+    /// The node hosting it (hex).
+    pub node: String,
+    /// Its shard replicas; empty when `error` is set.
+    pub shards: Vec<GcsShardStatus>,
+    /// Why the member did not answer.
+    pub error: Option<String>,
+}
+
+/// One shard replica's Raft state, as its member reports it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct GcsShardStatus {
+    /// Shard number.
+    pub shard: u32,
+    /// Whether this member leads the shard.
+    pub is_leader: bool,
+    /// The leader as this member knows it.
+    pub leader: Option<u64>,
+    /// Raft term.
+    pub term: u64,
+    /// Last Raft index applied by this member.
+    pub applied: u64,
+    /// KV revision this member has applied up to.
+    pub revision: u64,
+}
+
+fn shard_status(s: oxray_gcs::server::ShardStatus) -> GcsShardStatus {
+    GcsShardStatus {
+        shard: s.shard,
+        is_leader: s.is_leader,
+        leader: s.leader,
+        term: s.term,
+        applied: s.applied,
+        revision: s.revision,
+    }
+}
+
+/// Asks every GCS member of the cluster this process belongs to for its Raft state (each answers for itself, so a
+/// lagging or restarted replica shows its own applied index). A member that does not answer within 2 s is
+/// listed with its error.
+pub fn gcs_status() -> Result<Vec<GcsMemberStatus>> {
+    let rt = runtime::current()?;
+    let Some(cl) = rt.cluster.get().cloned() else {
+        let server = rt.gcs_server.get().cloned().ok_or_else(|| {
+            Error::Cluster("this process runs no GCS (nothing has used it yet)".into())
+        })?;
+        let node = hex_node(NodeId(rt.node));
+        return block_on_io(&rt.tokio, async move {
+            Ok(vec![GcsMemberStatus {
+                member: server.member(),
+                node,
+                shards: server
+                    .status()
+                    .await
+                    .into_iter()
+                    .map(shard_status)
+                    .collect(),
+                error: None,
+            }])
+        });
+    };
+    block_on_io(&rt.tokio, async move {
+        let members = oxray_gcs::mesh::fetch_members(&cl.mesh, cl.head, GCS_CONTROL_TIMEOUT)
+            .await
+            .map_err(|e| {
+                Error::Cluster(format!(
+                    "cannot get the GCS member table from the head: {e}"
+                ))
+            })?;
+        let mut out = Vec::new();
+        for (member, node) in members {
+            let r = oxray_gcs::mesh::fetch_status(&cl.mesh, node, Duration::from_secs(2)).await;
+            let (shards, error) = match r {
+                Ok(s) => (s.into_iter().map(shard_status).collect(), None),
+                Err(e) => (Vec::new(), Some(e.to_string())),
+            };
+            out.push(GcsMemberStatus {
+                member,
+                node: hex_node(node),
+                shards,
+                error,
+            });
+        }
+        Ok(out)
+    })
 }
 
 /// A handler for short-lived CLI endpoints: they serve nothing.
@@ -387,9 +946,14 @@ pub struct StartArgs {
     /// IP address to bind.
     #[arg(long, default_value = "127.0.0.1")]
     pub bind: IpAddr,
-    /// GCS replicas to run. This build runs one replica, on the head; other values are refused.
-    #[arg(long, default_value_t = 1)]
-    pub gcs_replicas: u32,
+    /// GCS replicas of a new cluster (1, 3, 5 or 7; head only). The head hosts the first; `--gcs` nodes host the
+    /// others, and the GCS is writable once a majority runs. Default: what the data dir holds, else 1.
+    #[arg(long)]
+    pub gcs_replicas: Option<u32>,
+    /// Host one of the cluster's GCS replicas on this (joining) node, kept in `<data dir>/gcs-replica/`.
+    /// Restarted with the same data dir, it resumes the same replica.
+    #[arg(long)]
+    pub gcs: bool,
     /// The head's address, to join a cluster.
     #[arg(long)]
     pub address: Option<String>,
@@ -405,7 +969,7 @@ pub struct StartArgs {
     /// Custom resources as JSON, e.g. '{"accelerator": 1}'.
     #[arg(long)]
     pub resources: Option<String>,
-    /// Where the head keeps its CA, token and cluster.json.
+    /// Where the head keeps its CA, token, GCS and cluster.json; with `--gcs`, where the node keeps its replica.
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
     /// Milliseconds of silence after which the head declares a node dead.
@@ -428,22 +992,35 @@ pub fn run_start(args: StartArgs) -> Result<()> {
             Error::InvalidArgument(format!("--resources must be a JSON object of numbers: {e}"))
         })?;
     }
-    if args.gcs_replicas != 1 {
-        // Multi-replica groups work inside the gcs crate (tested with 3 processes), but `start` cannot place them
-        // on other nodes yet: refuse rather than run with less fault tolerance than asked for.
-        return Err(Error::InvalidArgument(format!(
-            "--gcs-replicas {} is not supported yet: this build runs one GCS replica, on the head",
-            args.gcs_replicas
-        )));
+    if let Some(n) = args.gcs_replicas {
+        check_replicas(n)?;
+        if !args.head {
+            return Err(Error::InvalidArgument(
+                "--gcs-replicas is set when starting the head; give a joining node --gcs to host a replica"
+                    .into(),
+            ));
+        }
     }
     if args.head {
+        // The head always hosts member 1, so `--gcs` adds nothing there.
         let opts = HeadOptions {
             bind: SocketAddr::new(args.bind, args.port),
             data_dir: args.data_dir.unwrap_or_else(default_data_dir),
             settings,
+            gcs_replicas: args.gcs_replicas,
         };
+        let dir = opts.data_dir.clone();
         let addr = start_head(opts)?;
         println!("oxray head node started");
+        if let Ok(Some(b)) = read_json::<GcsBootstrap>(&dir.join("gcs-members.json")) {
+            println!(
+                "gcs: {} replicas; this node hosts member 1, start {} nodes with --gcs for the others \
+                 (writable once {} run)",
+                b.replicas,
+                b.replicas - 1,
+                b.replicas / 2 + 1
+            );
+        }
         println!("address: {}", addr.address);
         println!("token: {}", addr.token);
         println!(
@@ -459,7 +1036,12 @@ pub fn run_start(args: StartArgs) -> Result<()> {
         let token = args
             .token
             .ok_or_else(|| Error::InvalidArgument("--token is required to join".into()))?;
-        join_cluster(&address, &token, settings)?;
+        if args.gcs {
+            let dir = args.data_dir.unwrap_or_else(default_data_dir);
+            join_as_gcs_replica(&address, &token, settings, &dir)?;
+        } else {
+            join_cluster(&address, &token, settings)?;
+        }
         let rt = runtime::current()?;
         println!("oxray node started");
         println!("node: {}", crate::runtime::short(rt.node));

@@ -15,6 +15,8 @@ pub struct TestCluster {
     /// The head's data dir (holds cluster.json).
     pub data_dir: tempfile::TempDir,
     children: Vec<Child>,
+    /// Each child's command line after the binary, so [`TestCluster::restart`] can start it again.
+    args: Vec<Vec<String>>,
     binary: PathBuf,
 }
 
@@ -39,16 +41,15 @@ impl TestCluster {
     /// Starts a head with `head_cpus` CPUs. `binary` is the node executable (`env!("CARGO_BIN_EXE_oxray-test-node")`).
     pub fn start(binary: &str, head_cpus: u32, extra: &[&str]) -> TestCluster {
         let data_dir = tempfile::tempdir().expect("tempdir");
+        let mut args: Vec<String> = ["start", "--head", "--num-cpus", &head_cpus.to_string()]
+            .into_iter()
+            .map(String::from)
+            .collect();
+        args.push("--data-dir".into());
+        args.push(data_dir.path().display().to_string());
+        args.extend(extra.iter().map(|s| s.to_string()));
         let mut child = Command::new(binary)
-            .args([
-                "start",
-                "--head",
-                "--num-cpus",
-                &head_cpus.to_string(),
-                "--data-dir",
-            ])
-            .arg(data_dir.path())
-            .args(extra)
+            .args(&args)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -71,30 +72,51 @@ impl TestCluster {
             token,
             data_dir,
             children: vec![child],
+            args: vec![args],
             binary: PathBuf::from(binary),
         }
     }
 
     /// Starts a worker node; returns its index (for `kill`).
     pub fn add_node(&mut self, cpus: u32, extra: &[&str]) -> usize {
+        let mut args: Vec<String> = [
+            "start",
+            "--address",
+            &self.address,
+            "--token",
+            &self.token,
+            "--num-cpus",
+            &cpus.to_string(),
+        ]
+        .into_iter()
+        .map(String::from)
+        .collect();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let child = self.spawn_node(&args);
+        self.children.push(child);
+        self.args.push(args);
+        self.children.len() - 1
+    }
+
+    fn spawn_node(&self, args: &[String]) -> Child {
         let mut child = Command::new(&self.binary)
-            .args([
-                "start",
-                "--address",
-                &self.address,
-                "--token",
-                &self.token,
-                "--num-cpus",
-                &cpus.to_string(),
-            ])
-            .args(extra)
+            .args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
             .expect("spawn node");
         read_line_with(&mut child, "node:", Duration::from_secs(30));
-        self.children.push(child);
-        self.children.len() - 1
+        child
+    }
+
+    /// Starts worker node `index` again with the command line it was first started with (kill it first).
+    pub fn restart(&mut self, index: usize) {
+        assert!(
+            index > 0,
+            "restart is for worker nodes; the head prints no `node:` line"
+        );
+        let args = self.args[index].clone();
+        self.children[index] = self.spawn_node(&args);
     }
 
     /// SIGKILLs node `index` (0 is the head).
