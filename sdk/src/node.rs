@@ -514,15 +514,15 @@ async fn replica_identity(
         .write(true)
         .open(dir.join("lock"))
         .map_err(|e| io("lock", e))?;
-    match lock.try_lock() {
+    match rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
         Ok(()) => {}
-        Err(std::fs::TryLockError::WouldBlock) => {
+        Err(e) if e == rustix::io::Errno::WOULDBLOCK => {
             return Err(Error::Cluster(format!(
                 "another process hosts the GCS replica in {} (give each --gcs node its own --data-dir)",
                 dir.display()
             )));
         }
-        Err(std::fs::TryLockError::Error(e)) => return Err(io("lock", e)),
+        Err(e) => return Err(io("lock", e.into())),
     }
     let _ = REPLICA_LOCK.set(lock);
     let ca = hex_bytes(&token.join.ca_fingerprint());
