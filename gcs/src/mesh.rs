@@ -50,15 +50,80 @@ pub const MAX_MEMBERS: usize = 7;
 /// What the head answers a [`KIND_CLAIM`] with: the reply body, or an error shown to the claimant.
 pub type ClaimHandler = Arc<dyn Fn(NodeId, &[u8]) -> Result<Bytes, String> + Send + Sync>;
 
+/// Which node hosts each member, shared by a node's [`MeshPeers`], [`MeshConnector`] and [`GcsService`].
+///
+/// A member's Raft identity (its member id, its log) is fixed, but the node hosting it is not: a replica restarted
+/// from its data dir joins the mesh under a new node id, because a node id's death is final in the cluster's
+/// failure detector. The table is versioned; whoever assigns slots (the head) bumps the version on each change,
+/// and holders apply only newer tables. Holders that see a sign of staleness (a Raft message from a node the
+/// table does not name, a send or call that fails) call [`MemberTable::suspect_stale`], which wakes whoever
+/// refreshes the table ([`MemberTable::stale`]).
+#[derive(Debug)]
+pub struct MemberTable {
+    table: parking_lot::RwLock<(u64, BTreeMap<u64, NodeId>)>,
+    stale: tokio::sync::Notify,
+}
+
+impl MemberTable {
+    /// A table at `version` (member id → node id).
+    pub fn new(version: u64, members: BTreeMap<u64, NodeId>) -> Arc<MemberTable> {
+        Arc::new(MemberTable {
+            table: parking_lot::RwLock::new((version, members)),
+            stale: tokio::sync::Notify::new(),
+        })
+    }
+
+    /// The node hosting `member`.
+    pub fn node(&self, member: u64) -> Option<NodeId> {
+        self.table.read().1.get(&member).copied()
+    }
+
+    /// Whether `node` hosts `member` according to this table.
+    pub fn hosts(&self, member: u64, node: NodeId) -> bool {
+        self.node(member) == Some(node)
+    }
+
+    /// Whether `node` hosts any member.
+    pub fn is_member_node(&self, node: NodeId) -> bool {
+        self.table.read().1.values().any(|n| *n == node)
+    }
+
+    /// The version and the table.
+    pub fn snapshot(&self) -> (u64, BTreeMap<u64, NodeId>) {
+        self.table.read().clone()
+    }
+
+    /// Replaces the table if `version` is newer; returns whether it did. The member ids must stay the same
+    /// (Raft's voter set is fixed); a table with other ids is refused.
+    pub fn update(&self, version: u64, members: BTreeMap<u64, NodeId>) -> bool {
+        let mut t = self.table.write();
+        if version <= t.0 || !t.1.keys().eq(members.keys()) {
+            return false;
+        }
+        *t = (version, members);
+        true
+    }
+
+    /// Reports a sign that the table may be out of date.
+    pub fn suspect_stale(&self) {
+        self.stale.notify_one();
+    }
+
+    /// Waits for [`MemberTable::suspect_stale`].
+    pub async fn stale(&self) {
+        self.stale.notified().await
+    }
+}
+
 /// Raft messages larger than this (in practice only snapshots) are streamed rather than sent as one mesh
 /// message, which the transport caps at `max_message_bytes` (64 MiB by default).
 pub const STREAM_THRESHOLD: usize = 8 << 20;
 
-/// Sends Raft traffic over the mesh. Member ids map to node ids through a fixed table.
+/// Sends Raft traffic over the mesh. Member ids map to node ids through a [`MemberTable`].
 #[derive(Debug)]
 pub struct MeshPeers {
     mesh: OnceLock<Mesh>,
-    members: BTreeMap<u64, NodeId>,
+    members: Arc<MemberTable>,
     runtime: tokio::runtime::Handle,
 }
 
@@ -67,6 +132,11 @@ impl MeshPeers {
     /// bound (the mesh needs its handler first, and the handler needs the server, which needs this).
     /// Must be created inside a tokio runtime: sends are spawned on it.
     pub fn new(members: BTreeMap<u64, NodeId>) -> Arc<MeshPeers> {
+        MeshPeers::with_table(MemberTable::new(0, members))
+    }
+
+    /// [`MeshPeers::new`] over a shared, updatable table.
+    pub fn with_table(members: Arc<MemberTable>) -> Arc<MeshPeers> {
         Arc::new(MeshPeers {
             mesh: OnceLock::new(),
             members,
@@ -82,11 +152,11 @@ impl MeshPeers {
 
 impl PeerNetwork for MeshPeers {
     fn send_raft(&self, to: u64, msg: Bytes) {
-        let (Some(mesh), Some(node)) = (self.mesh.get(), self.members.get(&to)) else {
+        let (Some(mesh), Some(node)) = (self.mesh.get(), self.members.node(to)) else {
             return;
         };
         let mesh = mesh.clone();
-        let node = *node;
+        let table = self.members.clone();
         // Called from a shard thread: hand the send to the runtime. Failures are dropped; Raft retransmits.
         self.runtime.spawn(async move {
             let res = if msg.len() > STREAM_THRESHOLD {
@@ -98,6 +168,8 @@ impl PeerNetwork for MeshPeers {
             };
             if let Err(e) = res {
                 tracing::debug!(to = %node, cause = %e, "raft send failed");
+                // The member may have moved to a new node.
+                table.suspect_stale();
             }
         });
     }
@@ -107,7 +179,7 @@ impl PeerNetwork for MeshPeers {
 #[derive(Debug, Clone)]
 pub struct MeshConnector {
     mesh: Mesh,
-    members: BTreeMap<u64, NodeId>,
+    members: Arc<MemberTable>,
     timeout: Duration,
 }
 
@@ -117,6 +189,15 @@ impl MeshConnector {
     pub fn new(
         mesh: Mesh,
         members: BTreeMap<u64, NodeId>,
+        timeout: Duration,
+    ) -> Arc<MeshConnector> {
+        MeshConnector::with_table(mesh, MemberTable::new(0, members), timeout)
+    }
+
+    /// [`MeshConnector::new`] over a shared, updatable table.
+    pub fn with_table(
+        mesh: Mesh,
+        members: Arc<MemberTable>,
         timeout: Duration,
     ) -> Arc<MeshConnector> {
         Arc::new(MeshConnector {
@@ -134,15 +215,19 @@ impl Connector for MeshConnector {
         req: Request,
     ) -> Pin<Box<dyn Future<Output = Result<Response, CallError>> + Send + '_>> {
         Box::pin(async move {
-            let node = *self
+            let node = self
                 .members
-                .get(&member)
+                .node(member)
                 .ok_or_else(|| CallError::Unreachable(format!("unknown member {member}")))?;
             let reply = self
                 .mesh
                 .request(node, KIND_REQUEST, req.encode(), self.timeout)
                 .await
-                .map_err(|e| CallError::Unreachable(e.to_string()))?;
+                .map_err(|e| {
+                    // The member may have moved to a new node.
+                    self.members.suspect_stale();
+                    CallError::Unreachable(e.to_string())
+                })?;
             if reply.kind() != KIND_RESPONSE {
                 return Err(CallError::BadResponse(format!(
                     "message kind {:#x}",
@@ -161,7 +246,7 @@ impl Connector for MeshConnector {
 pub struct GcsService {
     /// Replaceable, so a member restarted in-process (from its files) can take over the same endpoint.
     server: parking_lot::RwLock<Option<GcsServer>>,
-    members: BTreeMap<u64, NodeId>,
+    members: Arc<MemberTable>,
     claims: OnceLock<ClaimHandler>,
 }
 
@@ -179,6 +264,11 @@ impl GcsService {
     /// A service for a cluster of `members` (member id → node id), with no server yet (requests fail until
     /// [`GcsService::attach`]).
     pub fn new(members: BTreeMap<u64, NodeId>) -> Arc<GcsService> {
+        GcsService::with_table(MemberTable::new(0, members))
+    }
+
+    /// [`GcsService::new`] over a shared, updatable table.
+    pub fn with_table(members: Arc<MemberTable>) -> Arc<GcsService> {
         Arc::new(GcsService {
             server: parking_lot::RwLock::new(None),
             members,
@@ -186,8 +276,8 @@ impl GcsService {
         })
     }
 
-    /// The member table this service was created with (member id → node id).
-    pub fn members(&self) -> &BTreeMap<u64, NodeId> {
+    /// The member table this service checks senders against.
+    pub fn members(&self) -> &Arc<MemberTable> {
         &self.members
     }
 
@@ -220,14 +310,17 @@ impl Handler for GcsService {
     fn on_request(&self, msg: Message, reply: Responder) {
         match msg.kind() {
             KIND_REQUEST | KIND_STATUS => {}
-            KIND_MEMBERS => return reply.send(KIND_RESPONSE, encode_members(&self.members)),
+            KIND_MEMBERS => {
+                let (version, members) = self.members.snapshot();
+                return reply.send(KIND_RESPONSE, encode_members(version, &members));
+            }
             KIND_CLAIM => {
                 return match self.claims.get() {
                     Some(h) => match h(msg.source(), msg.body()) {
                         Ok(body) => reply.send(KIND_RESPONSE, body),
                         Err(why) => reply.error(format!("gcs: claim refused: {why}")),
                     },
-                    None if self.members.len() == 1 => reply.error(
+                    None if self.members.snapshot().1.len() == 1 => reply.error(
                         "gcs: this cluster's GCS has one replica, on the head, and no slots for others \
                          (start the head with --gcs-replicas 3 for a replicated GCS)",
                     ),
@@ -265,7 +358,7 @@ impl Handler for GcsService {
             incoming.error(format!("gcs: unexpected stream kind {:#x}", header.kind()));
             return;
         }
-        if !self.members.values().any(|n| *n == header.source()) {
+        if !self.members.is_member_node(header.source()) {
             incoming.error("gcs: streams are accepted from members only");
             return;
         }
@@ -293,11 +386,11 @@ impl GcsService {
             return;
         };
         match crate::wire::decode_raft(body) {
-            Ok((shard, m)) if self.members.get(&m.from) == Some(&source) => {
-                server.deliver(shard, m)
-            }
+            Ok((shard, m)) if self.members.hosts(m.from, source) => server.deliver(shard, m),
             Ok((_, m)) => {
-                tracing::warn!(source = %source, claimed = m.from, "raft message from a non-member dropped");
+                // Either a stranger, or a member that moved to a new node and this table is behind.
+                tracing::debug!(source = %source, claimed = m.from, "raft message from a non-member dropped");
+                self.members.suspect_stale();
             }
             Err(e) => {
                 tracing::debug!(source = %source, cause = %e, "malformed raft message dropped")
@@ -306,9 +399,10 @@ impl GcsService {
     }
 }
 
-/// Encodes a member table: a `u32` count, then `(member u64, node u128)` pairs, little-endian.
-pub fn encode_members(members: &BTreeMap<u64, NodeId>) -> Bytes {
-    let mut out = Vec::with_capacity(4 + members.len() * 24);
+/// Encodes a member table: its `u64` version, a `u32` count, then `(member u64, node u128)` pairs, little-endian.
+pub fn encode_members(version: u64, members: &BTreeMap<u64, NodeId>) -> Bytes {
+    let mut out = Vec::with_capacity(12 + members.len() * 24);
+    out.extend_from_slice(&version.to_le_bytes());
     out.extend_from_slice(&(members.len() as u32).to_le_bytes());
     for (m, n) in members {
         out.extend_from_slice(&m.to_le_bytes());
@@ -319,8 +413,11 @@ pub fn encode_members(members: &BTreeMap<u64, NodeId>) -> Bytes {
 
 /// Decodes [`encode_members`]. The bytes come from the network: the length is checked against the count,
 /// the count against [`MAX_MEMBERS`], and member ids must be non-zero.
-pub fn decode_members(buf: &[u8]) -> Result<BTreeMap<u64, NodeId>, CallError> {
+pub fn decode_members(buf: &[u8]) -> Result<(u64, BTreeMap<u64, NodeId>), CallError> {
     let bad = |why: &str| CallError::BadResponse(format!("member table: {why}"));
+    let (version, buf) = buf
+        .split_first_chunk::<8>()
+        .ok_or_else(|| bad("truncated"))?;
     let (count, rest) = buf
         .split_first_chunk::<4>()
         .ok_or_else(|| bad("truncated"))?;
@@ -340,7 +437,7 @@ pub fn decode_members(buf: &[u8]) -> Result<BTreeMap<u64, NodeId>, CallError> {
             return Err(bad("member ids must be non-zero and distinct"));
         }
     }
-    Ok(out)
+    Ok((u64::from_le_bytes(*version), out))
 }
 
 const STATUS_LEN: usize = 4 + 1 + 8 * 5;
@@ -414,12 +511,12 @@ async fn control_call(
     Ok(reply)
 }
 
-/// Asks the member on `node` for the member table.
+/// Asks the member on `node` for the member table and its version.
 pub async fn fetch_members(
     mesh: &Mesh,
     node: NodeId,
     timeout: Duration,
-) -> Result<BTreeMap<u64, NodeId>, CallError> {
+) -> Result<(u64, BTreeMap<u64, NodeId>), CallError> {
     let reply = control_call(mesh, node, KIND_MEMBERS, Bytes::new(), timeout).await?;
     decode_members(reply.body())
 }
@@ -454,14 +551,27 @@ mod tests {
         let m: BTreeMap<u64, NodeId> = [(1, NodeId(7)), (2, NodeId(u128::MAX)), (3, NodeId(0))]
             .into_iter()
             .collect();
-        let enc = encode_members(&m);
-        assert_eq!(decode_members(&enc).unwrap(), m);
+        let enc = encode_members(9, &m);
+        assert_eq!(decode_members(&enc).unwrap(), (9, m.clone()));
         assert!(decode_members(&enc[..enc.len() - 1]).is_err());
         assert!(decode_members(&[]).is_err());
-        assert!(decode_members(&u32::MAX.to_le_bytes()).is_err());
+        let mut huge = 1u64.to_le_bytes().to_vec();
+        huge.extend_from_slice(&u32::MAX.to_le_bytes());
+        assert!(decode_members(&huge).is_err());
         let mut zero = enc.to_vec();
-        zero[4..12].copy_from_slice(&0u64.to_le_bytes());
+        zero[12..20].copy_from_slice(&0u64.to_le_bytes());
         assert!(decode_members(&zero).is_err());
+
+        // Tables only move forward, and never change the member ids.
+        let t = MemberTable::new(1, m.clone());
+        let mut moved = m.clone();
+        moved.insert(2, NodeId(99));
+        assert!(!t.update(1, moved.clone()));
+        assert!(t.update(2, moved.clone()));
+        assert!(t.hosts(2, NodeId(99)) && !t.hosts(2, NodeId(u128::MAX)));
+        let mut grown = moved;
+        grown.insert(4, NodeId(5));
+        assert!(!t.update(3, grown));
     }
 
     #[test]

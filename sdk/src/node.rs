@@ -35,15 +35,19 @@ const GCS_CONTROL_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The head's record of a multi-replica GCS group (`<data dir>/gcs-members.json`).
 ///
-/// Static bootstrap: the first `start --head --gcs-replicas N` picks the node ids of all N members at once
-/// (member 1 is the head), so every member and client knows the whole group from the start and the Raft voter
-/// set never changes. Each `--gcs` node claims one free slot, identified by a claim key it generated and
-/// persisted first, so a claimant that crashed mid-claim and retries gets the same slot back.
+/// Static bootstrap: the first `start --head --gcs-replicas N` fixes the group at N members (member 1 is the
+/// head), so the Raft voter set never changes. Each `--gcs` node claims a slot with a claim key it generated and
+/// persisted first: a new key gets a free slot, a key seen before gets its slot back. The slot's member id and
+/// log are the replica's lasting identity; the node hosting it is whichever process last claimed it (a restarted
+/// replica joins under a new node id, because a node id's death is final in the failure detector), so the
+/// table of hosting nodes is versioned and handed to everyone who asks.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct GcsBootstrap {
     /// Group size.
     replicas: u32,
-    /// Member id → node id (hex).
+    /// Bumped on every change of `members`.
+    version: u64,
+    /// Member id → hosting node id (hex; all zeros while unclaimed).
     members: BTreeMap<u64, String>,
     /// Claim key (hex) → member id.
     claims: BTreeMap<String, u64>,
@@ -54,18 +58,17 @@ struct GcsBootstrap {
 struct ClaimReply {
     /// The member this node hosts.
     member: u64,
-    /// The node id this node must take (the members table names it).
-    node: String,
-    /// The whole group: member id → node id (hex).
+    /// Version of `members`.
+    version: u64,
+    /// The whole group: member id → hosting node id (hex), this node included.
     members: BTreeMap<u64, String>,
 }
 
-/// What a `--gcs` node keeps in `<data dir>/gcs-replica/member.json` so that a restart resumes the same member.
+/// What a `--gcs` node keeps in `<data dir>/gcs-replica/member.json` beside its claim key and log.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct ReplicaFile {
+    /// The member this data dir's log belongs to.
     member: u64,
-    node: String,
-    members: BTreeMap<u64, String>,
     /// Hex SHA-256 of the cluster CA, so a data dir is never reused for another cluster.
     ca: String,
 }
@@ -185,10 +188,19 @@ fn head_bootstrap(dir: &Path, asked: Option<u32>) -> Result<Option<GcsBootstrap>
             dir.display()
         )));
     }
+    // The head's own node id is fixed here for good: the cluster token names it.
     let b = GcsBootstrap {
         replicas: n,
+        version: 1,
         members: (1..=u64::from(n))
-            .map(|m| (m, hex_node(NodeId::random())))
+            .map(|m| {
+                let node = if m == GCS_MEMBER {
+                    NodeId::random()
+                } else {
+                    NodeId(0)
+                };
+                (m, hex_node(node))
+            })
             .collect(),
         claims: BTreeMap::new(),
     };
@@ -199,11 +211,13 @@ fn head_bootstrap(dir: &Path, asked: Option<u32>) -> Result<Option<GcsBootstrap>
     Ok(Some(b))
 }
 
-/// The head's answer to a slot claim: the claimant's slot (the same one again for a key seen before), persisted
-/// before the answer leaves. The body is a 16-byte claim key; it comes from the network and is checked.
+/// The head's answer to a slot claim: the claimant's slot (the same one again for a key seen before), now hosted
+/// by the claiming node `from` (mesh-authenticated). The change is persisted before the answer leaves, then put
+/// in the head's own table. The body is a 16-byte claim key; it comes from the network and is checked.
 fn claim_slot(
     state: &parking_lot::Mutex<GcsBootstrap>,
     path: &Path,
+    table: &oxray_gcs::mesh::MemberTable,
     from: NodeId,
     body: &[u8],
 ) -> std::result::Result<bytes::Bytes, String> {
@@ -224,18 +238,24 @@ fn claim_slot(
                     b.replicas
                 ));
             };
-            let mut next = b.clone();
-            next.claims.insert(key, free);
-            let json = serde_json::to_vec_pretty(&next).map_err(|e| e.to_string())?;
-            write_atomic(path, &json).map_err(|e| e.to_string())?;
-            *b = next;
-            tracing::info!(node = %from, member = free, "GCS replica slot claimed");
             free
         }
     };
+    if b.members.get(&member) != Some(&hex_node(from)) || !b.claims.contains_key(&key) {
+        let mut next = b.clone();
+        next.claims.insert(key, member);
+        next.members.insert(member, hex_node(from));
+        next.version += 1;
+        let members = parse_members(&next.members).map_err(|e| e.to_string())?;
+        let json = serde_json::to_vec_pretty(&next).map_err(|e| e.to_string())?;
+        write_atomic(path, &json).map_err(|e| e.to_string())?;
+        table.update(next.version, members);
+        *b = next;
+        tracing::info!(node = %from, member, version = b.version, "GCS replica slot claimed");
+    }
     let reply = ClaimReply {
         member,
-        node: b.members.get(&member).cloned().unwrap_or_default(),
+        version: b.version,
         members: b.members.clone(),
     };
     serde_json::to_vec(&reply)
@@ -372,16 +392,23 @@ pub fn start_head(opts: HeadOptions) -> Result<ClusterAddress> {
         }
     };
     let bootstrap = head_bootstrap(dir, opts.gcs_replicas)?;
-    // A multi-replica group names the head's node id in its member table, so the head keeps it across restarts;
-    // a lone replica is reached only through the head, so a fresh id each start is fine.
-    let (node, members) = match &bootstrap {
+    // A multi-replica group's table names the head, so the head keeps its node id across restarts (the head is
+    // the failure detector, so no detector ever declares it dead); a lone replica is reached only through the
+    // head, so a fresh id each start is fine.
+    let (node, table) = match &bootstrap {
         Some(b) => {
             let members = parse_members(&b.members)?;
-            (members[&GCS_MEMBER], members)
+            (
+                members[&GCS_MEMBER],
+                oxray_gcs::mesh::MemberTable::new(b.version, members),
+            )
         }
         None => {
             let node = NodeId::random();
-            (node, BTreeMap::from([(GCS_MEMBER, node)]))
+            (
+                node,
+                oxray_gcs::mesh::MemberTable::new(0, BTreeMap::from([(GCS_MEMBER, node)])),
+            )
         }
     };
     let identity = ca
@@ -412,7 +439,7 @@ pub fn start_head(opts: HeadOptions) -> Result<ClusterAddress> {
             gcs_dir.display()
         ))
     };
-    let service = oxray_gcs::mesh::GcsService::new(members.clone());
+    let service = oxray_gcs::mesh::GcsService::with_table(table.clone());
     let (server, client) = match bootstrap {
         None => {
             let _enter = rt.tokio.enter();
@@ -421,11 +448,12 @@ pub fn start_head(opts: HeadOptions) -> Result<ClusterAddress> {
         Some(b) => {
             // Writable once a quorum of members runs: until the `--gcs` nodes join, GCS calls time out.
             let (server, client) =
-                start_member(&rt, &mesh, GCS_MEMBER, &members, &gcs_dir).map_err(cannot)?;
+                start_member(&rt, &mesh, GCS_MEMBER, &table, &gcs_dir).map_err(cannot)?;
             let state = parking_lot::Mutex::new(b);
             let path = dir.join("gcs-members.json");
+            let table = table.clone();
             service.set_claim_handler(Arc::new(move |from, body| {
-                claim_slot(&state, &path, from, body)
+                claim_slot(&state, &path, &table, from, body)
             }));
             (server, client)
         }
@@ -450,59 +478,93 @@ pub fn start_head(opts: HeadOptions) -> Result<ClusterAddress> {
     Ok(addr)
 }
 
-/// Starts GCS member `member` of the group `members` in `dir`, with Raft over `mesh`, and a client that knows the
-/// whole group (it finds the leader by following NotLeader hints).
+/// Starts GCS member `member` of the group in `table`, stored in `dir`, with Raft over `mesh`, and a client that
+/// knows the whole group (it finds the leader by following NotLeader hints).
 fn start_member(
     rt: &runtime::Runtime,
     mesh: &Mesh,
     member: u64,
-    members: &BTreeMap<u64, NodeId>,
+    table: &Arc<oxray_gcs::mesh::MemberTable>,
     dir: &Path,
 ) -> std::result::Result<(oxray_gcs::GcsServer, oxray_gcs::GcsClient), oxray_gcs::server::StartError>
 {
     let _enter = rt.tokio.enter();
-    let peers = oxray_gcs::mesh::MeshPeers::new(members.clone());
-    let ids: Vec<u64> = members.keys().copied().collect();
+    let peers = oxray_gcs::mesh::MeshPeers::with_table(table.clone());
+    let ids: Vec<u64> = table.snapshot().1.keys().copied().collect();
     let server = oxray_gcs::GcsServer::start(
         oxray_gcs::ServerConfig::new(member, ids, GCS_SHARDS, dir),
         peers.clone(),
     )?;
     peers.attach(mesh.clone());
-    Ok((server, gcs_client(mesh, members)))
+    Ok((server, gcs_client(mesh, table)))
 }
 
-fn gcs_client(mesh: &Mesh, members: &BTreeMap<u64, NodeId>) -> oxray_gcs::GcsClient {
-    let connector =
-        oxray_gcs::mesh::MeshConnector::new(mesh.clone(), members.clone(), Duration::from_secs(2));
+fn gcs_client(mesh: &Mesh, table: &Arc<oxray_gcs::mesh::MemberTable>) -> oxray_gcs::GcsClient {
+    let connector = oxray_gcs::mesh::MeshConnector::with_table(
+        mesh.clone(),
+        table.clone(),
+        Duration::from_secs(2),
+    );
     oxray_gcs::GcsClient::new(
         connector,
-        members.keys().copied().collect(),
+        table.snapshot().1.keys().copied().collect(),
         GCS_SHARDS,
         oxray_gcs::ClientConfig::default(),
     )
 }
 
-/// A `--gcs` node's replica identity: which member it hosts, its certificate, and the group.
-struct ReplicaIdentity {
-    member: u64,
-    identity: oxray_transport::tls::NodeIdentity,
-    members: BTreeMap<u64, NodeId>,
+/// Keeps a node's member table current: asks the head for it whenever a holder suspects it is stale (a call or
+/// a Raft send failed, a Raft message came from a node the table does not name), and every 10 s regardless.
+/// A lone-replica cluster's table never changes, so it gets no refresher.
+fn spawn_table_refresh(
+    rt: &runtime::Runtime,
+    mesh: Mesh,
+    head: NodeId,
+    table: Arc<oxray_gcs::mesh::MemberTable>,
+) {
+    if table.snapshot().1.len() == 1 {
+        return;
+    }
+    let weak = Arc::downgrade(&table);
+    drop(table);
+    rt.tokio.spawn(async move {
+        loop {
+            let Some(table) = weak.upgrade() else { break };
+            tokio::select! {
+                _ = table.stale() => {}
+                _ = tokio::time::sleep(Duration::from_secs(10)) => {}
+            }
+            match oxray_gcs::mesh::fetch_members(&mesh, head, Duration::from_secs(2)).await {
+                Ok((version, members)) => {
+                    if table.update(version, members) {
+                        tracing::info!(version, "GCS member table updated");
+                    }
+                }
+                Err(e) => tracing::debug!(cause = %e, "cannot refresh the GCS member table"),
+            }
+            drop(table);
+            // At most a few refreshes a second, however many failures signal.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
+}
+
+/// A `--gcs` node's replica directory, locked, with its claim key and (after its first claim) its member id.
+#[derive(Debug)]
+struct ReplicaDir {
     dir: PathBuf,
+    key: u128,
+    member: Option<u64>,
+    ca: String,
 }
 
 /// Held for the life of the process (the OS drops it at exit, SIGKILL included), so two processes can never
 /// host the same replica from one data dir.
 static REPLICA_LOCK: std::sync::OnceLock<std::fs::File> = std::sync::OnceLock::new();
 
-/// Loads this node's replica identity from `<data_dir>/gcs-replica/`, or claims a slot from the head and
-/// stores one there. Order matters for crash safety: the claim key is persisted before asking, the certificate
-/// before `member.json`, so a crash at any point is resumed by running the same command again.
-async fn replica_identity(
-    data_dir: &Path,
-    address: &str,
-    token_text: &str,
-    token: &ClusterToken,
-) -> Result<ReplicaIdentity> {
+/// Opens `<data_dir>/gcs-replica/`: locks it, and loads or creates the claim key. The key is persisted before it
+/// is ever sent, so a node that crashed mid-claim claims the same slot when started again.
+fn open_replica_dir(data_dir: &Path, token: &ClusterToken) -> Result<ReplicaDir> {
     let dir = data_dir.join("gcs-replica");
     let io = |what: &str, e: std::io::Error| {
         Error::Cluster(format!("cannot {what} {}: {e}", dir.display()))
@@ -526,93 +588,94 @@ async fn replica_identity(
     }
     let _ = REPLICA_LOCK.set(lock);
     let ca = hex_bytes(&token.join.ca_fingerprint());
-    let member_path = dir.join("member.json");
-    let id_dir = dir.join("identity");
-    if let Some(f) = read_json::<ReplicaFile>(&member_path)? {
-        if f.ca != ca {
+    let member = match read_json::<ReplicaFile>(&dir.join("member.json"))? {
+        Some(f) if f.ca != ca => {
             return Err(Error::Cluster(format!(
                 "{} holds a GCS replica of another cluster; give this node a fresh --data-dir",
                 dir.display()
             )));
         }
-        let identity = oxray_transport::tls::NodeIdentity::load(&id_dir)
-            .map_err(|e| Error::Cluster(format!("cannot load {}: {e}", id_dir.display())))?;
-        let node = parse_node(&f.node)?;
-        let members = parse_members(&f.members)?;
-        if identity.node_id() != node || members.get(&f.member) != Some(&node) {
-            return Err(Error::Cluster(format!(
-                "{} is inconsistent: its certificate does not name member {}",
-                dir.display(),
-                f.member
-            )));
-        }
-        tracing::info!(member = f.member, "resuming GCS replica from its data dir");
-        return Ok(ReplicaIdentity {
-            member: f.member,
-            identity,
-            members,
-            dir,
-        });
-    }
+        Some(f) => Some(f.member),
+        None => None,
+    };
     let key_path = dir.join("claim-key");
     let key = match std::fs::read_to_string(&key_path)
         .ok()
         .and_then(|k| u128::from_str_radix(k.trim(), 16).ok())
     {
         Some(k) => k,
+        None if member.is_some() => {
+            return Err(Error::Cluster(format!(
+                "{} has lost its claim key; this replica cannot take its slot back",
+                dir.display()
+            )));
+        }
         None => {
             let k = NodeId::random().0;
             write_atomic(&key_path, format!("{k:032x}").as_bytes())?;
             k
         }
     };
-    let (mesh, head) = head_link(address, token_text).await?;
+    Ok(ReplicaDir {
+        dir,
+        key,
+        member,
+        ca,
+    })
+}
+
+/// Claims (or takes back) this node's replica slot from the head, over this node's own mesh, so the head records
+/// the authenticated node id as the slot's host. Returns the member id and the member table.
+async fn claim_replica_slot(
+    mesh: &Mesh,
+    head: NodeId,
+    rd: &ReplicaDir,
+) -> Result<(u64, Arc<oxray_gcs::mesh::MemberTable>)> {
     let reply = oxray_gcs::mesh::claim(
-        &mesh,
+        mesh,
         head,
-        bytes::Bytes::copy_from_slice(&key.to_be_bytes()),
+        bytes::Bytes::copy_from_slice(&rd.key.to_be_bytes()),
         GCS_CONTROL_TIMEOUT,
     )
-    .await;
-    mesh.shutdown().await;
-    let reply = reply.map_err(|e| Error::Cluster(format!("cannot get a GCS replica slot: {e}")))?;
+    .await
+    .map_err(|e| Error::Cluster(format!("cannot get a GCS replica slot: {e}")))?;
     let reply: ClaimReply = serde_json::from_slice(&reply)
         .map_err(|e| Error::Cluster(format!("bad GCS slot answer: {e}")))?;
     let members = parse_members(&reply.members)?;
-    let node = parse_node(&reply.node)?;
-    if reply.member == GCS_MEMBER || members.get(&reply.member) != Some(&node) {
+    if reply.member == GCS_MEMBER || members.get(&reply.member) != Some(&mesh.node_id()) {
         return Err(Error::Cluster(format!(
             "bad GCS slot answer: member {}",
             reply.member
         )));
     }
-    let addr: SocketAddr = address
-        .parse()
-        .map_err(|_| Error::InvalidArgument(format!("{address:?} is not HOST:PORT")))?;
-    let identity = oxray_transport::join(addr, &token.join, node)
-        .await
-        .map_err(|e| Error::Cluster(format!("cannot join the cluster at {addr}: {e}")))?;
-    std::fs::create_dir_all(&id_dir).map_err(|e| io("create", e))?;
-    identity
-        .save(&id_dir)
-        .map_err(|e| Error::Cluster(format!("cannot save {}: {e}", id_dir.display())))?;
-    let file = ReplicaFile {
-        member: reply.member,
-        node: reply.node,
-        members: reply.members,
-        ca,
-    };
-    write_atomic(
-        &member_path,
-        &serde_json::to_vec_pretty(&file).map_err(|e| Error::Cluster(e.to_string()))?,
-    )?;
-    tracing::info!(member = file.member, "claimed a GCS replica slot");
-    Ok(ReplicaIdentity {
-        member: file.member,
-        identity,
-        members,
-        dir,
-    })
+    match rd.member {
+        Some(m) if m != reply.member => {
+            return Err(Error::Cluster(format!(
+                "{} holds the log of member {m}, but the head gave this node member {}",
+                rd.dir.display(),
+                reply.member
+            )));
+        }
+        Some(_) => tracing::info!(
+            member = reply.member,
+            "resuming GCS replica from its data dir"
+        ),
+        None => {
+            let file = ReplicaFile {
+                member: reply.member,
+                ca: rd.ca.clone(),
+            };
+            write_atomic(
+                &rd.dir.join("member.json"),
+                &serde_json::to_vec_pretty(&file).map_err(|e| Error::Cluster(e.to_string()))?,
+            )?;
+            tracing::info!(member = reply.member, "claimed a GCS replica slot");
+        }
+    }
+    Ok((
+        reply.member,
+        oxray_gcs::mesh::MemberTable::new(reply.version, members),
+    ))
 }
 
 fn config_for(settings: &NodeSettings) -> Config {
@@ -628,8 +691,8 @@ pub fn join_cluster(address: &str, token: &str, settings: NodeSettings) -> Resul
 }
 
 /// Joins the cluster at `address` as [`join_cluster`] does, and hosts one of its GCS replicas, kept in
-/// `<data_dir>/gcs-replica/`. The first time, this claims a free replica slot from the head; afterwards it
-/// resumes the same member from its certificate and durable log, and catches up from the leader.
+/// `<data_dir>/gcs-replica/`. The first time, this claims a free replica slot from the head; afterwards it takes
+/// the same slot back (under this process's new node id), reopens its durable log and catches up from the leader.
 pub fn join_as_gcs_replica(
     address: &str,
     token: &str,
@@ -641,7 +704,7 @@ pub fn join_as_gcs_replica(
 
 fn join_inner(
     address: &str,
-    token_text: &str,
+    token: &str,
     settings: NodeSettings,
     replica_dir: Option<&Path>,
 ) -> Result<()> {
@@ -650,36 +713,23 @@ fn join_inner(
             "{address:?} is not HOST:PORT (an IP address and a port)"
         ))
     })?;
-    let token = ClusterToken::from_str(token_text)?;
-    // A replica's certificate comes with its slot (or from its data dir); any other node gets one below.
-    let (identity, replica) = match replica_dir {
-        Some(d) => {
-            let r = cli_runtime()?.block_on(replica_identity(d, address, token_text, &token))?;
-            (Some(r.identity), Some((r.member, r.members, r.dir)))
-        }
-        None => (None, None),
-    };
-    let node = identity
-        .as_ref()
-        .map(|i| i.node_id())
-        .unwrap_or_else(NodeId::random);
+    let token = ClusterToken::from_str(token)?;
+    let replica = replica_dir
+        .map(|d| open_replica_dir(d, &token))
+        .transpose()?;
+    let node = NodeId::random();
     let rt = runtime::install_as(config_for(&settings), Some(node.0))?;
     if rt.node != node.0 || rt.cluster.get().is_some() {
         return Err(Error::InvalidArgument(
             "this process already runs oxray; call shutdown() first".into(),
         ));
     }
-    let identity = match identity {
-        Some(i) => i,
-        None => {
-            let join = token.join.clone();
-            block_on_io(&rt.tokio, async move {
-                oxray_transport::join(addr, &join, node).await.map_err(|e| {
-                    Error::Cluster(format!("cannot join the cluster at {addr}: {e} (is `start --head` running, and is the token right?)"))
-                })
-            })?
-        }
-    };
+    let join = token.join.clone();
+    let identity = block_on_io(&rt.tokio, async move {
+        oxray_transport::join(addr, &join, node).await.map_err(|e| {
+            Error::Cluster(format!("cannot join the cluster at {addr}: {e} (is `start --head` running, and is the token right?)"))
+        })
+    })?;
     let bind_ip = if addr.ip().is_loopback() {
         IpAddr::V4(Ipv4Addr::LOCALHOST)
     } else {
@@ -699,26 +749,33 @@ fn join_inner(
             .map_err(|e| Error::Cluster(format!("cannot bind the mesh endpoint: {e}")))
     })?;
     mesh.add_peer(token.head, addr);
-    let client = match replica {
-        Some((member, members, dir)) => {
+    let head = token.head;
+    let table = match replica {
+        Some(rd) => {
+            let m = mesh.clone();
+            let (member, table, dir) = block_on_io(&rt.tokio, async move {
+                let (member, table) = claim_replica_slot(&m, head, &rd).await?;
+                Ok((member, table, rd.dir))
+            })?;
             let gcs_dir = dir.join("gcs");
             let (server, client) =
-                start_member(&rt, &mesh, member, &members, &gcs_dir).map_err(|e| {
+                start_member(&rt, &mesh, member, &table, &gcs_dir).map_err(|e| {
                     Error::Cluster(format!(
                         "cannot start the GCS replica in {}: {e}",
                         gcs_dir.display()
                     ))
                 })?;
-            let service = oxray_gcs::mesh::GcsService::new(members);
+            let service = oxray_gcs::mesh::GcsService::with_table(table.clone());
             service.attach(server.clone());
             handler.serve_gcs(service);
             let _ = rt.gcs_server.set(server);
-            client
+            let _ = rt.gcs.set(oxray_gcs::tables::Tables::new(client));
+            table
         }
         None => {
             // Every node's client knows the whole group, so it keeps working when any minority of it is down.
-            let (m, head) = (mesh.clone(), token.head);
-            let members = block_on_io(&rt.tokio, async move {
+            let m = mesh.clone();
+            let (version, members) = block_on_io(&rt.tokio, async move {
                 oxray_gcs::mesh::fetch_members(&m, head, GCS_CONTROL_TIMEOUT)
                     .await
                     .map_err(|e| {
@@ -727,11 +784,15 @@ fn join_inner(
                         ))
                     })
             })?;
-            gcs_client(&mesh, &members)
+            let table = oxray_gcs::mesh::MemberTable::new(version, members);
+            let _ = rt
+                .gcs
+                .set(oxray_gcs::tables::Tables::new(gcs_client(&mesh, &table)));
+            table
         }
     };
-    let _ = rt.gcs.set(oxray_gcs::tables::Tables::new(client));
-    let cluster = Cluster::new(mesh, token.head, settings, false, rt.tokio.clone());
+    spawn_table_refresh(&rt, mesh.clone(), head, table);
+    let cluster = Cluster::new(mesh, head, settings, false, rt.tokio.clone());
     let _ = rt.cluster.set(cluster.clone());
     handler.attach(&rt);
     let rt2 = rt.clone();
@@ -818,7 +879,7 @@ pub fn gcs_status() -> Result<Vec<GcsMemberStatus>> {
         });
     };
     block_on_io(&rt.tokio, async move {
-        let members = oxray_gcs::mesh::fetch_members(&cl.mesh, cl.head, GCS_CONTROL_TIMEOUT)
+        let (_, members) = oxray_gcs::mesh::fetch_members(&cl.mesh, cl.head, GCS_CONTROL_TIMEOUT)
             .await
             .map_err(|e| {
                 Error::Cluster(format!(
