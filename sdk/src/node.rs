@@ -528,8 +528,7 @@ fn spawn_table_refresh(
     let weak = Arc::downgrade(&table);
     drop(table);
     rt.tokio.spawn(async move {
-        loop {
-            let Some(table) = weak.upgrade() else { break };
+        while let Some(table) = weak.upgrade() {
             tokio::select! {
                 _ = table.stale() => {}
                 _ = tokio::time::sleep(Duration::from_secs(10)) => {}
