@@ -951,20 +951,86 @@ fn cli_runtime() -> Result<tokio::runtime::Runtime> {
 pub fn cluster_state(address: &str, token: &str) -> Result<ClusterState> {
     cli_runtime()?.block_on(async {
         let (mesh, head) = head_link(address, token).await?;
-        let msg = mesh
-            .request(
-                head,
-                kind::CLUSTER_STATE,
-                bytes::Bytes::new(),
-                Duration::from_secs(10),
-            )
-            .await
-            .map_err(|e| Error::Cluster(format!("the head at {address} did not answer: {e}")))?;
-        let state = serde_json::from_slice(msg.body())
-            .map_err(|e| Error::Cluster(format!("bad state reply: {e}")));
+        let state = state_via(&mesh, head, address).await;
         mesh.shutdown().await;
         state
     })
+}
+
+async fn state_via(mesh: &Mesh, head: NodeId, address: &str) -> Result<ClusterState> {
+    let msg = mesh
+        .request(
+            head,
+            kind::CLUSTER_STATE,
+            bytes::Bytes::new(),
+            Duration::from_secs(10),
+        )
+        .await
+        .map_err(|e| Error::Cluster(format!("the head at {address} did not answer: {e}")))?;
+    serde_json::from_slice(msg.body()).map_err(|e| Error::Cluster(format!("bad state reply: {e}")))
+}
+
+/// [`cluster_state`] and every GCS member's own status (for `oxray status`), over one connection to the
+/// cluster. The GCS part is best effort: if the head cannot give its member table, it is that error.
+pub fn cluster_and_gcs_state(
+    address: &str,
+    token: &str,
+) -> Result<(ClusterState, Result<Vec<GcsMemberStatus>>)> {
+    cli_runtime()?.block_on(async {
+        let (mesh, head) = head_link(address, token).await?;
+        let state = state_via(&mesh, head, address).await;
+        let gcs = match &state {
+            Ok(s) => gcs_members_via(&mesh, head, s).await,
+            Err(e) => Err(e.clone()),
+        };
+        mesh.shutdown().await;
+        Ok((state?, gcs))
+    })
+}
+
+/// Asks each GCS member for its status through a CLI endpoint, which learns where members listen from the
+/// head's membership list (short ids there).
+async fn gcs_members_via(
+    mesh: &Mesh,
+    head: NodeId,
+    state: &ClusterState,
+) -> Result<Vec<GcsMemberStatus>> {
+    let (_, members) = oxray_gcs::mesh::fetch_members(mesh, head, GCS_CONTROL_TIMEOUT)
+        .await
+        .map_err(|e| Error::Cluster(format!("cannot get the GCS member table: {e}")))?;
+    let mut out = Vec::new();
+    for (member, node) in members {
+        let listed = state
+            .members
+            .iter()
+            .find(|m| m.id == crate::runtime::short(node.0) && m.alive);
+        let r = match listed.and_then(|m| m.address.parse::<SocketAddr>().ok()) {
+            _ if node == head => {
+                oxray_gcs::mesh::fetch_status(mesh, node, Duration::from_secs(2)).await
+            }
+            Some(addr) => {
+                mesh.add_peer(node, addr);
+                oxray_gcs::mesh::fetch_status(mesh, node, Duration::from_secs(2)).await
+            }
+            None if node.0 == 0 => Err(oxray_gcs::client::CallError::Unreachable(
+                "slot not claimed yet".into(),
+            )),
+            None => Err(oxray_gcs::client::CallError::Unreachable(
+                "its node is not alive".into(),
+            )),
+        };
+        let (shards, error) = match r {
+            Ok(s) => (s.into_iter().map(shard_status).collect(), None),
+            Err(e) => (Vec::new(), Some(e.to_string())),
+        };
+        out.push(GcsMemberStatus {
+            member,
+            node: hex_node(node),
+            shards,
+            error,
+        });
+    }
+    Ok(out)
 }
 
 /// Stops every node of the cluster (the head forwards the request, then exits).
