@@ -452,6 +452,8 @@ pub fn start_head(opts: HeadOptions) -> Result<ClusterAddress> {
             let state = parking_lot::Mutex::new(b);
             let path = dir.join("gcs-members.json");
             let table = table.clone();
+            // Runs on the mesh's handler thread and fsyncs there: claims come once per replica start, so this
+            // rare short block is simpler than handing the file write to another thread.
             service.set_claim_handler(Arc::new(move |from, body| {
                 claim_slot(&state, &path, &table, from, body)
             }));
