@@ -9,6 +9,11 @@
 //!   serves only the GCS can use [`GcsService`] directly as its [`Handler`].
 //!
 //! Bodies are the encodings of [`crate::wire`]; nothing here makes decisions.
+//!
+//! Three small control kinds let a node running `start` learn and join the replica group without a second
+//! protocol: [`KIND_MEMBERS`] (the member table, answered by any member), [`KIND_STATUS`] (one member's
+//! [`ShardStatus`] list, for `oxray status` and tests) and [`KIND_CLAIM`] (a bootstrap slot request, answered by
+//! whatever hook the head installed with [`GcsService::set_claim_handler`]; the slot policy is the caller's).
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -20,7 +25,7 @@ use bytes::Bytes;
 use oxray_transport::{Handler, Mesh, Message, NodeId, Responder};
 
 use crate::client::{CallError, Connector};
-use crate::server::{GcsServer, PeerNetwork};
+use crate::server::{GcsServer, PeerNetwork, ShardStatus};
 use crate::wire::{Request, Response};
 
 /// Mesh message kind of a client request to a GCS member (answered with [`KIND_RESPONSE`]).
@@ -31,16 +36,94 @@ pub const KIND_RESPONSE: u16 = 0x0301;
 pub const KIND_RAFT: u16 = 0x0302;
 /// Mesh stream kind of a large Raft message (a snapshot) streamed between GCS members.
 pub const KIND_RAFT_STREAM: u16 = 0x0303;
+/// Mesh message kind asking a member for the member table (empty body; answered with [`encode_members`]).
+pub const KIND_MEMBERS: u16 = 0x0304;
+/// Mesh message kind asking a member for its shard replicas' status (answered with [`encode_status`]).
+pub const KIND_STATUS: u16 = 0x0305;
+/// Mesh message kind claiming a bootstrap replica slot (body and answer are defined by the claim hook).
+pub const KIND_CLAIM: u16 = 0x0306;
+
+/// Most members a member table may list. Raft groups beyond 7 voters only slow commits down, and the bound
+/// keeps a decoded table from a peer small.
+pub const MAX_MEMBERS: usize = 7;
+
+/// What the head answers a [`KIND_CLAIM`] with: the reply body, or an error shown to the claimant.
+pub type ClaimHandler = Arc<dyn Fn(NodeId, &[u8]) -> Result<Bytes, String> + Send + Sync>;
+
+/// Which node hosts each member, shared by a node's [`MeshPeers`], [`MeshConnector`] and [`GcsService`].
+///
+/// A member's Raft identity (its member id, its log) is fixed, but the node hosting it is not: a replica restarted
+/// from its data dir joins the mesh under a new node id, because a node id's death is final in the cluster's
+/// failure detector. The table is versioned; whoever assigns slots (the head) bumps the version on each change,
+/// and holders apply only newer tables. Holders that see a sign of staleness (a Raft message from a node the
+/// table does not name, a send or call that fails) call [`MemberTable::suspect_stale`], which wakes whoever
+/// refreshes the table ([`MemberTable::stale`]).
+#[derive(Debug)]
+pub struct MemberTable {
+    table: parking_lot::RwLock<(u64, BTreeMap<u64, NodeId>)>,
+    stale: tokio::sync::Notify,
+}
+
+impl MemberTable {
+    /// A table at `version` (member id → node id).
+    pub fn new(version: u64, members: BTreeMap<u64, NodeId>) -> Arc<MemberTable> {
+        Arc::new(MemberTable {
+            table: parking_lot::RwLock::new((version, members)),
+            stale: tokio::sync::Notify::new(),
+        })
+    }
+
+    /// The node hosting `member`.
+    pub fn node(&self, member: u64) -> Option<NodeId> {
+        self.table.read().1.get(&member).copied()
+    }
+
+    /// Whether `node` hosts `member` according to this table.
+    pub fn hosts(&self, member: u64, node: NodeId) -> bool {
+        self.node(member) == Some(node)
+    }
+
+    /// Whether `node` hosts any member.
+    pub fn is_member_node(&self, node: NodeId) -> bool {
+        self.table.read().1.values().any(|n| *n == node)
+    }
+
+    /// The version and the table.
+    pub fn snapshot(&self) -> (u64, BTreeMap<u64, NodeId>) {
+        self.table.read().clone()
+    }
+
+    /// Replaces the table if `version` is newer; returns whether it did. The member ids must stay the same
+    /// (Raft's voter set is fixed); a table with other ids is refused.
+    pub fn update(&self, version: u64, members: BTreeMap<u64, NodeId>) -> bool {
+        let mut t = self.table.write();
+        if version <= t.0 || !t.1.keys().eq(members.keys()) {
+            return false;
+        }
+        *t = (version, members);
+        true
+    }
+
+    /// Reports a sign that the table may be out of date.
+    pub fn suspect_stale(&self) {
+        self.stale.notify_one();
+    }
+
+    /// Waits for [`MemberTable::suspect_stale`].
+    pub async fn stale(&self) {
+        self.stale.notified().await
+    }
+}
 
 /// Raft messages larger than this (in practice only snapshots) are streamed rather than sent as one mesh
 /// message, which the transport caps at `max_message_bytes` (64 MiB by default).
 pub const STREAM_THRESHOLD: usize = 8 << 20;
 
-/// Sends Raft traffic over the mesh. Member ids map to node ids through a fixed table.
+/// Sends Raft traffic over the mesh. Member ids map to node ids through a [`MemberTable`].
 #[derive(Debug)]
 pub struct MeshPeers {
     mesh: OnceLock<Mesh>,
-    members: BTreeMap<u64, NodeId>,
+    members: Arc<MemberTable>,
     runtime: tokio::runtime::Handle,
 }
 
@@ -49,6 +132,11 @@ impl MeshPeers {
     /// bound (the mesh needs its handler first, and the handler needs the server, which needs this).
     /// Must be created inside a tokio runtime: sends are spawned on it.
     pub fn new(members: BTreeMap<u64, NodeId>) -> Arc<MeshPeers> {
+        MeshPeers::with_table(MemberTable::new(0, members))
+    }
+
+    /// [`MeshPeers::new`] over a shared, updatable table.
+    pub fn with_table(members: Arc<MemberTable>) -> Arc<MeshPeers> {
         Arc::new(MeshPeers {
             mesh: OnceLock::new(),
             members,
@@ -64,11 +152,11 @@ impl MeshPeers {
 
 impl PeerNetwork for MeshPeers {
     fn send_raft(&self, to: u64, msg: Bytes) {
-        let (Some(mesh), Some(node)) = (self.mesh.get(), self.members.get(&to)) else {
+        let (Some(mesh), Some(node)) = (self.mesh.get(), self.members.node(to)) else {
             return;
         };
         let mesh = mesh.clone();
-        let node = *node;
+        let table = self.members.clone();
         // Called from a shard thread: hand the send to the runtime. Failures are dropped; Raft retransmits.
         self.runtime.spawn(async move {
             let res = if msg.len() > STREAM_THRESHOLD {
@@ -80,6 +168,8 @@ impl PeerNetwork for MeshPeers {
             };
             if let Err(e) = res {
                 tracing::debug!(to = %node, cause = %e, "raft send failed");
+                // The member may have moved to a new node.
+                table.suspect_stale();
             }
         });
     }
@@ -89,7 +179,7 @@ impl PeerNetwork for MeshPeers {
 #[derive(Debug, Clone)]
 pub struct MeshConnector {
     mesh: Mesh,
-    members: BTreeMap<u64, NodeId>,
+    members: Arc<MemberTable>,
     timeout: Duration,
 }
 
@@ -99,6 +189,15 @@ impl MeshConnector {
     pub fn new(
         mesh: Mesh,
         members: BTreeMap<u64, NodeId>,
+        timeout: Duration,
+    ) -> Arc<MeshConnector> {
+        MeshConnector::with_table(mesh, MemberTable::new(0, members), timeout)
+    }
+
+    /// [`MeshConnector::new`] over a shared, updatable table.
+    pub fn with_table(
+        mesh: Mesh,
+        members: Arc<MemberTable>,
         timeout: Duration,
     ) -> Arc<MeshConnector> {
         Arc::new(MeshConnector {
@@ -116,15 +215,19 @@ impl Connector for MeshConnector {
         req: Request,
     ) -> Pin<Box<dyn Future<Output = Result<Response, CallError>> + Send + '_>> {
         Box::pin(async move {
-            let node = *self
+            let node = self
                 .members
-                .get(&member)
+                .node(member)
                 .ok_or_else(|| CallError::Unreachable(format!("unknown member {member}")))?;
             let reply = self
                 .mesh
                 .request(node, KIND_REQUEST, req.encode(), self.timeout)
                 .await
-                .map_err(|e| CallError::Unreachable(e.to_string()))?;
+                .map_err(|e| {
+                    // The member may have moved to a new node.
+                    self.members.suspect_stale();
+                    CallError::Unreachable(e.to_string())
+                })?;
             if reply.kind() != KIND_RESPONSE {
                 return Err(CallError::BadResponse(format!(
                     "message kind {:#x}",
@@ -140,21 +243,48 @@ impl Connector for MeshConnector {
 ///
 /// A Raft message is accepted only if the mesh-authenticated sender is the node of the member the message
 /// claims to come from, so a node that is not a member cannot vote or append.
-#[derive(Debug)]
 pub struct GcsService {
     /// Replaceable, so a member restarted in-process (from its files) can take over the same endpoint.
     server: parking_lot::RwLock<Option<GcsServer>>,
-    members: BTreeMap<u64, NodeId>,
+    members: Arc<MemberTable>,
+    claims: OnceLock<ClaimHandler>,
+}
+
+impl std::fmt::Debug for GcsService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GcsService")
+            .field("server", &*self.server.read())
+            .field("members", &self.members)
+            .field("hands_out_slots", &self.claims.get().is_some())
+            .finish()
+    }
 }
 
 impl GcsService {
     /// A service for a cluster of `members` (member id → node id), with no server yet (requests fail until
     /// [`GcsService::attach`]).
     pub fn new(members: BTreeMap<u64, NodeId>) -> Arc<GcsService> {
+        GcsService::with_table(MemberTable::new(0, members))
+    }
+
+    /// [`GcsService::new`] over a shared, updatable table.
+    pub fn with_table(members: Arc<MemberTable>) -> Arc<GcsService> {
         Arc::new(GcsService {
             server: parking_lot::RwLock::new(None),
             members,
+            claims: OnceLock::new(),
         })
+    }
+
+    /// The member table this service checks senders against.
+    pub fn members(&self) -> &Arc<MemberTable> {
+        &self.members
+    }
+
+    /// Installs the answer to [`KIND_CLAIM`] (only the bootstrapping head does; later calls are ignored).
+    /// Without one, claims are refused.
+    pub fn set_claim_handler(&self, handler: ClaimHandler) {
+        let _ = self.claims.set(handler);
     }
 
     /// Sets (or replaces) the server to dispatch to.
@@ -169,21 +299,49 @@ impl GcsService {
 
     /// Whether `kind` is one of the GCS's message kinds.
     pub fn handles(kind: u16) -> bool {
-        matches!(kind, KIND_REQUEST | KIND_RAFT | KIND_RAFT_STREAM)
+        matches!(
+            kind,
+            KIND_REQUEST | KIND_RAFT | KIND_RAFT_STREAM | KIND_MEMBERS | KIND_STATUS | KIND_CLAIM
+        )
     }
 }
 
 impl Handler for GcsService {
     fn on_request(&self, msg: Message, reply: Responder) {
-        if msg.kind() != KIND_REQUEST {
-            reply.error(format!("gcs: unexpected request kind {:#x}", msg.kind()));
-            return;
+        match msg.kind() {
+            KIND_REQUEST | KIND_STATUS => {}
+            KIND_MEMBERS => {
+                let (version, members) = self.members.snapshot();
+                return reply.send(KIND_RESPONSE, encode_members(version, &members));
+            }
+            KIND_CLAIM => {
+                return match self.claims.get() {
+                    Some(h) => match h(msg.source(), msg.body()) {
+                        Ok(body) => reply.send(KIND_RESPONSE, body),
+                        Err(why) => reply.error(format!("gcs: claim refused: {why}")),
+                    },
+                    None if self.members.snapshot().1.len() == 1 => reply.error(
+                        "gcs: this cluster's GCS has one replica, on the head, and no slots for others \
+                         (start the head with --gcs-replicas 3 for a replicated GCS)",
+                    ),
+                    None => reply.error("gcs: only the head hands out replica slots"),
+                };
+            }
+            other => {
+                reply.error(format!("gcs: unexpected request kind {other:#x}"));
+                return;
+            }
         }
         let Some(server) = self.server.read().clone() else {
             reply.error("gcs: member not started");
             return;
         };
         tokio::spawn(async move {
+            if msg.kind() == KIND_STATUS {
+                let status = server.status().await;
+                reply.send(KIND_RESPONSE, encode_status(&status));
+                return;
+            }
             let resp = server.handle_bytes(msg.body()).await;
             reply.send(KIND_RESPONSE, resp);
         });
@@ -200,13 +358,14 @@ impl Handler for GcsService {
             incoming.error(format!("gcs: unexpected stream kind {:#x}", header.kind()));
             return;
         }
-        if !self.members.values().any(|n| *n == header.source()) {
+        if !self.members.is_member_node(header.source()) {
             incoming.error("gcs: streams are accepted from members only");
             return;
         }
         let this = GcsService {
             server: parking_lot::RwLock::new(self.server.read().clone()),
             members: self.members.clone(),
+            claims: OnceLock::new(),
         };
         tokio::spawn(async move {
             match incoming.read_all().await {
@@ -227,15 +386,208 @@ impl GcsService {
             return;
         };
         match crate::wire::decode_raft(body) {
-            Ok((shard, m)) if self.members.get(&m.from) == Some(&source) => {
-                server.deliver(shard, m)
-            }
+            Ok((shard, m)) if self.members.hosts(m.from, source) => server.deliver(shard, m),
             Ok((_, m)) => {
-                tracing::warn!(source = %source, claimed = m.from, "raft message from a non-member dropped");
+                // Either a stranger, or a member that moved to a new node and this table is behind.
+                tracing::debug!(source = %source, claimed = m.from, "raft message from a non-member dropped");
+                self.members.suspect_stale();
             }
             Err(e) => {
                 tracing::debug!(source = %source, cause = %e, "malformed raft message dropped")
             }
         }
+    }
+}
+
+/// Encodes a member table: its `u64` version, a `u32` count, then `(member u64, node u128)` pairs, little-endian.
+pub fn encode_members(version: u64, members: &BTreeMap<u64, NodeId>) -> Bytes {
+    let mut out = Vec::with_capacity(12 + members.len() * 24);
+    out.extend_from_slice(&version.to_le_bytes());
+    out.extend_from_slice(&(members.len() as u32).to_le_bytes());
+    for (m, n) in members {
+        out.extend_from_slice(&m.to_le_bytes());
+        out.extend_from_slice(&n.0.to_le_bytes());
+    }
+    Bytes::from(out)
+}
+
+/// Decodes [`encode_members`]. The bytes come from the network: the length is checked against the count,
+/// the count against [`MAX_MEMBERS`], and member ids must be non-zero.
+pub fn decode_members(buf: &[u8]) -> Result<(u64, BTreeMap<u64, NodeId>), CallError> {
+    let bad = |why: &str| CallError::BadResponse(format!("member table: {why}"));
+    let (version, buf) = buf
+        .split_first_chunk::<8>()
+        .ok_or_else(|| bad("truncated"))?;
+    let (count, rest) = buf
+        .split_first_chunk::<4>()
+        .ok_or_else(|| bad("truncated"))?;
+    let count = u32::from_le_bytes(*count) as usize;
+    if count == 0 || count > MAX_MEMBERS {
+        return Err(bad(&format!("{count} members")));
+    }
+    if rest.len() != count * 24 {
+        return Err(bad("length does not match the count"));
+    }
+    let mut out = BTreeMap::new();
+    for pair in rest.chunks_exact(24) {
+        let (m, n) = pair.split_at(8);
+        let m = u64::from_le_bytes(m.try_into().map_err(|_| bad("member"))?);
+        let n = u128::from_le_bytes(n.try_into().map_err(|_| bad("node"))?);
+        if m == 0 || out.insert(m, NodeId(n)).is_some() {
+            return Err(bad("member ids must be non-zero and distinct"));
+        }
+    }
+    Ok((u64::from_le_bytes(*version), out))
+}
+
+const STATUS_LEN: usize = 4 + 1 + 8 * 5;
+
+/// Encodes a member's shard statuses: per shard `shard u32, is_leader u8, leader u64 (0 = none), term, applied,
+/// revision, snapshot_index` (all `u64`, little-endian).
+pub fn encode_status(status: &[ShardStatus]) -> Bytes {
+    let mut out = Vec::with_capacity(status.len() * STATUS_LEN);
+    for s in status {
+        out.extend_from_slice(&s.shard.to_le_bytes());
+        out.push(u8::from(s.is_leader));
+        for v in [
+            s.leader.unwrap_or(0),
+            s.term,
+            s.applied,
+            s.revision,
+            s.snapshot_index,
+        ] {
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+    }
+    Bytes::from(out)
+}
+
+/// Decodes [`encode_status`] (network input: the length must be a whole number of records).
+pub fn decode_status(buf: &[u8]) -> Result<Vec<ShardStatus>, CallError> {
+    if !buf.len().is_multiple_of(STATUS_LEN) {
+        return Err(CallError::BadResponse("status: truncated record".into()));
+    }
+    let u64_at = |r: &[u8], at: usize| {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&r[at..at + 8]);
+        u64::from_le_bytes(b)
+    };
+    Ok(buf
+        .chunks_exact(STATUS_LEN)
+        .map(|r| {
+            let mut shard = [0u8; 4];
+            shard.copy_from_slice(&r[..4]);
+            let leader = u64_at(r, 5);
+            ShardStatus {
+                shard: u32::from_le_bytes(shard),
+                is_leader: r[4] != 0,
+                leader: (leader != 0).then_some(leader),
+                term: u64_at(r, 13),
+                applied: u64_at(r, 21),
+                revision: u64_at(r, 29),
+                snapshot_index: u64_at(r, 37),
+            }
+        })
+        .collect())
+}
+
+async fn control_call(
+    mesh: &Mesh,
+    node: NodeId,
+    kind: u16,
+    body: Bytes,
+    timeout: Duration,
+) -> Result<Message, CallError> {
+    let reply = mesh
+        .request(node, kind, body, timeout)
+        .await
+        .map_err(|e| CallError::Unreachable(e.to_string()))?;
+    if reply.kind() != KIND_RESPONSE {
+        return Err(CallError::BadResponse(format!(
+            "message kind {:#x}",
+            reply.kind()
+        )));
+    }
+    Ok(reply)
+}
+
+/// Asks the member on `node` for the member table and its version.
+pub async fn fetch_members(
+    mesh: &Mesh,
+    node: NodeId,
+    timeout: Duration,
+) -> Result<(u64, BTreeMap<u64, NodeId>), CallError> {
+    let reply = control_call(mesh, node, KIND_MEMBERS, Bytes::new(), timeout).await?;
+    decode_members(reply.body())
+}
+
+/// Asks the member on `node` for its shard replicas' status.
+pub async fn fetch_status(
+    mesh: &Mesh,
+    node: NodeId,
+    timeout: Duration,
+) -> Result<Vec<ShardStatus>, CallError> {
+    let reply = control_call(mesh, node, KIND_STATUS, Bytes::new(), timeout).await?;
+    decode_status(reply.body())
+}
+
+/// Sends a [`KIND_CLAIM`] with `body` to `node` and returns the answer's body.
+pub async fn claim(
+    mesh: &Mesh,
+    node: NodeId,
+    body: Bytes,
+    timeout: Duration,
+) -> Result<Bytes, CallError> {
+    let reply = control_call(mesh, node, KIND_CLAIM, body, timeout).await?;
+    Ok(Bytes::copy_from_slice(reply.body()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn member_table_round_trips_and_rejects_bad_input() {
+        let m: BTreeMap<u64, NodeId> = [(1, NodeId(7)), (2, NodeId(u128::MAX)), (3, NodeId(0))]
+            .into_iter()
+            .collect();
+        let enc = encode_members(9, &m);
+        assert_eq!(decode_members(&enc).unwrap(), (9, m.clone()));
+        assert!(decode_members(&enc[..enc.len() - 1]).is_err());
+        assert!(decode_members(&[]).is_err());
+        let mut huge = 1u64.to_le_bytes().to_vec();
+        huge.extend_from_slice(&u32::MAX.to_le_bytes());
+        assert!(decode_members(&huge).is_err());
+        let mut zero = enc.to_vec();
+        zero[12..20].copy_from_slice(&0u64.to_le_bytes());
+        assert!(decode_members(&zero).is_err());
+
+        // Tables only move forward, and never change the member ids.
+        let t = MemberTable::new(1, m.clone());
+        let mut moved = m.clone();
+        moved.insert(2, NodeId(99));
+        assert!(!t.update(1, moved.clone()));
+        assert!(t.update(2, moved.clone()));
+        assert!(t.hosts(2, NodeId(99)) && !t.hosts(2, NodeId(u128::MAX)));
+        let mut grown = moved;
+        grown.insert(4, NodeId(5));
+        assert!(!t.update(3, grown));
+    }
+
+    #[test]
+    fn status_round_trips_and_rejects_bad_input() {
+        let s = vec![ShardStatus {
+            shard: 3,
+            is_leader: true,
+            leader: Some(2),
+            term: 4,
+            applied: 5,
+            revision: 6,
+            snapshot_index: 7,
+        }];
+        let enc = encode_status(&s);
+        assert_eq!(decode_status(&enc).unwrap(), s);
+        assert!(decode_status(&enc[1..]).is_err());
+        assert!(decode_status(&[]).unwrap().is_empty());
     }
 }

@@ -23,8 +23,245 @@ use crate::error::{Error, Result};
 use crate::runtime::{self, Config, block_on_io};
 use crate::wire::{ClusterState, kind};
 
-/// The GCS member id of the head's replica (this build runs one replica, on the head).
+/// The GCS member id of the head's replica. The head is always member 1; `--gcs` nodes host members 2..=N.
 const GCS_MEMBER: u64 = 1;
+
+/// Shards of a cluster's GCS. One, as in embedded mode: the GCS holds cluster metadata, far from the load one
+/// Raft group can carry, and every member and client must agree on the number (it fixes the key-to-shard map).
+const GCS_SHARDS: u32 = 1;
+
+/// How long one GCS control exchange (member table, slot claim, status) may take.
+const GCS_CONTROL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The head's record of a multi-replica GCS group (`<data dir>/gcs-members.json`).
+///
+/// Static bootstrap: the first `start --head --gcs-replicas N` fixes the group at N members (member 1 is the
+/// head), so the Raft voter set never changes. Each `--gcs` node claims a slot with a claim key it generated and
+/// persisted first: a new key gets a free slot, a key seen before gets its slot back. The slot's member id and
+/// log are the replica's lasting identity; the node hosting it is whichever process last claimed it (a restarted
+/// replica joins under a new node id, because a node id's death is final in the failure detector), so the
+/// table of hosting nodes is versioned and handed to everyone who asks.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct GcsBootstrap {
+    /// Group size.
+    replicas: u32,
+    /// Bumped on every change of `members`.
+    version: u64,
+    /// Member id → hosting node id (hex; all zeros while unclaimed).
+    members: BTreeMap<u64, String>,
+    /// Claim key (hex) → member id.
+    claims: BTreeMap<String, u64>,
+}
+
+/// What the head answers a slot claim with (JSON).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct ClaimReply {
+    /// The member this node hosts.
+    member: u64,
+    /// Version of `members`.
+    version: u64,
+    /// The whole group: member id → hosting node id (hex), this node included.
+    members: BTreeMap<u64, String>,
+}
+
+/// What a `--gcs` node keeps in `<data dir>/gcs-replica/member.json` beside its claim key and log.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct ReplicaFile {
+    /// The member this data dir's log belongs to.
+    member: u64,
+    /// Hex SHA-256 of the cluster CA, so a data dir is never reused for another cluster.
+    ca: String,
+}
+
+fn hex_node(n: NodeId) -> String {
+    format!("{:032x}", n.0)
+}
+
+fn parse_node(s: &str) -> Result<NodeId> {
+    u128::from_str_radix(s, 16)
+        .map(NodeId)
+        .map_err(|_| Error::Cluster(format!("bad node id {s:?} in the GCS member table")))
+}
+
+fn parse_members(m: &BTreeMap<u64, String>) -> Result<BTreeMap<u64, NodeId>> {
+    let out = m
+        .iter()
+        .map(|(k, v)| Ok((*k, parse_node(v)?)))
+        .collect::<Result<BTreeMap<_, _>>>()?;
+    let n = out.len() as u32;
+    if check_replicas(n).is_err() || out.keys().copied().ne(1..=u64::from(n)) {
+        return Err(Error::Cluster(format!(
+            "bad GCS member table: members {:?}",
+            out.keys().collect::<Vec<_>>()
+        )));
+    }
+    Ok(out)
+}
+
+fn hex_bytes(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Group sizes `--gcs-replicas` accepts. Odd only: an even group survives no more failures than the odd one below
+/// it and needs a larger quorum. At most 7: more voters only slow commits down.
+fn check_replicas(n: u32) -> Result<()> {
+    let why = match n {
+        1 | 3 | 5 | 7 => return Ok(()),
+        0 => "a GCS needs at least one replica".to_string(),
+        n if n > 7 => "more than 7 voters only slow every commit down".to_string(),
+        n => format!(
+            "an even group survives no more failures than {} replicas and needs a larger quorum",
+            n - 1
+        ),
+    };
+    Err(Error::InvalidArgument(format!(
+        "--gcs-replicas {n} is not possible: use 1, 3, 5 or 7 ({why})"
+    )))
+}
+
+/// Writes `data` to `path` so that a crash leaves either the old file or the new one: a temporary file, fsynced,
+/// renamed over `path`, and the directory fsynced.
+fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
+    let err = |e: std::io::Error| Error::Cluster(format!("cannot write {}: {e}", path.display()));
+    let tmp = path.with_extension("tmp");
+    write_private(&tmp, data)?;
+    std::fs::File::open(&tmp)
+        .and_then(|f| f.sync_all())
+        .map_err(err)?;
+    std::fs::rename(&tmp, path).map_err(err)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)
+            .and_then(|f| f.sync_all())
+            .map_err(err)?;
+    }
+    Ok(())
+}
+
+fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Option<T>> {
+    match std::fs::read(path) {
+        Ok(b) => serde_json::from_slice(&b)
+            .map(Some)
+            .map_err(|e| Error::Cluster(format!("{} is unreadable: {e}", path.display()))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(Error::Cluster(format!(
+            "cannot read {}: {e}",
+            path.display()
+        ))),
+    }
+}
+
+/// The head's GCS group: a fresh one-member group (`None`), or the persisted multi-member bootstrap.
+fn head_bootstrap(dir: &Path, asked: Option<u32>) -> Result<Option<GcsBootstrap>> {
+    if let Some(n) = asked {
+        check_replicas(n)?;
+    }
+    let path = dir.join("gcs-members.json");
+    if let Some(b) = read_json::<GcsBootstrap>(&path)? {
+        parse_members(&b.members)?;
+        if b.replicas as usize != b.members.len() {
+            return Err(Error::Cluster(format!(
+                "{} is inconsistent",
+                path.display()
+            )));
+        }
+        if let Some(n) = asked
+            && n != b.replicas
+        {
+            return Err(Error::InvalidArgument(format!(
+                "{} holds a GCS of {} replicas; start the head with --gcs-replicas {} (or without the flag), or \
+                 use a fresh --data-dir",
+                dir.display(),
+                b.replicas,
+                b.replicas
+            )));
+        }
+        return Ok(Some(b));
+    }
+    let n = asked.unwrap_or(1);
+    if n == 1 {
+        return Ok(None);
+    }
+    if dir.join("gcs").exists() {
+        // Raft's voter set is fixed in the log at its creation: a one-member log cannot become a group.
+        return Err(Error::InvalidArgument(format!(
+            "{} holds a one-replica GCS; --gcs-replicas {n} needs a fresh --data-dir",
+            dir.display()
+        )));
+    }
+    // The head's own node id is fixed here for good: the cluster token names it.
+    let b = GcsBootstrap {
+        replicas: n,
+        version: 1,
+        members: (1..=u64::from(n))
+            .map(|m| {
+                let node = if m == GCS_MEMBER {
+                    NodeId::random()
+                } else {
+                    NodeId(0)
+                };
+                (m, hex_node(node))
+            })
+            .collect(),
+        claims: BTreeMap::new(),
+    };
+    write_atomic(
+        &path,
+        &serde_json::to_vec_pretty(&b).map_err(|e| Error::Cluster(e.to_string()))?,
+    )?;
+    Ok(Some(b))
+}
+
+/// The head's answer to a slot claim: the claimant's slot (the same one again for a key seen before), now hosted
+/// by the claiming node `from` (mesh-authenticated). The change is persisted before the answer leaves, then put
+/// in the head's own table. The body is a 16-byte claim key; it comes from the network and is checked.
+fn claim_slot(
+    state: &parking_lot::Mutex<GcsBootstrap>,
+    path: &Path,
+    table: &oxray_gcs::mesh::MemberTable,
+    from: NodeId,
+    body: &[u8],
+) -> std::result::Result<bytes::Bytes, String> {
+    let key: [u8; 16] = body
+        .try_into()
+        .map_err(|_| format!("a claim key is 16 bytes, not {}", body.len()))?;
+    let key = hex_bytes(&key);
+    let mut b = state.lock();
+    let member = match b.claims.get(&key) {
+        Some(m) => *m,
+        None => {
+            let taken: std::collections::BTreeSet<u64> = b.claims.values().copied().collect();
+            let Some(free) = (2..=u64::from(b.replicas)).find(|m| !taken.contains(m)) else {
+                return Err(format!(
+                    "all {} replica slots of this {}-replica GCS are taken (a replica that lost its data dir \
+                     cannot rejoin: this cluster's group is fixed at bootstrap)",
+                    b.replicas - 1,
+                    b.replicas
+                ));
+            };
+            free
+        }
+    };
+    if b.members.get(&member) != Some(&hex_node(from)) || !b.claims.contains_key(&key) {
+        let mut next = b.clone();
+        next.claims.insert(key, member);
+        next.members.insert(member, hex_node(from));
+        next.version += 1;
+        let members = parse_members(&next.members).map_err(|e| e.to_string())?;
+        let json = serde_json::to_vec_pretty(&next).map_err(|e| e.to_string())?;
+        write_atomic(path, &json).map_err(|e| e.to_string())?;
+        table.update(next.version, members);
+        *b = next;
+        tracing::info!(node = %from, member, version = b.version, "GCS replica slot claimed");
+    }
+    let reply = ClaimReply {
+        member,
+        version: b.version,
+        members: b.members.clone(),
+    };
+    serde_json::to_vec(&reply)
+        .map(bytes::Bytes::from)
+        .map_err(|e| e.to_string())
+}
 
 /// What a node needs to join: the head's join token and the head's node id, printed by `start --head` as one
 /// string (`<join token>~<head id>`).
@@ -78,6 +315,8 @@ pub struct HeadOptions {
     pub data_dir: PathBuf,
     /// Resources offered and timing.
     pub settings: NodeSettings,
+    /// GCS group size (1, 3, 5 or 7). `None`: what the data dir holds, else 1.
+    pub gcs_replicas: Option<u32>,
 }
 
 impl Default for HeadOptions {
@@ -86,6 +325,7 @@ impl Default for HeadOptions {
             bind: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0),
             data_dir: default_data_dir(),
             settings: NodeSettings::default(),
+            gcs_replicas: None,
         }
     }
 }
@@ -151,7 +391,26 @@ pub fn start_head(opts: HeadOptions) -> Result<ClusterAddress> {
             t
         }
     };
-    let node = NodeId::random();
+    let bootstrap = head_bootstrap(dir, opts.gcs_replicas)?;
+    // A multi-replica group's table names the head, so the head keeps its node id across restarts (the head is
+    // the failure detector, so no detector ever declares it dead); a lone replica is reached only through the
+    // head, so a fresh id each start is fine.
+    let (node, table) = match &bootstrap {
+        Some(b) => {
+            let members = parse_members(&b.members)?;
+            (
+                members[&GCS_MEMBER],
+                oxray_gcs::mesh::MemberTable::new(b.version, members),
+            )
+        }
+        None => {
+            let node = NodeId::random();
+            (
+                node,
+                oxray_gcs::mesh::MemberTable::new(0, BTreeMap::from([(GCS_MEMBER, node)])),
+            )
+        }
+    };
     let identity = ca
         .issue(node)
         .map_err(|e| Error::Cluster(format!("cannot issue the head's certificate: {e}")))?;
@@ -172,18 +431,35 @@ pub fn start_head(opts: HeadOptions) -> Result<ClusterAddress> {
             .await
             .map_err(|e| Error::Cluster(format!("cannot bind the mesh endpoint: {e}")))
     })?;
-    // The head hosts the GCS replica (durable in the data dir) and serves it to the other nodes over the mesh.
+    // The head hosts GCS member 1 (durable in the data dir) and serves it to the other nodes over the mesh.
     let gcs_dir = dir.join("gcs");
-    let (server, client) = {
-        let _enter = rt.tokio.enter();
-        oxray_gcs::GcsServer::embedded(&gcs_dir).map_err(|e| {
-            Error::Cluster(format!(
-                "cannot start the GCS in {}: {e}",
-                gcs_dir.display()
-            ))
-        })?
+    let cannot = |e: oxray_gcs::server::StartError| {
+        Error::Cluster(format!(
+            "cannot start the GCS in {}: {e}",
+            gcs_dir.display()
+        ))
     };
-    let service = oxray_gcs::mesh::GcsService::new(BTreeMap::from([(GCS_MEMBER, node)]));
+    let service = oxray_gcs::mesh::GcsService::with_table(table.clone());
+    let (server, client) = match bootstrap {
+        None => {
+            let _enter = rt.tokio.enter();
+            oxray_gcs::GcsServer::embedded(&gcs_dir).map_err(cannot)?
+        }
+        Some(b) => {
+            // Writable once a quorum of members runs: until the `--gcs` nodes join, GCS calls time out.
+            let (server, client) =
+                start_member(&rt, &mesh, GCS_MEMBER, &table, &gcs_dir).map_err(cannot)?;
+            let state = parking_lot::Mutex::new(b);
+            let path = dir.join("gcs-members.json");
+            let table = table.clone();
+            // Runs on the mesh's handler thread and fsyncs there: claims come once per replica start, so this
+            // rare short block is simpler than handing the file write to another thread.
+            service.set_claim_handler(Arc::new(move |from, body| {
+                claim_slot(&state, &path, &table, from, body)
+            }));
+            (server, client)
+        }
+    };
     service.attach(server.clone());
     handler.serve_gcs(service);
     let _ = rt.gcs_server.set(server);
@@ -204,6 +480,205 @@ pub fn start_head(opts: HeadOptions) -> Result<ClusterAddress> {
     Ok(addr)
 }
 
+/// Starts GCS member `member` of the group in `table`, stored in `dir`, with Raft over `mesh`, and a client that
+/// knows the whole group (it finds the leader by following NotLeader hints).
+fn start_member(
+    rt: &runtime::Runtime,
+    mesh: &Mesh,
+    member: u64,
+    table: &Arc<oxray_gcs::mesh::MemberTable>,
+    dir: &Path,
+) -> std::result::Result<(oxray_gcs::GcsServer, oxray_gcs::GcsClient), oxray_gcs::server::StartError>
+{
+    let _enter = rt.tokio.enter();
+    let peers = oxray_gcs::mesh::MeshPeers::with_table(table.clone());
+    let ids: Vec<u64> = table.snapshot().1.keys().copied().collect();
+    let server = oxray_gcs::GcsServer::start(
+        oxray_gcs::ServerConfig::new(member, ids, GCS_SHARDS, dir),
+        peers.clone(),
+    )?;
+    peers.attach(mesh.clone());
+    Ok((server, gcs_client(mesh, table)))
+}
+
+fn gcs_client(mesh: &Mesh, table: &Arc<oxray_gcs::mesh::MemberTable>) -> oxray_gcs::GcsClient {
+    let connector = oxray_gcs::mesh::MeshConnector::with_table(
+        mesh.clone(),
+        table.clone(),
+        Duration::from_secs(2),
+    );
+    oxray_gcs::GcsClient::new(
+        connector,
+        table.snapshot().1.keys().copied().collect(),
+        GCS_SHARDS,
+        oxray_gcs::ClientConfig::default(),
+    )
+}
+
+/// Keeps a node's member table current: asks the head for it whenever a holder suspects it is stale (a call or
+/// a Raft send failed, a Raft message came from a node the table does not name), and every 10 s regardless.
+/// A lone-replica cluster's table never changes, so it gets no refresher.
+fn spawn_table_refresh(
+    rt: &runtime::Runtime,
+    mesh: Mesh,
+    head: NodeId,
+    table: Arc<oxray_gcs::mesh::MemberTable>,
+) {
+    if table.snapshot().1.len() == 1 {
+        return;
+    }
+    let weak = Arc::downgrade(&table);
+    drop(table);
+    rt.tokio.spawn(async move {
+        while let Some(table) = weak.upgrade() {
+            tokio::select! {
+                _ = table.stale() => {}
+                _ = tokio::time::sleep(Duration::from_secs(10)) => {}
+            }
+            match oxray_gcs::mesh::fetch_members(&mesh, head, Duration::from_secs(2)).await {
+                Ok((version, members)) => {
+                    if table.update(version, members) {
+                        tracing::info!(version, "GCS member table updated");
+                    }
+                }
+                Err(e) => tracing::debug!(cause = %e, "cannot refresh the GCS member table"),
+            }
+            drop(table);
+            // At most a few refreshes a second, however many failures signal.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
+}
+
+/// A `--gcs` node's replica directory, locked, with its claim key and (after its first claim) its member id.
+#[derive(Debug)]
+struct ReplicaDir {
+    dir: PathBuf,
+    key: u128,
+    member: Option<u64>,
+    ca: String,
+}
+
+/// Held for the life of the process (the OS drops it at exit, SIGKILL included), so two processes can never
+/// host the same replica from one data dir.
+static REPLICA_LOCK: std::sync::OnceLock<std::fs::File> = std::sync::OnceLock::new();
+
+/// Opens `<data_dir>/gcs-replica/`: locks it, and loads or creates the claim key. The key is persisted before it
+/// is ever sent, so a node that crashed mid-claim claims the same slot when started again.
+fn open_replica_dir(data_dir: &Path, token: &ClusterToken) -> Result<ReplicaDir> {
+    let dir = data_dir.join("gcs-replica");
+    let io = |what: &str, e: std::io::Error| {
+        Error::Cluster(format!("cannot {what} {}: {e}", dir.display()))
+    };
+    std::fs::create_dir_all(&dir).map_err(|e| io("create", e))?;
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join("lock"))
+        .map_err(|e| io("lock", e))?;
+    match rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => {}
+        Err(e) if e == rustix::io::Errno::WOULDBLOCK => {
+            return Err(Error::Cluster(format!(
+                "another process hosts the GCS replica in {} (give each --gcs node its own --data-dir)",
+                dir.display()
+            )));
+        }
+        Err(e) => return Err(io("lock", e.into())),
+    }
+    let _ = REPLICA_LOCK.set(lock);
+    let ca = hex_bytes(&token.join.ca_fingerprint());
+    let member = match read_json::<ReplicaFile>(&dir.join("member.json"))? {
+        Some(f) if f.ca != ca => {
+            return Err(Error::Cluster(format!(
+                "{} holds a GCS replica of another cluster; give this node a fresh --data-dir",
+                dir.display()
+            )));
+        }
+        Some(f) => Some(f.member),
+        None => None,
+    };
+    let key_path = dir.join("claim-key");
+    let key = match std::fs::read_to_string(&key_path)
+        .ok()
+        .and_then(|k| u128::from_str_radix(k.trim(), 16).ok())
+    {
+        Some(k) => k,
+        None if member.is_some() => {
+            return Err(Error::Cluster(format!(
+                "{} has lost its claim key; this replica cannot take its slot back",
+                dir.display()
+            )));
+        }
+        None => {
+            let k = NodeId::random().0;
+            write_atomic(&key_path, format!("{k:032x}").as_bytes())?;
+            k
+        }
+    };
+    Ok(ReplicaDir {
+        dir,
+        key,
+        member,
+        ca,
+    })
+}
+
+/// Claims (or takes back) this node's replica slot from the head, over this node's own mesh, so the head records
+/// the authenticated node id as the slot's host. Returns the member id and the member table.
+async fn claim_replica_slot(
+    mesh: &Mesh,
+    head: NodeId,
+    rd: &ReplicaDir,
+) -> Result<(u64, Arc<oxray_gcs::mesh::MemberTable>)> {
+    let reply = oxray_gcs::mesh::claim(
+        mesh,
+        head,
+        bytes::Bytes::copy_from_slice(&rd.key.to_be_bytes()),
+        GCS_CONTROL_TIMEOUT,
+    )
+    .await
+    .map_err(|e| Error::Cluster(format!("cannot get a GCS replica slot: {e}")))?;
+    let reply: ClaimReply = serde_json::from_slice(&reply)
+        .map_err(|e| Error::Cluster(format!("bad GCS slot answer: {e}")))?;
+    let members = parse_members(&reply.members)?;
+    if reply.member == GCS_MEMBER || members.get(&reply.member) != Some(&mesh.node_id()) {
+        return Err(Error::Cluster(format!(
+            "bad GCS slot answer: member {}",
+            reply.member
+        )));
+    }
+    match rd.member {
+        Some(m) if m != reply.member => {
+            return Err(Error::Cluster(format!(
+                "{} holds the log of member {m}, but the head gave this node member {}",
+                rd.dir.display(),
+                reply.member
+            )));
+        }
+        Some(_) => tracing::info!(
+            member = reply.member,
+            "resuming GCS replica from its data dir"
+        ),
+        None => {
+            let file = ReplicaFile {
+                member: reply.member,
+                ca: rd.ca.clone(),
+            };
+            write_atomic(
+                &rd.dir.join("member.json"),
+                &serde_json::to_vec_pretty(&file).map_err(|e| Error::Cluster(e.to_string()))?,
+            )?;
+            tracing::info!(member = reply.member, "claimed a GCS replica slot");
+        }
+    }
+    Ok((
+        reply.member,
+        oxray_gcs::mesh::MemberTable::new(reply.version, members),
+    ))
+}
+
 fn config_for(settings: &NodeSettings) -> Config {
     Config {
         num_cpus: settings.num_cpus.ceil().max(1.0) as usize,
@@ -213,12 +688,36 @@ fn config_for(settings: &NodeSettings) -> Config {
 
 /// Joins the cluster at `address` as a worker node (with `settings.num_cpus` CPUs) or a driver (0 CPUs).
 pub fn join_cluster(address: &str, token: &str, settings: NodeSettings) -> Result<()> {
+    join_inner(address, token, settings, None)
+}
+
+/// Joins the cluster at `address` as [`join_cluster`] does, and hosts one of its GCS replicas, kept in
+/// `<data_dir>/gcs-replica/`. The first time, this claims a free replica slot from the head; afterwards it takes
+/// the same slot back (under this process's new node id), reopens its durable log and catches up from the leader.
+pub fn join_as_gcs_replica(
+    address: &str,
+    token: &str,
+    settings: NodeSettings,
+    data_dir: &Path,
+) -> Result<()> {
+    join_inner(address, token, settings, Some(data_dir))
+}
+
+fn join_inner(
+    address: &str,
+    token: &str,
+    settings: NodeSettings,
+    replica_dir: Option<&Path>,
+) -> Result<()> {
     let addr: SocketAddr = address.parse().map_err(|_| {
         Error::InvalidArgument(format!(
             "{address:?} is not HOST:PORT (an IP address and a port)"
         ))
     })?;
     let token = ClusterToken::from_str(token)?;
+    let replica = replica_dir
+        .map(|d| open_replica_dir(d, &token))
+        .transpose()?;
     let node = NodeId::random();
     let rt = runtime::install_as(config_for(&settings), Some(node.0))?;
     if rt.node != node.0 || rt.cluster.get().is_some() {
@@ -251,19 +750,50 @@ pub fn join_cluster(address: &str, token: &str, settings: NodeSettings) -> Resul
             .map_err(|e| Error::Cluster(format!("cannot bind the mesh endpoint: {e}")))
     })?;
     mesh.add_peer(token.head, addr);
-    let connector = oxray_gcs::mesh::MeshConnector::new(
-        mesh.clone(),
-        BTreeMap::from([(GCS_MEMBER, token.head)]),
-        Duration::from_secs(2),
-    );
-    let client = oxray_gcs::GcsClient::new(
-        connector,
-        vec![GCS_MEMBER],
-        1,
-        oxray_gcs::ClientConfig::default(),
-    );
-    let _ = rt.gcs.set(oxray_gcs::tables::Tables::new(client));
-    let cluster = Cluster::new(mesh, token.head, settings, false, rt.tokio.clone());
+    let head = token.head;
+    let table = match replica {
+        Some(rd) => {
+            let m = mesh.clone();
+            let (member, table, dir) = block_on_io(&rt.tokio, async move {
+                let (member, table) = claim_replica_slot(&m, head, &rd).await?;
+                Ok((member, table, rd.dir))
+            })?;
+            let gcs_dir = dir.join("gcs");
+            let (server, client) =
+                start_member(&rt, &mesh, member, &table, &gcs_dir).map_err(|e| {
+                    Error::Cluster(format!(
+                        "cannot start the GCS replica in {}: {e}",
+                        gcs_dir.display()
+                    ))
+                })?;
+            let service = oxray_gcs::mesh::GcsService::with_table(table.clone());
+            service.attach(server.clone());
+            handler.serve_gcs(service);
+            let _ = rt.gcs_server.set(server);
+            let _ = rt.gcs.set(oxray_gcs::tables::Tables::new(client));
+            table
+        }
+        None => {
+            // Every node's client knows the whole group, so it keeps working when any minority of it is down.
+            let m = mesh.clone();
+            let (version, members) = block_on_io(&rt.tokio, async move {
+                oxray_gcs::mesh::fetch_members(&m, head, GCS_CONTROL_TIMEOUT)
+                    .await
+                    .map_err(|e| {
+                        Error::Cluster(format!(
+                            "cannot get the GCS member table from the head: {e}"
+                        ))
+                    })
+            })?;
+            let table = oxray_gcs::mesh::MemberTable::new(version, members);
+            let _ = rt
+                .gcs
+                .set(oxray_gcs::tables::Tables::new(gcs_client(&mesh, &table)));
+            table
+        }
+    };
+    spawn_table_refresh(&rt, mesh.clone(), head, table);
+    let cluster = Cluster::new(mesh, head, settings, false, rt.tokio.clone());
     let _ = rt.cluster.set(cluster.clone());
     handler.attach(&rt);
     let rt2 = rt.clone();
@@ -282,6 +812,97 @@ pub fn connect(address: &str, token: &str) -> Result<()> {
             ..NodeSettings::default()
         },
     )
+}
+
+/// One GCS member as [`gcs_status`] reports it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct GcsMemberStatus {
+    /// Member id (the head is 1).
+    pub member: u64,
+    /// The node hosting it (hex).
+    pub node: String,
+    /// Its shard replicas; empty when `error` is set.
+    pub shards: Vec<GcsShardStatus>,
+    /// Why the member did not answer.
+    pub error: Option<String>,
+}
+
+/// One shard replica's Raft state, as its member reports it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct GcsShardStatus {
+    /// Shard number.
+    pub shard: u32,
+    /// Whether this member leads the shard.
+    pub is_leader: bool,
+    /// The leader as this member knows it.
+    pub leader: Option<u64>,
+    /// Raft term.
+    pub term: u64,
+    /// Last Raft index applied by this member.
+    pub applied: u64,
+    /// KV revision this member has applied up to.
+    pub revision: u64,
+}
+
+fn shard_status(s: oxray_gcs::server::ShardStatus) -> GcsShardStatus {
+    GcsShardStatus {
+        shard: s.shard,
+        is_leader: s.is_leader,
+        leader: s.leader,
+        term: s.term,
+        applied: s.applied,
+        revision: s.revision,
+    }
+}
+
+/// Asks every GCS member of the cluster this process belongs to for its Raft state (each answers for itself, so a
+/// lagging or restarted replica shows its own applied index). A member that does not answer within 2 s is
+/// listed with its error.
+pub fn gcs_status() -> Result<Vec<GcsMemberStatus>> {
+    let rt = runtime::current()?;
+    let Some(cl) = rt.cluster.get().cloned() else {
+        let server = rt.gcs_server.get().cloned().ok_or_else(|| {
+            Error::Cluster("this process runs no GCS (nothing has used it yet)".into())
+        })?;
+        let node = hex_node(NodeId(rt.node));
+        return block_on_io(&rt.tokio, async move {
+            Ok(vec![GcsMemberStatus {
+                member: server.member(),
+                node,
+                shards: server
+                    .status()
+                    .await
+                    .into_iter()
+                    .map(shard_status)
+                    .collect(),
+                error: None,
+            }])
+        });
+    };
+    block_on_io(&rt.tokio, async move {
+        let (_, members) = oxray_gcs::mesh::fetch_members(&cl.mesh, cl.head, GCS_CONTROL_TIMEOUT)
+            .await
+            .map_err(|e| {
+                Error::Cluster(format!(
+                    "cannot get the GCS member table from the head: {e}"
+                ))
+            })?;
+        let mut out = Vec::new();
+        for (member, node) in members {
+            let r = oxray_gcs::mesh::fetch_status(&cl.mesh, node, Duration::from_secs(2)).await;
+            let (shards, error) = match r {
+                Ok(s) => (s.into_iter().map(shard_status).collect(), None),
+                Err(e) => (Vec::new(), Some(e.to_string())),
+            };
+            out.push(GcsMemberStatus {
+                member,
+                node: hex_node(node),
+                shards,
+                error,
+            });
+        }
+        Ok(out)
+    })
 }
 
 /// A handler for short-lived CLI endpoints: they serve nothing.
@@ -332,20 +953,86 @@ fn cli_runtime() -> Result<tokio::runtime::Runtime> {
 pub fn cluster_state(address: &str, token: &str) -> Result<ClusterState> {
     cli_runtime()?.block_on(async {
         let (mesh, head) = head_link(address, token).await?;
-        let msg = mesh
-            .request(
-                head,
-                kind::CLUSTER_STATE,
-                bytes::Bytes::new(),
-                Duration::from_secs(10),
-            )
-            .await
-            .map_err(|e| Error::Cluster(format!("the head at {address} did not answer: {e}")))?;
-        let state = serde_json::from_slice(msg.body())
-            .map_err(|e| Error::Cluster(format!("bad state reply: {e}")));
+        let state = state_via(&mesh, head, address).await;
         mesh.shutdown().await;
         state
     })
+}
+
+async fn state_via(mesh: &Mesh, head: NodeId, address: &str) -> Result<ClusterState> {
+    let msg = mesh
+        .request(
+            head,
+            kind::CLUSTER_STATE,
+            bytes::Bytes::new(),
+            Duration::from_secs(10),
+        )
+        .await
+        .map_err(|e| Error::Cluster(format!("the head at {address} did not answer: {e}")))?;
+    serde_json::from_slice(msg.body()).map_err(|e| Error::Cluster(format!("bad state reply: {e}")))
+}
+
+/// [`cluster_state`] and every GCS member's own status (for `oxray status`), over one connection to the
+/// cluster. The GCS part is best effort: if the head cannot give its member table, it is that error.
+pub fn cluster_and_gcs_state(
+    address: &str,
+    token: &str,
+) -> Result<(ClusterState, Result<Vec<GcsMemberStatus>>)> {
+    cli_runtime()?.block_on(async {
+        let (mesh, head) = head_link(address, token).await?;
+        let state = state_via(&mesh, head, address).await;
+        let gcs = match &state {
+            Ok(s) => gcs_members_via(&mesh, head, s).await,
+            Err(e) => Err(e.clone()),
+        };
+        mesh.shutdown().await;
+        Ok((state?, gcs))
+    })
+}
+
+/// Asks each GCS member for its status through a CLI endpoint, which learns where members listen from the
+/// head's membership list (short ids there).
+async fn gcs_members_via(
+    mesh: &Mesh,
+    head: NodeId,
+    state: &ClusterState,
+) -> Result<Vec<GcsMemberStatus>> {
+    let (_, members) = oxray_gcs::mesh::fetch_members(mesh, head, GCS_CONTROL_TIMEOUT)
+        .await
+        .map_err(|e| Error::Cluster(format!("cannot get the GCS member table: {e}")))?;
+    let mut out = Vec::new();
+    for (member, node) in members {
+        let listed = state
+            .members
+            .iter()
+            .find(|m| m.id == crate::runtime::short(node.0) && m.alive);
+        let r = match listed.and_then(|m| m.address.parse::<SocketAddr>().ok()) {
+            _ if node == head => {
+                oxray_gcs::mesh::fetch_status(mesh, node, Duration::from_secs(2)).await
+            }
+            Some(addr) => {
+                mesh.add_peer(node, addr);
+                oxray_gcs::mesh::fetch_status(mesh, node, Duration::from_secs(2)).await
+            }
+            None if node.0 == 0 => Err(oxray_gcs::client::CallError::Unreachable(
+                "slot not claimed yet".into(),
+            )),
+            None => Err(oxray_gcs::client::CallError::Unreachable(
+                "its node is not alive".into(),
+            )),
+        };
+        let (shards, error) = match r {
+            Ok(s) => (s.into_iter().map(shard_status).collect(), None),
+            Err(e) => (Vec::new(), Some(e.to_string())),
+        };
+        out.push(GcsMemberStatus {
+            member,
+            node: hex_node(node),
+            shards,
+            error,
+        });
+    }
+    Ok(out)
 }
 
 /// Stops every node of the cluster (the head forwards the request, then exits).
@@ -387,9 +1074,14 @@ pub struct StartArgs {
     /// IP address to bind.
     #[arg(long, default_value = "127.0.0.1")]
     pub bind: IpAddr,
-    /// GCS replicas to run. This build runs one replica, on the head; other values are refused.
-    #[arg(long, default_value_t = 1)]
-    pub gcs_replicas: u32,
+    /// GCS replicas of a new cluster (1, 3, 5 or 7; head only). The head hosts the first; `--gcs` nodes host the
+    /// others, and the GCS is writable once a majority runs. Default: what the data dir holds, else 1.
+    #[arg(long)]
+    pub gcs_replicas: Option<u32>,
+    /// Host one of the cluster's GCS replicas on this (joining) node, kept in `<data dir>/gcs-replica/`.
+    /// Restarted with the same data dir, it resumes the same replica.
+    #[arg(long)]
+    pub gcs: bool,
     /// The head's address, to join a cluster.
     #[arg(long)]
     pub address: Option<String>,
@@ -405,7 +1097,7 @@ pub struct StartArgs {
     /// Custom resources as JSON, e.g. '{"accelerator": 1}'.
     #[arg(long)]
     pub resources: Option<String>,
-    /// Where the head keeps its CA, token and cluster.json.
+    /// Where the head keeps its CA, token, GCS and cluster.json; with `--gcs`, where the node keeps its replica.
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
     /// Milliseconds of silence after which the head declares a node dead.
@@ -428,22 +1120,35 @@ pub fn run_start(args: StartArgs) -> Result<()> {
             Error::InvalidArgument(format!("--resources must be a JSON object of numbers: {e}"))
         })?;
     }
-    if args.gcs_replicas != 1 {
-        // Multi-replica groups work inside the gcs crate (tested with 3 processes), but `start` cannot place them
-        // on other nodes yet: refuse rather than run with less fault tolerance than asked for.
-        return Err(Error::InvalidArgument(format!(
-            "--gcs-replicas {} is not supported yet: this build runs one GCS replica, on the head",
-            args.gcs_replicas
-        )));
+    if let Some(n) = args.gcs_replicas {
+        check_replicas(n)?;
+        if !args.head {
+            return Err(Error::InvalidArgument(
+                "--gcs-replicas is set when starting the head; give a joining node --gcs to host a replica"
+                    .into(),
+            ));
+        }
     }
     if args.head {
+        // The head always hosts member 1, so `--gcs` adds nothing there.
         let opts = HeadOptions {
             bind: SocketAddr::new(args.bind, args.port),
             data_dir: args.data_dir.unwrap_or_else(default_data_dir),
             settings,
+            gcs_replicas: args.gcs_replicas,
         };
+        let dir = opts.data_dir.clone();
         let addr = start_head(opts)?;
         println!("oxray head node started");
+        if let Ok(Some(b)) = read_json::<GcsBootstrap>(&dir.join("gcs-members.json")) {
+            println!(
+                "gcs: {} replicas; this node hosts member 1, start {} nodes with --gcs for the others \
+                 (writable once {} run)",
+                b.replicas,
+                b.replicas - 1,
+                b.replicas / 2 + 1
+            );
+        }
         println!("address: {}", addr.address);
         println!("token: {}", addr.token);
         println!(
@@ -459,7 +1164,12 @@ pub fn run_start(args: StartArgs) -> Result<()> {
         let token = args
             .token
             .ok_or_else(|| Error::InvalidArgument("--token is required to join".into()))?;
-        join_cluster(&address, &token, settings)?;
+        if args.gcs {
+            let dir = args.data_dir.unwrap_or_else(default_data_dir);
+            join_as_gcs_replica(&address, &token, settings, &dir)?;
+        } else {
+            join_cluster(&address, &token, settings)?;
+        }
         let rt = runtime::current()?;
         println!("oxray node started");
         println!("node: {}", crate::runtime::short(rt.node));

@@ -17,6 +17,8 @@ pub struct TestCluster {
     children: Vec<Child>,
     /// Short node ids as printed by `start`, by index (empty for the head).
     node_ids: Vec<String>,
+    /// Each child's command line after the binary, so [`TestCluster::restart`] can start it again.
+    args: Vec<Vec<String>>,
     binary: PathBuf,
 }
 
@@ -41,16 +43,15 @@ impl TestCluster {
     /// Starts a head with `head_cpus` CPUs. `binary` is the node executable (`env!("CARGO_BIN_EXE_oxray-test-node")`).
     pub fn start(binary: &str, head_cpus: u32, extra: &[&str]) -> TestCluster {
         let data_dir = tempfile::tempdir().expect("tempdir");
+        let mut args: Vec<String> = ["start", "--head", "--num-cpus", &head_cpus.to_string()]
+            .into_iter()
+            .map(String::from)
+            .collect();
+        args.push("--data-dir".into());
+        args.push(data_dir.path().display().to_string());
+        args.extend(extra.iter().map(|s| s.to_string()));
         let mut child = Command::new(binary)
-            .args([
-                "start",
-                "--head",
-                "--num-cpus",
-                &head_cpus.to_string(),
-                "--data-dir",
-            ])
-            .arg(data_dir.path())
-            .args(extra)
+            .args(&args)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -74,31 +75,56 @@ impl TestCluster {
             data_dir,
             children: vec![child],
             node_ids: vec![String::new()],
+            args: vec![args],
             binary: PathBuf::from(binary),
         }
     }
 
     /// Starts a worker node; returns its index (for `kill`).
     pub fn add_node(&mut self, cpus: u32, extra: &[&str]) -> usize {
+        let mut args: Vec<String> = [
+            "start",
+            "--address",
+            &self.address,
+            "--token",
+            &self.token,
+            "--num-cpus",
+            &cpus.to_string(),
+        ]
+        .into_iter()
+        .map(String::from)
+        .collect();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let (child, id) = self.spawn_node(&args);
+        self.children.push(child);
+        self.node_ids.push(id);
+        self.args.push(args);
+        self.children.len() - 1
+    }
+
+    /// Starts a node process; returns it and the node id it printed.
+    fn spawn_node(&self, args: &[String]) -> (Child, String) {
         let mut child = Command::new(&self.binary)
-            .args([
-                "start",
-                "--address",
-                &self.address,
-                "--token",
-                &self.token,
-                "--num-cpus",
-                &cpus.to_string(),
-            ])
-            .args(extra)
+            .args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
             .expect("spawn node");
         let id = read_line_with(&mut child, "node:", Duration::from_secs(30));
-        self.children.push(child);
-        self.node_ids.push(id);
-        self.children.len() - 1
+        (child, id)
+    }
+
+    /// Starts worker node `index` again with the command line it was first started with (kill it first).
+    pub fn restart(&mut self, index: usize) {
+        assert!(
+            index > 0,
+            "restart is for worker nodes; the head prints no `node:` line"
+        );
+        let args = self.args[index].clone();
+        let (child, id) = self.spawn_node(&args);
+        self.children[index] = child;
+        // A restarted process is a new node (the failure detector's deaths are final).
+        self.node_ids[index] = id;
     }
 
     /// The short node id of worker `index` (as `status` prints it).

@@ -296,9 +296,27 @@ impl Mesh {
     }
 
     /// Records where `node` listens. Connections are made lazily on first use and reused.
+    ///
+    /// A new address for a known node means it restarted elsewhere (a node restarted with its identity binds a
+    /// fresh port): a connection whose far end is not the new address is to the previous process, which may be
+    /// dead without having said so, and would swallow requests until the idle timeout. It is closed, so the next
+    /// use dials the new address. (A connection the peer opened itself comes from its listening socket, so its
+    /// remote address is where the peer listens.) An unspecified address (`0.0.0.0`) names no place to dial and
+    /// never closes a working connection.
     pub fn add_peer(&self, node: NodeId, addr: SocketAddr) {
         match self.inner.peers.get(&node) {
-            Some(p) => *p.addr.lock() = Some(addr),
+            Some(p) => {
+                let moved = p.addr.lock().replace(addr).is_some_and(|old| old != addr);
+                if moved && !addr.ip().is_unspecified() {
+                    let mut slot = p.conn.lock();
+                    if let Some(c) = slot.as_ref()
+                        && c.remote_address() != addr
+                    {
+                        c.close(close::SHUTDOWN, b"peer moved");
+                        *slot = None;
+                    }
+                }
+            }
             None => {
                 self.inner
                     .peers

@@ -162,3 +162,50 @@ async fn silent_restart_is_detected_by_stateless_reset() {
     }
     assert_eq!(a.handler.lost.load(Ordering::Relaxed), 1);
 }
+
+#[tokio::test]
+async fn peer_restarted_on_a_new_address_is_reached_once_announced() {
+    // Idle timeout far beyond the test's patience: only dropping the stale connection when the peer's new
+    // address is recorded lets requests through in time.
+    let limits = Limits {
+        idle_timeout: Duration::from_secs(30),
+        keep_alive: Duration::from_secs(10),
+        ..Limits::default()
+    };
+    let ca = oxray_transport::tls::ClusterCa::generate().unwrap();
+    let a = node(&ca, limits.clone()).await;
+    let b_ident = ca.issue(oxray_transport::NodeId::random()).unwrap();
+    let mut cfg = MeshConfig::new(localhost(), b_ident.clone());
+    cfg.limits = limits.clone();
+    let b = Mesh::bind(cfg, Arc::new(TestHandler::default()))
+        .await
+        .unwrap();
+    let to = b.node_id();
+    let r = relay(b.local_addr()).await;
+    a.mesh.add_peer(to, r.addr);
+    a.mesh
+        .request(to, ECHO, Bytes::new(), SECOND)
+        .await
+        .unwrap();
+
+    // b dies without a word reaching a, and comes back with its identity on another port.
+    r.blackhole.store(true, Ordering::Relaxed);
+    b.shutdown().await;
+    drop(b);
+    let mut cfg = MeshConfig::new(localhost(), b_ident);
+    cfg.limits = limits;
+    let b2 = rebind(cfg).await;
+    a.mesh.add_peer(to, b2.local_addr());
+    let reply = a
+        .mesh
+        .request(to, ECHO, Bytes::from_static(b"moved"), SECOND)
+        .await
+        .expect("the stale connection was kept");
+    assert_eq!(reply.body(), b"moved");
+    // Recording the same address again keeps the new connection.
+    a.mesh.add_peer(to, b2.local_addr());
+    a.mesh
+        .request(to, ECHO, Bytes::new(), SECOND)
+        .await
+        .unwrap();
+}

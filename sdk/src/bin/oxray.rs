@@ -98,6 +98,58 @@ fn locate(t: &Target) -> Result<(String, String)> {
     ))
 }
 
+/// The GCS part of `oxray status`: one row per replica, as each member reports itself.
+fn print_gcs(gcs: oxray::Result<Vec<node::GcsMemberStatus>>) {
+    let members = match gcs {
+        Ok(m) => m,
+        Err(e) => {
+            println!("gcs: status unavailable: {e}");
+            return;
+        }
+    };
+    let up = members.iter().filter(|m| m.error.is_none()).count();
+    let leader = members
+        .iter()
+        .find(|m| m.shards.iter().any(|s| s.is_leader))
+        .map(|m| format!("member {}", m.member))
+        .unwrap_or_else(|| "none".into());
+    println!(
+        "gcs: {} replicas, {up} answering (a majority is {}), leader {leader}",
+        members.len(),
+        members.len() / 2 + 1
+    );
+    table(
+        &["MEMBER", "NODE", "STATE", "TERM", "APPLIED", "REVISION"],
+        members
+            .iter()
+            .map(|m| {
+                let s = m.shards.first();
+                let num = |f: fn(&node::GcsShardStatus) -> u64| {
+                    s.map(|s| f(s).to_string()).unwrap_or_else(|| "-".into())
+                };
+                let unclaimed = m.node.chars().all(|c| c == '0');
+                vec![
+                    m.member.to_string(),
+                    if unclaimed {
+                        "-".into()
+                    } else {
+                        m.node.chars().take(12).collect()
+                    },
+                    match (&m.error, s) {
+                        _ if unclaimed => "UNCLAIMED (start a node with --gcs)".into(),
+                        (Some(e), _) => format!("DOWN ({e})"),
+                        (None, Some(s)) if s.is_leader => "LEADER".into(),
+                        (None, _) => "FOLLOWER".into(),
+                    },
+                    num(|s| s.term),
+                    num(|s| s.applied),
+                    num(|s| s.revision),
+                ]
+            })
+            .collect(),
+    );
+}
+
 fn table(headers: &[&str], rows: Vec<Vec<String>>) {
     let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
     for r in &rows {
@@ -154,11 +206,12 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Status(t) => {
             let (addr, tok) = locate(&t)?;
-            let s = node::cluster_state(&addr, &tok)?;
             if t.json {
+                let s = node::cluster_state(&addr, &tok)?;
                 println!("{}", serde_json::to_string_pretty(&s)?);
                 return Ok(());
             }
+            let (s, gcs) = node::cluster_and_gcs_state(&addr, &tok)?;
             let alive: Vec<_> = s.members.iter().filter(|m| m.alive).collect();
             let total: f64 = alive.iter().map(|m| m.cpus).sum();
             let free: f64 = alive.iter().map(|m| m.free_cpus).sum();
@@ -215,6 +268,8 @@ fn run(cli: Cli) -> Result<()> {
                     })
                     .collect(),
             );
+            println!();
+            print_gcs(gcs);
         }
         Command::List { what, target } => {
             let (addr, tok) = locate(&target)?;
