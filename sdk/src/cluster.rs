@@ -145,6 +145,8 @@ pub(crate) struct Cluster {
     lent: DashMap<(u128, u64), Vec<Arc<RefInner>>>,
     /// Actors this process created with `max_restarts`, by id.
     restartable: DashMap<u128, Weak<RemoteActor>>,
+    /// Tasks of this process waiting for a node that fits (`park_until_feasible`), by return object.
+    parked: DashMap<ObjectId, ()>,
 }
 
 /// The mesh handler: forwards to the runtime and cluster once both exist.
@@ -274,6 +276,7 @@ impl Cluster {
             head_seen: Mutex::new(Instant::now()),
             lent: DashMap::new(),
             restartable: DashMap::new(),
+            parked: DashMap::new(),
         })
     }
 
@@ -789,6 +792,36 @@ impl Cluster {
         self.send_result_kind(owner, call, result, lend)
     }
 
+    /// Cancels a task of this process that was sent to another node: its ref fails with `Cancelled` now, and the
+    /// node is told to skip it if it has not started. Returns whether such a task was in flight.
+    pub(crate) fn cancel(self: &Arc<Self>, id: ObjectId) -> bool {
+        let found = self.pending.iter().find_map(|p| match p.value() {
+            Pending::Task { node, task } if task.entry.id == id => Some((*p.key(), *node)),
+            _ => None,
+        });
+        let Some((call, node)) = found else {
+            // A task waiting for a node that fits is cancelled where it waits.
+            if self.parked.remove(&id).is_some()
+                && let Ok(rt) = crate::runtime::current()
+                && let Some(e) = rt.objects.lookup(id)
+            {
+                e.complete(Err(Error::Cancelled));
+                return true;
+            }
+            return false;
+        };
+        if let Some((_, Pending::Task { task, .. })) = self.pending.remove(&call) {
+            task.entry.complete(Err(Error::Cancelled));
+        }
+        // Sent behind the task on the same sender; the node also remembers a cancel that overtakes its task.
+        let _ = self.calls_to(node).push(Item {
+            kind: kind::CANCEL,
+            call,
+            body: Bytes::new(),
+        });
+        true
+    }
+
     /// Tells `node` that the result of `call` it lent refs for is gone.
     pub(crate) fn release(self: &Arc<Self>, node: u128, call: u64) {
         let _ = self.results_to(NodeId(node)).push(Item {
@@ -846,6 +879,7 @@ impl Cluster {
                 self.lent.remove(&(from.0, item.call));
                 continue;
             }
+
             self.complete_call(item.call, item.kind, item.body);
         }
     }
@@ -905,6 +939,7 @@ impl Cluster {
                 call: item.call,
             };
             match item.kind {
+                kind::CANCEL => rt.cancel_remote(from.0, item.call),
                 kind::SUBMIT => {
                     let spec = match rkyv::access::<wire::ArchivedTaskW, rkyv::rancor::Error>(
                         &item.body,
@@ -983,23 +1018,27 @@ impl Cluster {
         let rt2 = rt.clone();
         tracing::warn!(task = %task.spec.name, reason = %why, "task cannot be placed now; it waits for a node that fits");
         cl.infeasible.fetch_add(1, Ordering::Relaxed);
+        cl.parked.insert(task.entry.id, ());
         rt.tokio.spawn(async move {
             loop {
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 if task.entry.is_ready() {
                     // Cancelled meanwhile.
                     cl.infeasible.fetch_sub(1, Ordering::Relaxed);
+                    cl.parked.remove(&task.entry.id);
                     return;
                 }
                 match cl.decide(&rt2, task.function, &task.res, &task.strategy) {
                     Decision::RunLocal => {
                         cl.infeasible.fetch_sub(1, Ordering::Relaxed);
+                        cl.parked.remove(&task.entry.id);
                         let f = spec_function(&task.spec);
                         rt2.run_here(f, task.args, task.spec.attempts, Done::Entry(task.entry));
                         return;
                     }
                     Decision::Spill(n) | Decision::RunInBundle { node: n, .. } => {
                         cl.infeasible.fetch_sub(1, Ordering::Relaxed);
+                        cl.parked.remove(&task.entry.id);
                         cl.submit_remote(&rt2, n, task);
                         return;
                     }

@@ -53,6 +53,13 @@ impl Default for Config {
     }
 }
 
+/// Which task a cancellation flag belongs to.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub(crate) enum CancelKey {
+    Local(ObjectId),
+    Remote(u128, u64),
+}
+
 /// A task as the owner records it, for `list tasks` and `cancel`.
 #[derive(Debug, Clone)]
 pub(crate) struct TaskRecord {
@@ -68,8 +75,11 @@ pub(crate) struct Runtime {
     pub(crate) actors: DashMap<u128, Arc<ActorHost>>,
     /// Named actors known to this process (the GCS holds the cluster-wide directory in cluster mode).
     pub(crate) named: DashMap<String, ActorCore>,
-    /// Cancellation flags of tasks not yet finished, by return object.
-    pub(crate) cancels: DashMap<ObjectId, Arc<AtomicBool>>,
+    /// Cancellation flags of tasks queued or running here, by return object (tasks this process owns) or by
+    /// (owner, call) (tasks sent by other nodes).
+    pub(crate) cancels: DashMap<CancelKey, Arc<AtomicBool>>,
+    /// Cancels of remote tasks that arrived before the task, with when they arrived.
+    early_cancels: Mutex<std::collections::HashMap<CancelKey, Instant>>,
     pub(crate) tasks: DashMap<u128, TaskRecord>,
     pub(crate) tokio: tokio::runtime::Handle,
     /// Placement groups created by this process, by id.
@@ -135,6 +145,7 @@ pub(crate) fn install_as(config: Config, node: Option<u128>) -> Result<Arc<Runti
         actors: DashMap::new(),
         named: DashMap::new(),
         cancels: DashMap::new(),
+        early_cancels: Mutex::new(std::collections::HashMap::new()),
         tasks: DashMap::new(),
         tokio: handle,
         held_milli_cpus: Arc::new(AtomicU64::new(0)),
@@ -390,30 +401,9 @@ impl Runtime {
             }
         }
         let f = registry::function(function, sig)?;
-        let cancelled = Arc::new(AtomicBool::new(false));
-        self.cancels.insert(entry.id, cancelled.clone());
-        self.tasks.insert(
-            task,
-            TaskRecord {
-                name: opts.name.clone().unwrap_or_else(|| function.to_string()),
-                state: "PENDING",
-            },
-        );
-        let rt = self.clone();
-        let job_entry = entry.clone();
-        self.pool.submit(Box::new(move || {
-            let result = if cancelled.load(Ordering::Acquire) {
-                Err(Error::Cancelled)
-            } else {
-                if let Some(mut t) = rt.tasks.get_mut(&task) {
-                    t.state = "RUNNING";
-                }
-                rt.run_function(f, &args, attempts)
-            };
-            rt.tasks.remove(&task);
-            rt.cancels.remove(&job_entry.id);
-            job_entry.complete(result);
-        }));
+        let name = opts.name.clone().unwrap_or_else(|| function.to_string());
+        let key = CancelKey::Local(entry.id);
+        self.dispatch(f, name, args, attempts, Done::Entry(entry), Some(key));
         Ok(ObjectRef::from_inner(inner))
     }
 
@@ -429,15 +419,40 @@ impl Runtime {
             Ok(f) => f,
             Err(e) => return done.complete(Err(e)),
         };
+        // A task sent by another node can be cancelled by its owner until it starts.
+        let key = match &done {
+            Done::Remote { owner, call, .. } => Some(CancelKey::Remote(owner.0, *call)),
+            Done::Entry(_) => None,
+        };
+        self.dispatch(f, f.name.to_string(), args, attempts, done, key);
+    }
+
+    /// Queues a task on this node's pool once its ref arguments are ready.
+    fn dispatch(
+        self: &Arc<Self>,
+        f: &'static FunctionEntry,
+        name: String,
+        args: Vec<Arg>,
+        attempts: u32,
+        done: Done,
+        cancel: Option<CancelKey>,
+    ) {
         let rt = self.clone();
         let task = rand_u128();
         self.tasks.insert(
             task,
             TaskRecord {
-                name: f.name.to_string(),
+                name,
                 state: "PENDING",
             },
         );
+        let flag = cancel.map(|key| {
+            let early = matches!(key, CancelKey::Remote(..))
+                && self.early_cancels.lock().remove(&key).is_some();
+            let flag = Arc::new(AtomicBool::new(early));
+            self.cancels.insert(key, flag.clone());
+            (key, flag)
+        });
         // Arguments that are refs still being computed are awaited here, off the pool: a task holds a worker thread
         // only once it can run. Waiting on a thread instead lets a wide task graph (every `add` of a tree waiting
         // for its halves) use up the pool's threads while the tasks it waits for sit in the queue.
@@ -450,14 +465,24 @@ impl Runtime {
             .collect();
         let pool = self.pool.clone();
         let job: Box<dyn FnOnce() + Send> = Box::new(move || {
-            if let Some(mut t) = rt.tasks.get_mut(&task) {
-                t.state = "RUNNING";
-            }
-            crate::object::clear_contained();
-            let result = rt.run_function(f, &args, attempts);
-            // Refs serialized into the result (the last encode on this thread) must outlive it.
-            let nested = crate::object::take_contained();
+            let cancelled = flag
+                .as_ref()
+                .is_some_and(|(_, f)| f.load(Ordering::Acquire));
+            let (result, nested) = if cancelled {
+                (Err(Error::Cancelled), Vec::new())
+            } else {
+                if let Some(mut t) = rt.tasks.get_mut(&task) {
+                    t.state = "RUNNING";
+                }
+                crate::object::clear_contained();
+                let result = rt.run_function(f, &args, attempts);
+                // Refs serialized into the result (the last encode on this thread) must outlive it.
+                (result, crate::object::take_contained())
+            };
             rt.tasks.remove(&task);
+            if let Some((key, _)) = flag {
+                rt.cancels.remove(&key);
+            }
             done.complete_holding(result, nested);
         });
         if waiting.is_empty() {
@@ -708,17 +733,32 @@ impl Runtime {
         Ok(ActorCore::remote(n.actor, class, NodeId(n.node), created))
     }
 
-    /// Marks a pending task cancelled; its ref fails with `Cancelled`. A running task finishes, but its result is
-    /// discarded (threads cannot be interrupted safely).
+    /// Cancels the task producing `id`, here or on the node it was sent to: its ref fails with `Cancelled` at once.
+    /// A task that has not started never runs; a running one finishes, but its result is discarded (threads cannot
+    /// be interrupted safely).
     pub(crate) fn cancel(&self, id: ObjectId) -> bool {
-        if let Some(flag) = self.cancels.get(&id) {
+        if let Some(flag) = self.cancels.get(&CancelKey::Local(id)) {
             flag.store(true, Ordering::Release);
             if let Some(e) = self.objects.lookup(id) {
                 e.complete(Err(Error::Cancelled));
             }
             return true;
         }
-        false
+        self.cluster.get().is_some_and(|cl| cl.cancel(id))
+    }
+
+    /// The owner `owner` cancelled its call `call` sent here: skip it if it has not started. A cancel that arrives
+    /// before its task is remembered for a while (they travel in separate messages).
+    pub(crate) fn cancel_remote(&self, owner: u128, call: u64) {
+        let key = CancelKey::Remote(owner, call);
+        if let Some(flag) = self.cancels.get(&key) {
+            flag.store(true, Ordering::Release);
+            return;
+        }
+        let now = Instant::now();
+        let mut early = self.early_cancels.lock();
+        early.retain(|_, at| now.duration_since(*at) < Duration::from_secs(60));
+        early.insert(key, now);
     }
 }
 

@@ -46,6 +46,8 @@ pub(crate) mod kind {
     pub const OK_LENT: u16 = 27;
     /// One-way: results received as `OK_LENT` are gone (body: call ids, 8 little-endian bytes each).
     pub const RELEASE: u16 = 28;
+    /// Call-batch item, owner to executor: the owner cancelled call `call`; skip it if it has not started.
+    pub const CANCEL: u16 = 29;
 }
 
 /// A task to run.

@@ -116,3 +116,9 @@ pub fn record_via(rec: oxray::ActorHandle<Recorder>, v: u64) -> (usize, String) 
         oxray::node_state().map(|s| s.node.id).unwrap_or_default(),
     )
 }
+
+/// Writes `key` to the cluster KV: a visible trace that the task ran.
+#[oxray::remote]
+pub fn mark(key: String) -> bool {
+    oxray::kv::put(&key, b"ran").is_ok()
+}

@@ -165,6 +165,27 @@ fn three_node_cluster_end_to_end() {
     let keeper = oxray::get_actor::<Recorder>("keeper").expect("detached actor gone");
     assert_eq!(keeper.seen().get().unwrap(), vec![2, 20]);
 
+    // Cancelling a task queued on another node: its ref fails at once, and it never runs there.
+    let blockers: Vec<_> = (0..6).map(|_| where_am_i::remote(1200).unwrap()).collect();
+    let victim = mark::remote("cancelled-task-ran".to_string()).unwrap();
+    assert!(oxray::cancel(&victim), "cancel found no task");
+    assert!(matches!(
+        victim.get_timeout(Duration::from_secs(1)),
+        Err(Error::Cancelled)
+    ));
+    oxray::get_all(&blockers).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        oxray::kv::get("cancelled-task-ran").unwrap(),
+        None,
+        "a cancelled task ran"
+    );
+    // And a task waiting for a node that fits.
+    let never = add::remote_with(&TaskOptions::new().num_gpus(8.0), 1, 1).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(oxray::cancel(&never));
+    assert!(matches!(never.get(), Err(Error::Cancelled)));
+
     // An infeasible task waits, visibly, until a node that fits joins.
     let gpu_task = add::remote_with(&TaskOptions::new().num_gpus(1.0), 1, 1).unwrap();
     assert!(matches!(
