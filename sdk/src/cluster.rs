@@ -567,6 +567,35 @@ impl Cluster {
         oxray_scheduler::pg::plan(&view, spec, &mut *self.rng.lock())
     }
 
+    /// Plans bundles on the current view, leaving out the nodes in `exclude`, or every node but `only`.
+    pub(crate) fn plan_group_within(
+        &self,
+        rt: &Runtime,
+        spec: &oxray_scheduler::PlacementGroupSpec,
+        exclude: &[u128],
+        only: Option<u128>,
+    ) -> std::result::Result<Vec<NodeId>, oxray_scheduler::PlanError> {
+        if exclude.is_empty() && only.is_none() {
+            return self.plan_group(rt, spec);
+        }
+        let mut view = {
+            let mut v = self.view.lock();
+            let (queued, running) = rt.pool.load();
+            let free = (self.settings.num_cpus - running as f64 - held_cpus(rt)).max(0.0);
+            let available = resource_set(free, self.settings.num_gpus, &self.settings.resources);
+            v.update_local(NodeId(rt.node), &available, queued as u32);
+            v.clone()
+        };
+        let drop: Vec<ViewDelta> = view
+            .nodes()
+            .iter()
+            .filter(|n| exclude.contains(&n.id.0) || only.is_some_and(|o| o != n.id.0))
+            .map(|n| ViewDelta::NodeDied(n.id))
+            .collect();
+        view.apply(drop);
+        oxray_scheduler::pg::plan(&view, spec, &mut *self.rng.lock())
+    }
+
     /// Accepts a full node id, or the short form printed by `status`.
     fn resolve_node(&self, node: u128) -> NodeId {
         if self.members.read().iter().any(|m| m.id == node) {
@@ -719,6 +748,7 @@ impl Cluster {
     fn node_died(self: &Arc<Self>, node: NodeId) {
         let mut restarted = std::collections::HashSet::new();
         if let Ok(rt) = crate::runtime::current() {
+            crate::pg::node_died(&rt, node.0);
             let ours: Vec<Arc<RemoteActor>> = self
                 .restartable
                 .iter()

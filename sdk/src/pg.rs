@@ -6,8 +6,9 @@
 //! reserved or not at all. A group waits (and `wait` says so) until the cluster can hold it. Removing a group frees
 //! its resources and kills the actors placed in it; tasks already running in it finish.
 //!
-//! Not here: restarting bundles when a node dies (a group with a dead node's bundle keeps it until removed), and a
-//! cluster-wide directory of groups (a group is known to the process that created it).
+//! When a node dies, the creator places that node's bundles again (`node_died`); the others keep their holds.
+//!
+//! Not here: a cluster-wide directory of groups (a group is known to the process that created it, and dies with it).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -57,7 +58,9 @@ struct PgInner {
     bundles: Vec<Resources>,
     /// Node of each bundle, once reserved.
     placement: Mutex<Option<Vec<u128>>>,
-    ready: Arc<Entry>,
+    strategy: PlacementStrategy,
+    /// Completes when every bundle is held; replaced by a fresh one while lost bundles are placed again.
+    ready: Mutex<Arc<Entry>>,
     removed: std::sync::atomic::AtomicBool,
 }
 
@@ -80,7 +83,8 @@ impl PlacementGroup {
 
     /// Waits until every bundle is reserved; `false` if `timeout` passed first.
     pub fn wait(&self, timeout: Duration) -> bool {
-        runtime::wait_blocking(&self.inner.ready, Some(Instant::now() + timeout)).is_ok()
+        let ready = self.inner.ready.lock().clone();
+        runtime::wait_blocking(&ready, Some(Instant::now() + timeout)).is_ok()
     }
 
     /// The node (short id) of each bundle, once reserved.
@@ -97,7 +101,7 @@ impl PlacementGroup {
         let g = rt.pgs.get(&pg)?;
         let placement = g.inner.placement.lock();
         let p = placement.as_ref()?;
-        p.get(bundle.unwrap_or(0)).copied()
+        p.get(bundle.unwrap_or(0)).copied().filter(|n| *n != 0)
     }
 }
 
@@ -139,7 +143,8 @@ pub fn placement_group(
             id,
             bundles,
             placement: Mutex::new(None),
-            ready: Entry::new(ObjectId::random()),
+            strategy,
+            ready: Mutex::new(Entry::new(ObjectId::random())),
             removed: std::sync::atomic::AtomicBool::new(false),
         }),
     };
@@ -157,11 +162,11 @@ pub fn remove_placement_group(pg: &PlacementGroup) -> Result<()> {
         .removed
         .store(true, std::sync::atomic::Ordering::Release);
     rt.pgs.remove(&pg.inner.id);
-    pg.inner.ready.complete(Err(Error::Cancelled));
+    pg.inner.ready.lock().complete(Err(Error::Cancelled));
     let placement = pg.inner.placement.lock().take();
     if let Some(nodes) = placement {
         let mut per_node: HashMap<u128, Vec<(u32, f64)>> = HashMap::new();
-        for (i, n) in nodes.iter().enumerate() {
+        for (i, n) in nodes.iter().enumerate().filter(|(_, n)| **n != 0) {
             per_node
                 .entry(*n)
                 .or_default()
@@ -257,11 +262,121 @@ async fn reserve(rt: Arc<Runtime>, pg: PlacementGroup, strategy: PlacementStrate
             }
             if ok && !pg.inner.removed.load(std::sync::atomic::Ordering::Acquire) {
                 *pg.inner.placement.lock() = Some(nodes);
-                pg.inner.ready.complete(Ok(Bytes::new()));
+                pg.inner.ready.lock().complete(Ok(Bytes::new()));
                 return;
             }
             for (node, hold) in held {
                 let _ = send_hold(&rt, node, kind::PG_RELEASE, &hold).await;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A node died: every placement group this process created with bundles there gets those bundles placed again.
+/// Bundles on surviving nodes keep their holds and what runs in them; the lost ones are planned on the current view
+/// with the group's strategy kept (STRICT_SPREAD avoids the group's other nodes, STRICT_PACK stays on its node).
+/// Until they are held again, `wait` blocks and work aimed at a lost bundle is refused as "not reserved yet"; what
+/// ran in the lost bundles died with their node.
+pub(crate) fn node_died(rt: &Arc<Runtime>, node: u128) {
+    for g in rt.pgs.iter() {
+        let pg = g.value().clone();
+        let lost: Vec<usize> = match pg.inner.placement.lock().as_mut() {
+            Some(nodes) => {
+                let lost: Vec<usize> = (0..nodes.len()).filter(|i| nodes[*i] == node).collect();
+                // 0: not held anywhere until placed again.
+                for i in &lost {
+                    nodes[*i] = 0;
+                }
+                lost
+            }
+            None => continue,
+        };
+        if lost.is_empty() {
+            continue;
+        }
+        *pg.inner.ready.lock() = Entry::new(ObjectId::random());
+        tracing::warn!(pg = %format!("{:x}", pg.inner.id >> 80), bundles = lost.len(), "placement group lost a node; placing those bundles again");
+        rt.tokio.spawn(replace_lost(rt.clone(), pg, lost));
+    }
+}
+
+async fn replace_lost(rt: Arc<Runtime>, pg: PlacementGroup, lost: Vec<usize>) {
+    let mut logged = false;
+    loop {
+        if pg.inner.removed.load(std::sync::atomic::Ordering::Acquire) {
+            return;
+        }
+        let Some(cl) = rt.cluster.get() else { return };
+        let kept: Vec<u128> = pg
+            .inner
+            .placement
+            .lock()
+            .as_ref()
+            .map(|nodes| {
+                nodes
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, n)| !lost.contains(i) && **n != 0)
+                    .map(|(_, n)| *n)
+                    .collect()
+            })
+            .unwrap_or_default();
+        let spec = PlacementGroupSpec {
+            id: PlacementGroupId(pg.inner.id),
+            bundles: lost
+                .iter()
+                .map(|i| crate::cluster::demand(&pg.inner.bundles[*i]))
+                .collect(),
+            strategy: to_scheduler(pg.inner.strategy),
+        };
+        let (exclude, only) = match pg.inner.strategy {
+            PlacementStrategy::StrictSpread => (kept.clone(), None),
+            PlacementStrategy::StrictPack => (Vec::new(), kept.first().copied()),
+            _ => (Vec::new(), None),
+        };
+        match cl.plan_group_within(&rt, &spec, &exclude, only) {
+            Ok(targets) => {
+                let mut per_node: HashMap<u128, Vec<(u32, f64)>> = HashMap::new();
+                for (k, n) in targets.iter().enumerate() {
+                    let i = lost[k];
+                    per_node
+                        .entry(n.0)
+                        .or_default()
+                        .push((i as u32, pg.inner.bundles[i].num_cpus));
+                }
+                let mut held = Vec::new();
+                let mut ok = true;
+                for (node, bundles) in &per_node {
+                    let hold = BundleHold {
+                        pg: pg.inner.id,
+                        bundles: bundles.clone(),
+                    };
+                    if send_hold(&rt, *node, kind::PG_PREPARE, &hold).await.is_ok() {
+                        held.push((*node, hold));
+                    } else {
+                        ok = false;
+                        break;
+                    }
+                }
+                if ok && !pg.inner.removed.load(std::sync::atomic::Ordering::Acquire) {
+                    if let Some(nodes) = pg.inner.placement.lock().as_mut() {
+                        for (k, n) in targets.iter().enumerate() {
+                            nodes[lost[k]] = n.0;
+                        }
+                    }
+                    pg.inner.ready.lock().complete(Ok(Bytes::new()));
+                    return;
+                }
+                for (node, hold) in held {
+                    let _ = send_hold(&rt, node, kind::PG_RELEASE, &hold).await;
+                }
+            }
+            Err(e) => {
+                if !logged {
+                    tracing::warn!(pg = %format!("{:x}", pg.inner.id >> 80), cause = %e, "lost bundles wait for resources");
+                    logged = true;
+                }
             }
         }
         tokio::time::sleep(Duration::from_millis(100)).await;

@@ -348,6 +348,17 @@ fn three_node_cluster_end_to_end() {
     .unwrap();
     assert_eq!(phoenix.node().get().unwrap(), doomed_id);
     assert_eq!(phoenix.record(8).get().unwrap(), 2);
+    // A strictly spread placement group with a bundle on every CPU node, the doomed one included.
+    let quarter = oxray::Resources {
+        num_cpus: 0.25,
+        ..Default::default()
+    };
+    let spread = placement_group(vec![quarter; 4], PlacementStrategy::StrictSpread).unwrap();
+    assert!(
+        spread.wait(Duration::from_secs(20)),
+        "4-node group never held"
+    );
+    assert!(spread.bundle_nodes().unwrap().contains(&doomed_id));
     let in_flight = phoenix.nap(1500);
     std::thread::sleep(Duration::from_millis(200));
 
@@ -393,6 +404,29 @@ fn three_node_cluster_end_to_end() {
                 .unwrap_or(false)),
         "restarted actor not reachable by name"
     );
+    // The group's lost bundle cannot go anywhere (every survivor already holds one of its bundles) until a node
+    // joins; then it is placed there and the group is whole again, the other bundles where they were.
+    let before = spread.bundle_nodes().unwrap();
+    assert!(
+        !spread.wait(Duration::from_millis(500)),
+        "bundle placed twice on a node"
+    );
+    let fresh = cluster.add_node(1, &[]);
+    assert!(
+        spread.wait(Duration::from_secs(20)),
+        "lost bundle never placed again"
+    );
+    let after = spread.bundle_nodes().unwrap();
+    assert!(
+        after.contains(&cluster.node_id(fresh).to_string()),
+        "{after:?}"
+    );
+    assert!(!after.contains(&doomed_id));
+    assert_eq!(after.iter().collect::<HashSet<_>>().len(), 4);
+    let kept = before.iter().zip(&after).filter(|(b, a)| b == a).count();
+    assert_eq!(kept, 3, "surviving bundles moved: {before:?} -> {after:?}");
+    remove_placement_group(&spread).unwrap();
+
     // Without restarts left, the next death is final.
     oxray::kill(&phoenix);
     assert!(matches!(
