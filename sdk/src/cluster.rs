@@ -356,6 +356,22 @@ impl Cluster {
                 .request(self.head, kind::HEARTBEAT, body, CONTROL_DEADLINE)
                 .await
             {
+                Ok(msg) if msg.kind() == kind::REREGISTER => {
+                    *self.head_seen.lock() = Instant::now();
+                    tracing::warn!(
+                        "the head does not know this node (it restarted?); registering again"
+                    );
+                    self.register_again(rt).await
+                }
+                Ok(msg) if msg.kind() == kind::DECLARED_DEAD => {
+                    tracing::error!(
+                        "the head declared this node dead (it was silent too long); its work was failed or moved"
+                    );
+                    if self.settings.num_cpus > 0.0 {
+                        std::process::exit(3);
+                    }
+                    None
+                }
                 Ok(msg) => {
                     *self.head_seen.lock() = Instant::now();
                     reply_bytes(msg)
@@ -381,6 +397,24 @@ impl Cluster {
         };
         if let Some(m) = members {
             self.apply_members(rt.node, m);
+        }
+    }
+
+    /// Registers with a head that lost its member list; returns the new list.
+    async fn register_again(self: &Arc<Self>, rt: &Arc<Runtime>) -> Option<Vec<Member>> {
+        let body = Bytes::from(serde_json::to_vec(&self.me(rt)).ok()?);
+        match self
+            .mesh
+            .request(self.head, kind::REGISTER, body, CONTROL_DEADLINE)
+            .await
+        {
+            Ok(msg) => reply_bytes(msg)
+                .ok()
+                .and_then(|b| serde_json::from_slice::<Vec<Member>>(&b).ok()),
+            Err(e) => {
+                tracing::warn!(cause = %e, "registering again failed; retrying at the next heartbeat");
+                None
+            }
         }
     }
 
@@ -1441,8 +1475,17 @@ impl Handler for NodeHandler {
                         Ok(l) => l,
                         Err(e) => return reply.error(format!("bad load report: {e}")),
                     };
-                    let all = cl.head_heartbeat(h, &load);
-                    reply_json(reply, &all);
+                    // A node this head does not know (the head restarted) registers again; one it declared dead
+                    // stays dead (its work was failed or placed elsewhere) and is told so.
+                    let known = h.members.lock().get(&load.id).map(|m| m.alive);
+                    match known {
+                        None => reply.send(kind::REREGISTER, Bytes::new()),
+                        Some(false) => reply.send(kind::DECLARED_DEAD, Bytes::new()),
+                        Some(true) => {
+                            let all = cl.head_heartbeat(h, &load);
+                            reply_json(reply, &all);
+                        }
+                    }
                 }
             }
             kind::PG_PREPARE | kind::PG_RELEASE => {

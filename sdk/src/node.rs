@@ -14,7 +14,7 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use oxray_transport::tls::{ClusterCa, JoinAuthority, JoinToken};
+use oxray_transport::tls::{ClusterCa, JoinAuthority, JoinToken, NodeIdentity};
 use oxray_transport::{Handler, Limits, Mesh, MeshConfig, Message, NodeId, Responder};
 use serde::{Deserialize, Serialize};
 
@@ -348,6 +348,46 @@ fn mesh_limits() -> Limits {
     }
 }
 
+/// The head's certificate and key, kept in `<data dir>/head-identity/`: a head restarted with the same key derives
+/// the same QUIC stateless-reset key, so nodes holding a connection to its previous process learn at once that it
+/// is gone and reconnect, instead of waiting for the idle timeout.
+fn head_identity(dir: &Path, ca: &ClusterCa, node: NodeId) -> Result<NodeIdentity> {
+    let id_dir = dir.join("head-identity");
+    if let Ok(identity) = NodeIdentity::load(&id_dir)
+        && identity.node_id() == node
+        && identity.ca_der() == ca.cert_der()
+    {
+        return Ok(identity);
+    }
+    let identity = ca
+        .issue(node)
+        .map_err(|e| Error::Cluster(format!("cannot issue the head's certificate: {e}")))?;
+    std::fs::create_dir_all(&id_dir)
+        .map_err(|e| Error::Cluster(format!("cannot create {}: {e}", id_dir.display())))?;
+    identity
+        .save(&id_dir)
+        .map_err(|e| Error::Cluster(format!("cannot save the head's certificate: {e}")))?;
+    Ok(identity)
+}
+
+/// The head's node id, kept in `<data dir>/head-id` from its first start.
+fn head_id(dir: &Path) -> Result<NodeId> {
+    let path = dir.join("head-id");
+    if let Ok(text) = std::fs::read_to_string(&path) {
+        return u128::from_str_radix(text.trim(), 16)
+            .map(NodeId)
+            .map_err(|_| {
+                Error::Cluster(format!(
+                    "{} is not a node id: remove it to start a new cluster",
+                    path.display()
+                ))
+            });
+    }
+    let node = NodeId::random();
+    write_private(&path, format!("{:032x}", node.0).as_bytes())?;
+    Ok(node)
+}
+
 fn write_private(path: &Path, data: &[u8]) -> Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
@@ -392,9 +432,9 @@ pub fn start_head(opts: HeadOptions) -> Result<ClusterAddress> {
         }
     };
     let bootstrap = head_bootstrap(dir, opts.gcs_replicas)?;
-    // A multi-replica group's table names the head, so the head keeps its node id across restarts (the head is
-    // the failure detector, so no detector ever declares it dead); a lone replica is reached only through the
-    // head, so a fresh id each start is fine.
+    // The head keeps its node id across restarts (the id is in every node's token, and a multi-replica group's
+    // table names it; the head is the failure detector, so no detector ever declares it dead). A head restarted on
+    // the same address is then reconnected to by the nodes, which register again.
     let (node, table) = match &bootstrap {
         Some(b) => {
             let members = parse_members(&b.members)?;
@@ -404,16 +444,14 @@ pub fn start_head(opts: HeadOptions) -> Result<ClusterAddress> {
             )
         }
         None => {
-            let node = NodeId::random();
+            let node = head_id(dir)?;
             (
                 node,
                 oxray_gcs::mesh::MemberTable::new(0, BTreeMap::from([(GCS_MEMBER, node)])),
             )
         }
     };
-    let identity = ca
-        .issue(node)
-        .map_err(|e| Error::Cluster(format!("cannot issue the head's certificate: {e}")))?;
+    let identity = head_identity(dir, &ca, node)?;
     let rt = runtime::install_as(config_for(&opts.settings), Some(node.0))?;
     let handler = NodeHandler::new();
     let cfg = MeshConfig {

@@ -48,6 +48,10 @@ pub(crate) mod kind {
     pub const RELEASE: u16 = 28;
     /// Call-batch item, owner to executor: the owner cancelled call `call`; skip it if it has not started.
     pub const CANCEL: u16 = 29;
+    /// Heartbeat reply: the head does not know you (it restarted); register again.
+    pub const REREGISTER: u16 = 30;
+    /// Heartbeat reply: the head declared you dead; your work is gone.
+    pub const DECLARED_DEAD: u16 = 31;
 }
 
 /// A task to run.

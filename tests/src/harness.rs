@@ -127,6 +127,28 @@ impl TestCluster {
         self.node_ids[index] = id;
     }
 
+    /// Kills the head and starts it again on the same address with the same data dir (CA, token, GCS log).
+    pub fn restart_head(&mut self) {
+        self.kill(0);
+        let port = self
+            .address
+            .rsplit(':')
+            .next()
+            .expect("address has a port")
+            .to_string();
+        let mut args = self.args[0].clone();
+        args.extend(["--port".to_string(), port]);
+        let mut child = Command::new(&self.binary)
+            .args(&args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn head");
+        let address = read_line_with(&mut child, "address:", Duration::from_secs(30));
+        assert_eq!(address, self.address, "head came back on another address");
+        self.children[0] = child;
+    }
+
     /// The short node id of worker `index` (as `status` prints it).
     pub fn node_id(&self, index: usize) -> &str {
         &self.node_ids[index]
