@@ -294,6 +294,25 @@ fn three_node_cluster_end_to_end() {
     );
     // The short-lived driver is listed dead.
     assert!(text.contains("nodes: 5 alive, 1 dead"), "{text}");
+    let json = std::process::Command::new(&cli)
+        .args([
+            "status",
+            "--json",
+            "--address",
+            &cluster.address,
+            "--token",
+            &cluster.token,
+        ])
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&json.stdout).expect("status --json is JSON");
+    assert_eq!(v["members"].as_array().map(|m| m.len()), Some(6), "{v}");
+    assert_eq!(
+        v["gcs"][0]["shards"][0]["is_leader"],
+        serde_json::Value::Bool(true),
+        "the head's GCS replica leads: {}",
+        v["gcs"]
+    );
     let listed = std::process::Command::new(&cli)
         .args([
             "list",

@@ -206,12 +206,17 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Status(t) => {
             let (addr, tok) = locate(&t)?;
+            let (s, gcs) = node::cluster_and_gcs_state(&addr, &tok)?;
             if t.json {
-                let s = node::cluster_state(&addr, &tok)?;
-                println!("{}", serde_json::to_string_pretty(&s)?);
+                // The cluster state's fields, plus `gcs`: each replica's report, or why it is unavailable.
+                let mut v = serde_json::to_value(&s)?;
+                v["gcs"] = match &gcs {
+                    Ok(members) => serde_json::to_value(members)?,
+                    Err(e) => serde_json::json!({ "error": e.to_string() }),
+                };
+                println!("{}", serde_json::to_string_pretty(&v)?);
                 return Ok(());
             }
-            let (s, gcs) = node::cluster_and_gcs_state(&addr, &tok)?;
             let alive: Vec<_> = s.members.iter().filter(|m| m.alive).collect();
             let total: f64 = alive.iter().map(|m| m.cpus).sum();
             let free: f64 = alive.iter().map(|m| m.free_cpus).sum();
