@@ -147,6 +147,9 @@ pub(crate) struct Cluster {
     restartable: DashMap<u128, Weak<RemoteActor>>,
     /// Tasks of this process waiting for a node that fits (`park_until_feasible`), by return object.
     parked: DashMap<ObjectId, ()>,
+    /// Fetches in flight, by fetch number: the owner asked and the entry to complete (large values arrive as
+    /// streams).
+    fetching: DashMap<u64, (u128, Arc<Entry>)>,
 }
 
 /// The mesh handler: forwards to the runtime and cluster once both exist.
@@ -277,6 +280,7 @@ impl Cluster {
             lent: DashMap::new(),
             restartable: DashMap::new(),
             parked: DashMap::new(),
+            fetching: DashMap::new(),
         })
     }
 
@@ -828,8 +832,17 @@ impl Cluster {
                 self.call_remote(&rt, &actor, method, args, entry, retries);
             }
         }
-        // Nobody on a dead node will read what was lent to it.
+        // Nobody on a dead node will read what was lent to it, or send what was fetched from it.
         self.lent.retain(|(owner, _), _| *owner != node.0);
+        self.fetching.retain(|_, (owner, entry)| {
+            if *owner == node.0 {
+                entry.complete(Err(Error::OwnerDied(format!(
+                    "{} (node {node} died)",
+                    entry.id
+                ))));
+            }
+            *owner != node.0
+        });
     }
 
     /// A member (any node, drivers included) was declared dead: its work is failed or re-placed above, and the
@@ -1123,24 +1136,56 @@ impl Cluster {
     pub(crate) fn fetch_into(self: &Arc<Self>, rt: &Runtime, e: Arc<Entry>, owner: u128) {
         let id = e.id.0;
         let cl = self.clone();
+        // Registered before asking: a large value arrives as a stream, possibly before the reply that says so.
+        let fetch = self.next_call.fetch_add(1, Ordering::Relaxed);
+        self.fetching.insert(fetch, (owner, e.clone()));
+        let mut body = id.to_le_bytes().to_vec();
+        body.extend_from_slice(&fetch.to_le_bytes());
         rt.tokio.spawn(async move {
             let r = match cl
                 .mesh
-                .request(
-                    NodeId(owner),
-                    kind::FETCH,
-                    wire::id_bytes(id),
-                    TASK_DEADLINE,
-                )
+                .request(NodeId(owner), kind::FETCH, Bytes::from(body), TASK_DEADLINE)
                 .await
             {
+                // The value follows as an OBJECT_STREAM, which completes the entry.
+                Ok(msg) if msg.kind() == kind::STREAMED => return,
                 Ok(msg) => reply_bytes(msg),
                 Err(e) if !cl.node_alive(owner) => {
                     Err(Error::OwnerDied(format!("{} ({e})", ObjectId(id))))
                 }
                 Err(e) => Err(transport_err(NodeId(owner), e)),
             };
+            cl.fetching.remove(&fetch);
             e.complete(r);
+        });
+    }
+
+    /// Answers a fetch: small values in the reply, large ones streamed into an aligned buffer on the requester
+    /// (replies are bounded by the transport's message limit; streams are not).
+    fn serve_fetch(
+        self: &Arc<Self>,
+        reply: Responder,
+        to: NodeId,
+        fetch: Option<u64>,
+        value: Bytes,
+    ) {
+        let Some(fetch) = fetch.filter(|_| value.len() > batch::MAX_BYTES) else {
+            return reply.send(kind::OK, value);
+        };
+        reply.send(kind::STREAMED, Bytes::new());
+        let mesh = self.mesh.clone();
+        self.tokio.spawn(async move {
+            if let Err(e) = mesh
+                .send_stream(
+                    to,
+                    kind::OBJECT_STREAM,
+                    Bytes::copy_from_slice(&fetch.to_le_bytes()),
+                    value,
+                )
+                .await
+            {
+                tracing::warn!(peer = %to, cause = %e, "object stream not delivered");
+            }
         });
     }
 
@@ -1436,15 +1481,21 @@ impl Handler for NodeHandler {
                 let Some(id) = wire::id_from(msg.body()) else {
                     return reply.error("bad object id");
                 };
+                // The requester's fetch number, for a value too large for a reply (sent as a stream instead).
+                let fetch = msg
+                    .body()
+                    .get(16..24)
+                    .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")));
+                let to = msg.source();
                 match rt.objects.lookup(ObjectId(id)) {
                     None => reply_err(reply, &Error::ObjectLost(ObjectId(id).to_string())),
                     Some(entry) => match entry.try_value() {
-                        Some(Ok(b)) => reply.send(kind::OK, b),
+                        Some(Ok(b)) => cl.serve_fetch(reply, to, fetch, b),
                         Some(Err(e)) => reply_err(reply, &e),
                         None => {
                             rt.tokio.spawn(async move {
                                 match entry.wait_async().await {
-                                    Ok(b) => reply.send(kind::OK, b),
+                                    Ok(b) => cl.serve_fetch(reply, to, fetch, b),
                                     Err(e) => reply_err(reply, &e),
                                 }
                             });
@@ -1573,6 +1624,26 @@ impl Handler for NodeHandler {
         let Some(cl) = self.rt().and_then(|rt| rt.cluster.get().cloned()) else {
             return incoming.error("node is not in cluster mode");
         };
+        if header.kind() == kind::OBJECT_STREAM && header.body().len() >= 8 {
+            let b = header.body();
+            let fetch = u64::from_le_bytes(b[..8].try_into().expect("8 bytes"));
+            let Some((_, (_, entry))) = cl.fetching.remove(&fetch) else {
+                return incoming.error("no such fetch");
+            };
+            cl.tokio.clone().spawn(async move {
+                match incoming.read_all().await {
+                    Ok(body) => {
+                        entry.complete(Ok(body));
+                        incoming.reply(kind::OK, Bytes::new());
+                    }
+                    Err(e) => {
+                        entry.complete(Err(Error::Cluster(format!("object transfer failed: {e}"))));
+                        incoming.error(format!("read failed: {e}"));
+                    }
+                }
+            });
+            return;
+        }
         if header.kind() != kind::RESULT_STREAM || header.body().len() < 10 {
             return incoming.error("unexpected stream");
         }

@@ -18,7 +18,7 @@ pub(crate) mod kind {
     pub const CREATE_ACTOR: u16 = 11;
     /// An actor call (`CallW`), as an item of a `CALLS` batch.
     pub const ACTOR_CALL: u16 = 12;
-    /// Send me the value of an object you own (body: the id as 16 little-endian bytes).
+    /// Send me the value of an object you own (body: the id as 16 little-endian bytes, then my fetch number as 8).
     pub const FETCH: u16 = 13;
     /// Kill an actor hosted here (one-way; body: the id).
     pub const KILL_ACTOR: u16 = 14;
@@ -52,6 +52,10 @@ pub(crate) mod kind {
     pub const REREGISTER: u16 = 30;
     /// Heartbeat reply: the head declared you dead; your work is gone.
     pub const DECLARED_DEAD: u16 = 31;
+    /// Fetch reply: the value is large and follows as an `OBJECT_STREAM`.
+    pub const STREAMED: u16 = 32;
+    /// Stream: a fetched value; the header is the requester's fetch number (8 bytes).
+    pub const OBJECT_STREAM: u16 = 33;
 }
 
 /// A task to run.

@@ -64,6 +64,18 @@ fn three_node_cluster_end_to_end() {
     assert_eq!(s, (0..1_000_000u64).map(|i| i as f32 as f64).sum::<f64>());
     assert_eq!(big.view().unwrap().len(), 1_000_000);
 
+    // A value larger than any message (the transport's limit is 64 MiB), passed by value: it is put into the
+    // driver's store and streamed to the node that runs the task.
+    let huge: Vec<f32> = (0..20_000_000u64).map(|i| (i % 1000) as f32).collect();
+    let expected: f64 = huge.iter().map(|x| *x as f64).sum();
+    assert_eq!(
+        sum_vec::remote(huge)
+            .unwrap()
+            .get_timeout(Duration::from_secs(120))
+            .unwrap(),
+        expected
+    );
+
     // A remote panic comes back as a typed error with its message.
     match fail_with::remote("remote boom".to_string()).unwrap().get() {
         Err(Error::TaskFailed { message, .. }) => assert_eq!(message, "remote boom"),
