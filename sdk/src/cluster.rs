@@ -150,6 +150,8 @@ pub(crate) struct Cluster {
     /// Fetches in flight, by fetch number: the owner asked and the entry to complete (large values arrive as
     /// streams).
     fetching: DashMap<u64, (u128, Arc<Entry>)>,
+    /// Objects fetched from their owners and still held here, by id (to share one copy between borrowers).
+    fetched: DashMap<u128, Weak<Entry>>,
 }
 
 /// The mesh handler: forwards to the runtime and cluster once both exist.
@@ -281,6 +283,7 @@ impl Cluster {
             restartable: DashMap::new(),
             parked: DashMap::new(),
             fetching: DashMap::new(),
+            fetched: DashMap::new(),
         })
     }
 
@@ -1132,10 +1135,30 @@ impl Cluster {
         entry
     }
 
-    /// Fetches the value of `e` (an object of `owner`) into it.
+    /// Fetches the value of `e` (an object of `owner`) into it. Concurrent fetches of one object share one
+    /// transfer, and an object fetched earlier and still held here is not fetched again.
     pub(crate) fn fetch_into(self: &Arc<Self>, rt: &Runtime, e: Arc<Entry>, owner: u128) {
         let id = e.id.0;
         let cl = self.clone();
+        // A copy that failed is not shared: this fetch tries again.
+        let copy = self
+            .fetched
+            .get(&id)
+            .and_then(|w| w.upgrade())
+            .filter(|c| !matches!(c.try_value(), Some(Err(_))));
+        if let Some(other) = copy
+            && !Arc::ptr_eq(&other, &e)
+        {
+            rt.tokio.spawn(async move {
+                let v = other.wait_async().await;
+                e.complete(v);
+            });
+            return;
+        }
+        if self.fetched.len() >= 4096 {
+            self.fetched.retain(|_, w| w.strong_count() > 0);
+        }
+        self.fetched.insert(id, Arc::downgrade(&e));
         // Registered before asking: a large value arrives as a stream, possibly before the reply that says so.
         let fetch = self.next_call.fetch_add(1, Ordering::Relaxed);
         self.fetching.insert(fetch, (owner, e.clone()));
