@@ -256,7 +256,13 @@ pub mod __private {
     /// Runs an async actor method to completion on the calling (actor) thread.
     pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
         match runtime::current() {
-            Ok(rt) => rt.tokio.block_on(f),
+            Ok(rt) => {
+                // Polled right here, inside the runtime's context so tokio timers and sockets work (the runtime's
+                // own threads drive them). Cheaper than `Handle::block_on`, which matters for methods that finish
+                // without waiting: most calls to an async actor.
+                let _context = rt.tokio.enter();
+                crate::runtime::poll_here(f)
+            }
             Err(_) => tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()

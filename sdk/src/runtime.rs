@@ -1331,3 +1331,29 @@ pub(crate) fn wait_indices(
     }
     (r, n)
 }
+
+/// Wakes the thread that polls a future in [`poll_here`].
+struct ThreadWaker(std::thread::Thread);
+
+impl std::task::Wake for ThreadWaker {
+    fn wake(self: Arc<Self>) {
+        self.0.unpark();
+    }
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.0.unpark();
+    }
+}
+
+/// Drives `f` to completion on this thread, parking between polls.
+pub(crate) fn poll_here<F: std::future::Future>(f: F) -> F::Output {
+    let waker = std::task::Waker::from(Arc::new(ThreadWaker(std::thread::current())));
+    let mut cx = std::task::Context::from_waker(&waker);
+    let mut f = std::pin::pin!(f);
+    loop {
+        if let std::task::Poll::Ready(v) = f.as_mut().poll(&mut cx) {
+            return v;
+        }
+        // A wake between the poll and here leaves the token set, so this returns at once.
+        std::thread::park();
+    }
+}

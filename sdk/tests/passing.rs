@@ -115,3 +115,31 @@ fn actor_handles_pass_to_tasks() {
         Err(oxray::Error::ActorDied { .. })
     ));
 }
+
+#[derive(Debug, Default)]
+pub struct Napper {
+    naps: u64,
+}
+
+#[oxray::actor]
+impl Napper {
+    pub fn new() -> Self {
+        Napper::default()
+    }
+    /// Waits on a tokio timer inside an async method.
+    pub async fn nap(&mut self, ms: u64) -> u64 {
+        tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+        self.naps += 1;
+        self.naps
+    }
+}
+
+#[test]
+fn async_methods_can_wait_on_tokio_timers() {
+    oxray::init().unwrap();
+    let n = Napper::remote().unwrap();
+    let t = std::time::Instant::now();
+    let calls: Vec<_> = (0..3).map(|_| n.nap(30)).collect();
+    assert_eq!(oxray::get_all(&calls).unwrap(), vec![1, 2, 3]);
+    assert!(t.elapsed() >= std::time::Duration::from_millis(90));
+}
