@@ -23,6 +23,15 @@ use crate::error::{Error, Result};
 use crate::runtime::{self, Config, block_on_io};
 use crate::wire::{ClusterState, kind};
 
+/// Prints a line for whoever started the node, ignoring a closed stdout: the parent may stop reading once it has
+/// the address and token, and a node must not die for that.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
 /// The GCS member id of the head's replica. The head is always member 1; `--gcs` nodes host members 2..=N.
 const GCS_MEMBER: u64 = 1;
 
@@ -1177,9 +1186,9 @@ pub fn run_start(args: StartArgs) -> Result<()> {
         };
         let dir = opts.data_dir.clone();
         let addr = start_head(opts)?;
-        println!("oxray head node started");
+        say!("oxray head node started");
         if let Ok(Some(b)) = read_json::<GcsBootstrap>(&dir.join("gcs-members.json")) {
-            println!(
+            say!(
                 "gcs: {} replicas; this node hosts member 1, start {} nodes with --gcs for the others \
                  (writable once {} run)",
                 b.replicas,
@@ -1187,11 +1196,12 @@ pub fn run_start(args: StartArgs) -> Result<()> {
                 b.replicas / 2 + 1
             );
         }
-        println!("address: {}", addr.address);
-        println!("token: {}", addr.token);
-        println!(
+        say!("address: {}", addr.address);
+        say!("token: {}", addr.token);
+        say!(
             "join with: start --address {} --token {}",
-            addr.address, addr.token
+            addr.address,
+            addr.token
         );
     } else {
         let address = args.address.ok_or_else(|| {
@@ -1209,8 +1219,8 @@ pub fn run_start(args: StartArgs) -> Result<()> {
             join_cluster(&address, &token, settings)?;
         }
         let rt = runtime::current()?;
-        println!("oxray node started");
-        println!("node: {}", crate::runtime::short(rt.node));
+        say!("oxray node started");
+        say!("node: {}", crate::runtime::short(rt.node));
     }
     use std::io::Write;
     let _ = std::io::stdout().flush();

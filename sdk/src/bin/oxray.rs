@@ -406,7 +406,8 @@ fn microbenchmark(b: BenchArgs) -> Result<()> {
         let guard = Child(child);
         let mut address = None;
         let mut token = None;
-        for line in std::io::BufReader::new(out).lines() {
+        let mut lines = std::io::BufReader::new(out).lines();
+        for line in lines.by_ref() {
             let line = line?;
             if let Some(a) = line.strip_prefix("address: ") {
                 address = Some(a.trim().to_string());
@@ -418,6 +419,8 @@ fn microbenchmark(b: BenchArgs) -> Result<()> {
                 break;
             }
         }
+        // Keep reading what the node prints, so it never writes into a closed pipe.
+        std::thread::spawn(move || for _ in lines.by_ref() {});
         let (address, token) = (
             address.context("node printed no address")?,
             token.context("node printed no token")?,
