@@ -201,6 +201,8 @@ pub struct Replica {
     reads_ready: Vec<(u64, Vec<(Token, Query)>)>,
     next_read_ctx: u64,
     outbox: Vec<Message>,
+    /// Peers a snapshot was handed over to early in this loop, reported sent at its end.
+    snapshots_sent: Vec<u64>,
     completions: Vec<Completion>,
     /// Set when an apply advanced the revision since the driver last looked.
     revision_advanced: bool,
@@ -254,6 +256,7 @@ impl Replica {
             reads_ready: Vec::new(),
             next_read_ctx: 1,
             outbox: Vec::new(),
+            snapshots_sent: Vec::new(),
             completions: Vec::new(),
             revision_advanced: false,
             stopped: None,
@@ -424,10 +427,25 @@ impl Replica {
 
     /// Runs the Ready loop once (see the module docs). Call after any tick, step, propose or read.
     pub fn handle_ready(&mut self) {
+        self.handle_ready_with(|_, _| {});
+    }
+
+    /// [`Replica::handle_ready`], but hands what may leave before this loop's fsync to `early` as soon as it
+    /// is known: the leader's appends (Raft lets a leader send them before its own log is durable; it counts
+    /// itself toward a quorum only once it is) and the completions of entries that just applied (committed
+    /// means already durable on a quorum, so answering does not have to wait for this replica's next fsync).
+    /// Without this a write's round trip would hold the leader's fsync, then the followers', then one more
+    /// of the leader's in series; with it, the leader's and the followers' fsyncs overlap.
+    /// `early` may be called zero or more times; whatever it is not handed comes out of
+    /// [`Replica::take_messages`] and [`Replica::take_completions`] afterwards, as before.
+    pub fn handle_ready_with(
+        &mut self,
+        early: impl FnMut(&mut Vec<Message>, &mut Vec<Completion>),
+    ) {
         if self.stopped.is_some() {
             return;
         }
-        if let Err(e) = self.ready_inner() {
+        if let Err(e) = self.ready_inner(early) {
             tracing::error!(replica = self.cfg.id, cause = %e, "replica stopped");
             let why = e.to_string();
             self.stopped = Some(why.clone());
@@ -435,7 +453,10 @@ impl Replica {
         }
     }
 
-    fn ready_inner(&mut self) -> Result<(), ReplicaFatal> {
+    fn ready_inner(
+        &mut self,
+        mut early: impl FnMut(&mut Vec<Message>, &mut Vec<Completion>),
+    ) -> Result<(), ReplicaFatal> {
         self.flush_batch();
         self.flush_reads();
         if self.raw.has_ready() {
@@ -452,6 +473,17 @@ impl Replica {
             }
             let committed = rd.take_committed_entries();
             self.apply_entries(committed);
+            // Hand over the appends and the completions before the fsync below (see handle_ready_with).
+            // A snapshot leaving now is still reported once this loop is done.
+            self.snapshots_sent.extend(
+                self.outbox
+                    .iter()
+                    .filter(|m| m.get_msg_type() == MessageType::MsgSnapshot)
+                    .map(|m| m.to),
+            );
+            if !self.outbox.is_empty() || !self.completions.is_empty() {
+                early(&mut self.outbox, &mut self.completions);
+            }
             if !rd.entries().is_empty() {
                 self.raw.mut_store().append(rd.entries())?;
             }
@@ -491,12 +523,15 @@ impl Replica {
     /// silently, so report it finished as soon as it is handed to the driver: the leader then probes, and if
     /// the snapshot was lost the probe is rejected and a fresh snapshot goes out (costs a resend, never safety).
     fn report_snapshots_sent(&mut self) {
-        let targets: Vec<u64> = self
-            .outbox
-            .iter()
-            .filter(|m| m.get_msg_type() == MessageType::MsgSnapshot)
-            .map(|m| m.to)
-            .collect();
+        let mut targets = std::mem::take(&mut self.snapshots_sent);
+        targets.extend(
+            self.outbox
+                .iter()
+                .filter(|m| m.get_msg_type() == MessageType::MsgSnapshot)
+                .map(|m| m.to),
+        );
+        targets.sort_unstable();
+        targets.dedup();
         for to in targets {
             self.raw.report_snapshot(to, SnapshotStatus::Finish);
         }
