@@ -341,8 +341,7 @@ impl ShardState {
     fn apply_op(&mut self, op: &Op) -> WriteResult {
         match op {
             Op::Put { key, value } => {
-                let prev = self.kv.get(key).map_or(0, |s| s.mod_revision);
-                self.put(key, value.clone());
+                let prev = self.put(key, value.clone());
                 WriteResult {
                     revision: self.revision,
                     succeeded: true,
@@ -368,7 +367,9 @@ impl ShardState {
                 };
                 if holds {
                     match new {
-                        Some(v) => self.put(key, v.clone()),
+                        Some(v) => {
+                            self.put(key, v.clone());
+                        }
                         None => {
                             self.delete(key);
                         }
@@ -383,14 +384,18 @@ impl ShardState {
         }
     }
 
-    fn put(&mut self, key: &[u8], value: Bytes) {
+    /// Sets `key`; returns its previous mod revision (0 if it was absent). One tree search when the key
+    /// exists, two when it is new: the apply loop runs this on every replica for every write.
+    fn put(&mut self, key: &[u8], value: Bytes) -> u64 {
         self.revision += 1;
         let rev = self.revision;
-        match self.kv.get_mut(key) {
+        let prev = match self.kv.get_mut(key) {
             Some(s) => {
+                let prev = s.mod_revision;
                 s.value = value.clone();
                 s.mod_revision = rev;
                 s.version += 1;
+                prev
             }
             None => {
                 self.kv.insert(
@@ -402,13 +407,15 @@ impl ShardState {
                         version: 1,
                     },
                 );
+                0
             }
-        }
+        };
         self.record(Event {
             revision: rev,
             key: key.to_vec(),
             value: Some(value),
         });
+        prev
     }
 
     fn delete(&mut self, key: &[u8]) -> bool {
