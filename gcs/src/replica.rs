@@ -192,7 +192,7 @@ pub struct Replica {
     batch: Vec<Command>,
     batch_bytes: usize,
     /// Writes awaiting apply, by `(client, seq)`, with the term they were proposed in.
-    pending_writes: BTreeMap<(u64, u64), (u64, Vec<Token>)>,
+    pending_writes: BTreeMap<(u64, u64), (u64, Tokens)>,
     /// Reads not yet sent as a ReadIndex request.
     reads_unsent: Vec<(Token, Query)>,
     /// Reads whose ReadIndex request is out, by request context, with the term it was sent in.
@@ -359,12 +359,16 @@ impl Replica {
             return self.refuse(token, ReplicaError::Busy { pending });
         }
         let term = self.raw.raft.term;
-        let entry = self
-            .pending_writes
-            .entry((cmd.client, cmd.seq))
-            .or_insert((term, Vec::new()));
-        entry.0 = term;
-        entry.1.push(token);
+        match self.pending_writes.entry((cmd.client, cmd.seq)) {
+            std::collections::btree_map::Entry::Vacant(v) => {
+                v.insert((term, Tokens::one(token)));
+            }
+            std::collections::btree_map::Entry::Occupied(mut o) => {
+                let e = o.get_mut();
+                e.0 = term;
+                e.1.more.push(token);
+            }
+        }
         self.batch_bytes += cmd.op.key().len() + 64 + op_value_len(&cmd);
         self.batch.push(cmd);
         if self.batch.len() >= self.cfg.max_batch_cmds
@@ -703,6 +707,31 @@ impl Replica {
     /// Whether the revision advanced since the last call (so watch waiters should be re-checked).
     pub fn take_revision_advanced(&mut self) -> bool {
         std::mem::take(&mut self.revision_advanced)
+    }
+}
+
+/// The callers waiting on one `(client, seq)`: nearly always exactly one, so it is held inline and the
+/// per-write path allocates nothing here (a retry racing its original adds to `more`).
+#[derive(Debug)]
+struct Tokens {
+    first: Token,
+    more: Vec<Token>,
+}
+
+impl Tokens {
+    fn one(first: Token) -> Self {
+        Tokens {
+            first,
+            more: Vec::new(),
+        }
+    }
+}
+
+impl IntoIterator for Tokens {
+    type Item = Token;
+    type IntoIter = std::iter::Chain<std::iter::Once<Token>, std::vec::IntoIter<Token>>;
+    fn into_iter(self) -> Self::IntoIter {
+        std::iter::once(self.first).chain(self.more)
     }
 }
 

@@ -111,7 +111,7 @@ async fn steady_load_keeps_the_first_leader() {
             stalled_secs += 1;
         }
         last_ok = now_ok;
-        if secs >= 60 && start.elapsed().as_secs() % 60 == 0 {
+        if secs >= 60 && start.elapsed().as_secs().is_multiple_of(60) {
             eprintln!(
                 "soak: {:.0} s, {now_ok} writes acknowledged",
                 start.elapsed().as_secs_f64()
