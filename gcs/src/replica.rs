@@ -11,7 +11,10 @@
 //!    everything a loop iteration appended); buffered reads become one ReadIndex request.
 //! 2. Messages that need no persistence (a leader's appends) go to the outbox at once.
 //! 3. A received snapshot is installed; committed entries are applied and their proposers completed.
-//! 4. New entries and the hard state are appended and synced (one `fdatasync`).
+//!    With [`Replica::handle_ready_with`] the outbox and the completions so far are handed to the driver
+//!    here, before the fsync, so the followers' fsyncs overlap the leader's and answers do not wait for it.
+//! 4. New entries and the hard state are appended and synced (one `fdatasync`; a hard state whose only
+//!    change is the commit index rides along with entries and never costs a sync of its own).
 //! 5. Messages that must follow persistence (votes, append responses) go to the outbox.
 //! 6. `advance`, then the light ready's commits are applied the same way.
 //! 7. Reads whose ReadIndex has been applied are answered from local state (linearizable).

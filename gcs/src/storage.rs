@@ -442,6 +442,46 @@ mod tests {
         }
     }
 
+    /// A commit-only change is not written (nor synced) on its own, but with the next entries; a term or
+    /// vote change is written by the next sync even with no entries.
+    #[test]
+    fn commit_only_hard_state_rides_with_the_next_entries() {
+        let dir = tempfile::tempdir().unwrap();
+        let big = WalConfig {
+            fsync: true,
+            segment_bytes: 1 << 20,
+        };
+        let wal_len = |d: &Path| -> u64 {
+            fs::read_dir(d.join("wal"))
+                .unwrap()
+                .map(|e| e.unwrap().metadata().unwrap().len())
+                .sum()
+        };
+        {
+            let mut s = DiskStorage::open(dir.path(), big.clone(), &[1]).unwrap();
+            s.set_hard_state(&HardState {
+                term: 1,
+                vote: 1,
+                commit: 0,
+                ..Default::default()
+            });
+            s.sync().unwrap();
+            s.append(&(1..=3).map(|i| ent(i, 1)).collect::<Vec<_>>())
+                .unwrap();
+            s.sync().unwrap();
+            let before = wal_len(dir.path());
+            s.set_commit(2);
+            s.sync().unwrap();
+            assert_eq!(wal_len(dir.path()), before, "no write for the commit alone");
+            s.append(&[ent(4, 1)]).unwrap();
+            s.sync().unwrap();
+        }
+        let s = DiskStorage::open(dir.path(), big, &[1]).unwrap();
+        let hs = s.initial_state().unwrap().hard_state;
+        assert_eq!((hs.term, hs.vote, hs.commit), (1, 1, 2));
+        assert_eq!(s.last_index().unwrap(), 4);
+    }
+
     #[test]
     fn fresh_open_has_voters_and_empty_log() {
         let dir = tempfile::tempdir().unwrap();
