@@ -12,6 +12,8 @@
 //! `writes_per_s` and `write_p99_ms` (each `{"c1","c64","c1024"}`), `reads_per_s`, `watch_latency_ms_p50` and
 //! `failover_ms` (`{"p50","p99","trials"}`). `OXRAY_BENCH_SECS` sets the seconds per write/read phase
 //! (default 2); `OXRAY_BENCH_TRIALS` the failover trials (default 5). Timings are printed, never asserted.
+//! `OXRAY_BENCH_ONLY_C=1024` runs only the write phase at that concurrency and prints its row (for
+//! profiling one load level with `perf record`; the JSON then holds just that row).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -322,9 +324,27 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
+    let only: Option<usize> = std::env::var("OXRAY_BENCH_ONLY_C")
+        .ok()
+        .and_then(|s| s.parse().ok());
     rt.block_on(async {
         let c = cluster(use_mesh).await;
         leader(&c).await;
+        if let Some(conc) = only {
+            let (tput, p99) = writes(&c, conc, secs).await;
+            if json {
+                let v = serde_json::json!({
+                    "setup": setup,
+                    "writes_per_s": {format!("c{conc}"): tput},
+                    "write_p99_ms": {format!("c{conc}"): p99},
+                });
+                println!("{v}");
+            } else {
+                println!("writes c{conc:<5} {tput:>10.0} /s   p99 {p99:>8.2} ms");
+            }
+            c.shutdown().await;
+            return;
+        }
         let mut w = Vec::new();
         for conc in [1usize, 64, 1024] {
             w.push(writes(&c, conc, secs).await);

@@ -11,7 +11,10 @@
 //!    everything a loop iteration appended); buffered reads become one ReadIndex request.
 //! 2. Messages that need no persistence (a leader's appends) go to the outbox at once.
 //! 3. A received snapshot is installed; committed entries are applied and their proposers completed.
-//! 4. New entries and the hard state are appended and synced (one `fdatasync`).
+//!    With [`Replica::handle_ready_with`] the outbox and the completions so far are handed to the driver
+//!    here, before the fsync, so the followers' fsyncs overlap the leader's and answers do not wait for it.
+//! 4. New entries and the hard state are appended and synced (one `fdatasync`; a hard state whose only
+//!    change is the commit index rides along with entries and never costs a sync of its own).
 //! 5. Messages that must follow persistence (votes, append responses) go to the outbox.
 //! 6. `advance`, then the light ready's commits are applied the same way.
 //! 7. Reads whose ReadIndex has been applied are answered from local state (linearizable).
@@ -192,7 +195,7 @@ pub struct Replica {
     batch: Vec<Command>,
     batch_bytes: usize,
     /// Writes awaiting apply, by `(client, seq)`, with the term they were proposed in.
-    pending_writes: BTreeMap<(u64, u64), (u64, Vec<Token>)>,
+    pending_writes: BTreeMap<(u64, u64), (u64, Tokens)>,
     /// Reads not yet sent as a ReadIndex request.
     reads_unsent: Vec<(Token, Query)>,
     /// Reads whose ReadIndex request is out, by request context, with the term it was sent in.
@@ -201,6 +204,8 @@ pub struct Replica {
     reads_ready: Vec<(u64, Vec<(Token, Query)>)>,
     next_read_ctx: u64,
     outbox: Vec<Message>,
+    /// Peers a snapshot was handed over to early in this loop, reported sent at its end.
+    snapshots_sent: Vec<u64>,
     completions: Vec<Completion>,
     /// Set when an apply advanced the revision since the driver last looked.
     revision_advanced: bool,
@@ -254,6 +259,7 @@ impl Replica {
             reads_ready: Vec::new(),
             next_read_ctx: 1,
             outbox: Vec::new(),
+            snapshots_sent: Vec::new(),
             completions: Vec::new(),
             revision_advanced: false,
             stopped: None,
@@ -356,12 +362,16 @@ impl Replica {
             return self.refuse(token, ReplicaError::Busy { pending });
         }
         let term = self.raw.raft.term;
-        let entry = self
-            .pending_writes
-            .entry((cmd.client, cmd.seq))
-            .or_insert((term, Vec::new()));
-        entry.0 = term;
-        entry.1.push(token);
+        match self.pending_writes.entry((cmd.client, cmd.seq)) {
+            std::collections::btree_map::Entry::Vacant(v) => {
+                v.insert((term, Tokens::one(token)));
+            }
+            std::collections::btree_map::Entry::Occupied(mut o) => {
+                let e = o.get_mut();
+                e.0 = term;
+                e.1.more.push(token);
+            }
+        }
         self.batch_bytes += cmd.op.key().len() + 64 + op_value_len(&cmd);
         self.batch.push(cmd);
         if self.batch.len() >= self.cfg.max_batch_cmds
@@ -424,10 +434,25 @@ impl Replica {
 
     /// Runs the Ready loop once (see the module docs). Call after any tick, step, propose or read.
     pub fn handle_ready(&mut self) {
+        self.handle_ready_with(|_, _| {});
+    }
+
+    /// [`Replica::handle_ready`], but hands what may leave before this loop's fsync to `early` as soon as it
+    /// is known: the leader's appends (Raft lets a leader send them before its own log is durable; it counts
+    /// itself toward a quorum only once it is) and the completions of entries that just applied (committed
+    /// means already durable on a quorum, so answering does not have to wait for this replica's next fsync).
+    /// Without this a write's round trip would hold the leader's fsync, then the followers', then one more
+    /// of the leader's in series; with it, the leader's and the followers' fsyncs overlap.
+    /// `early` may be called zero or more times; whatever it is not handed comes out of
+    /// [`Replica::take_messages`] and [`Replica::take_completions`] afterwards, as before.
+    pub fn handle_ready_with(
+        &mut self,
+        early: impl FnMut(&mut Vec<Message>, &mut Vec<Completion>),
+    ) {
         if self.stopped.is_some() {
             return;
         }
-        if let Err(e) = self.ready_inner() {
+        if let Err(e) = self.ready_inner(early) {
             tracing::error!(replica = self.cfg.id, cause = %e, "replica stopped");
             let why = e.to_string();
             self.stopped = Some(why.clone());
@@ -435,7 +460,10 @@ impl Replica {
         }
     }
 
-    fn ready_inner(&mut self) -> Result<(), ReplicaFatal> {
+    fn ready_inner(
+        &mut self,
+        mut early: impl FnMut(&mut Vec<Message>, &mut Vec<Completion>),
+    ) -> Result<(), ReplicaFatal> {
         self.flush_batch();
         self.flush_reads();
         if self.raw.has_ready() {
@@ -452,6 +480,17 @@ impl Replica {
             }
             let committed = rd.take_committed_entries();
             self.apply_entries(committed);
+            // Hand over the appends and the completions before the fsync below (see handle_ready_with).
+            // A snapshot leaving now is still reported once this loop is done.
+            self.snapshots_sent.extend(
+                self.outbox
+                    .iter()
+                    .filter(|m| m.get_msg_type() == MessageType::MsgSnapshot)
+                    .map(|m| m.to),
+            );
+            if !self.outbox.is_empty() || !self.completions.is_empty() {
+                early(&mut self.outbox, &mut self.completions);
+            }
             if !rd.entries().is_empty() {
                 self.raw.mut_store().append(rd.entries())?;
             }
@@ -491,12 +530,15 @@ impl Replica {
     /// silently, so report it finished as soon as it is handed to the driver: the leader then probes, and if
     /// the snapshot was lost the probe is rejected and a fresh snapshot goes out (costs a resend, never safety).
     fn report_snapshots_sent(&mut self) {
-        let targets: Vec<u64> = self
-            .outbox
-            .iter()
-            .filter(|m| m.get_msg_type() == MessageType::MsgSnapshot)
-            .map(|m| m.to)
-            .collect();
+        let mut targets = std::mem::take(&mut self.snapshots_sent);
+        targets.extend(
+            self.outbox
+                .iter()
+                .filter(|m| m.get_msg_type() == MessageType::MsgSnapshot)
+                .map(|m| m.to),
+        );
+        targets.sort_unstable();
+        targets.dedup();
         for to in targets {
             self.raw.report_snapshot(to, SnapshotStatus::Finish);
         }
@@ -668,6 +710,31 @@ impl Replica {
     /// Whether the revision advanced since the last call (so watch waiters should be re-checked).
     pub fn take_revision_advanced(&mut self) -> bool {
         std::mem::take(&mut self.revision_advanced)
+    }
+}
+
+/// The callers waiting on one `(client, seq)`: nearly always exactly one, so it is held inline and the
+/// per-write path allocates nothing here (a retry racing its original adds to `more`).
+#[derive(Debug)]
+struct Tokens {
+    first: Token,
+    more: Vec<Token>,
+}
+
+impl Tokens {
+    fn one(first: Token) -> Self {
+        Tokens {
+            first,
+            more: Vec::new(),
+        }
+    }
+}
+
+impl IntoIterator for Tokens {
+    type Item = Token;
+    type IntoIter = std::iter::Chain<std::iter::Once<Token>, std::vec::IntoIter<Token>>;
+    fn into_iter(self) -> Self::IntoIter {
+        std::iter::once(self.first).chain(self.more)
     }
 }
 

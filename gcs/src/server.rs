@@ -402,13 +402,18 @@ impl ShardDriver {
                 }
                 self.expire_watchers(now);
             }
-            self.replica.handle_ready();
-            for m in self.replica.take_messages() {
-                let to = m.to;
-                self.net.send_raft(to, encode_raft(self.shard, &m));
-            }
+            // Appends and answers leave before this loop's fsync (see `Replica::handle_ready_with`), the
+            // rest after it.
+            let (shard, net, waiting) = (self.shard, &self.net, &mut self.waiting);
+            self.replica.handle_ready_with(|msgs, done| {
+                send_all(shard, net.as_ref(), msgs.drain(..));
+                for c in done.drain(..) {
+                    complete(waiting, c);
+                }
+            });
+            send_all(self.shard, self.net.as_ref(), self.replica.take_messages());
             for c in self.replica.take_completions() {
-                self.complete(c);
+                complete(&mut self.waiting, c);
             }
             if self.replica.take_revision_advanced() {
                 self.wake_watchers();
@@ -546,36 +551,43 @@ impl ShardDriver {
         self.waiting.insert(t, reply);
         t
     }
+}
 
-    fn complete(&mut self, c: Completion) {
-        let Some(reply) = self.waiting.remove(&c.token) else {
-            return;
-        };
-        let resp = match c.result {
-            Ok(Reply::Write(w)) => Response::Write(w),
-            Ok(Reply::Get { kv, revision }) => Response::Get { kv, revision },
-            Ok(Reply::Range {
-                kvs,
-                more,
-                revision,
-            }) => Response::Range {
-                kvs,
-                more,
-                revision,
-            },
-            Err(e) => Response::Err(match e {
-                ReplicaError::NotLeader { leader } => ServerError::NotLeader { leader },
-                ReplicaError::LeadershipLost { leader } => ServerError::LeadershipLost { leader },
-                ReplicaError::Invalid(v) => ServerError::Invalid(v),
-                ReplicaError::Command(crate::shard::CommandError::DedupExpired { client, seq }) => {
-                    ServerError::DedupExpired { client, seq }
-                }
-                ReplicaError::Busy { .. } => ServerError::Busy,
-                ReplicaError::Stopped(why) => ServerError::Stopped(why),
-            }),
-        };
-        let _ = reply.send(resp);
+fn send_all(shard: u32, net: &dyn PeerNetwork, msgs: impl IntoIterator<Item = Message>) {
+    for m in msgs {
+        net.send_raft(m.to, encode_raft(shard, &m));
     }
+}
+
+/// Answers the caller waiting on `c.token`, if it still waits.
+fn complete(waiting: &mut HashMap<Token, oneshot::Sender<Response>>, c: Completion) {
+    let Some(reply) = waiting.remove(&c.token) else {
+        return;
+    };
+    let resp = match c.result {
+        Ok(Reply::Write(w)) => Response::Write(w),
+        Ok(Reply::Get { kv, revision }) => Response::Get { kv, revision },
+        Ok(Reply::Range {
+            kvs,
+            more,
+            revision,
+        }) => Response::Range {
+            kvs,
+            more,
+            revision,
+        },
+        Err(e) => Response::Err(match e {
+            ReplicaError::NotLeader { leader } => ServerError::NotLeader { leader },
+            ReplicaError::LeadershipLost { leader } => ServerError::LeadershipLost { leader },
+            ReplicaError::Invalid(v) => ServerError::Invalid(v),
+            ReplicaError::Command(crate::shard::CommandError::DedupExpired { client, seq }) => {
+                ServerError::DedupExpired { client, seq }
+            }
+            ReplicaError::Busy { .. } => ServerError::Busy,
+            ReplicaError::Stopped(why) => ServerError::Stopped(why),
+        }),
+    };
+    let _ = reply.send(resp);
 }
 
 /// An in-process network of GCS members: routes client calls and Raft messages by member id.
@@ -636,14 +648,13 @@ impl LocalNet {
 
 impl PeerNetwork for LocalNet {
     fn send_raft(&self, to: u64, msg: Bytes) {
-        // The sender's id is inside the message; drop traffic from isolated members too.
-        if let Ok((_, m)) = decode_raft(&msg)
-            && self.isolated.read().contains(&m.from)
-        {
-            return;
-        }
-        if let Some(s) = self.reachable(to) {
-            s.deliver_raft(&msg);
+        let Some(s) = self.reachable(to) else { return };
+        // Decoded once here and handed over decoded (a batch of appends is not parsed twice).
+        match decode_raft(&msg) {
+            // The sender's id is inside the message; drop traffic from isolated members too.
+            Ok((_, m)) if self.isolated.read().contains(&m.from) => {}
+            Ok((shard, m)) => s.deliver(shard, m),
+            Err(e) => tracing::debug!(cause = %e, "dropped malformed raft message"),
         }
     }
 }

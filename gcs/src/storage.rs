@@ -42,8 +42,10 @@ pub struct DiskStorage {
     dir: PathBuf,
     wal: Wal,
     hard: HardState,
-    /// Whether `hard` changed since it was last written to the WAL.
+    /// Whether `hard`'s term or vote changed since it was last written to the WAL (must be synced).
     hard_dirty: bool,
+    /// Whether only `hard.commit` changed since (written with the next entries, see `set_commit`).
+    commit_dirty: bool,
     snapshot: Snapshot,
     /// Entries after the snapshot: `entries[0].index == snapshot index + 1`.
     entries: Vec<Entry>,
@@ -74,6 +76,7 @@ impl DiskStorage {
             wal,
             hard: HardState::default(),
             hard_dirty: false,
+            commit_dirty: false,
             snapshot,
             entries: Vec::new(),
             entries_bytes: 0,
@@ -196,19 +199,26 @@ impl DiskStorage {
         Ok(())
     }
 
-    /// Replaces the hard state. Durable after [`DiskStorage::sync`].
+    /// Replaces the hard state. A new term or vote is durable after [`DiskStorage::sync`]; a new commit
+    /// index alone is written lazily (see [`DiskStorage::set_commit`]).
     pub fn set_hard_state(&mut self, hs: &HardState) {
-        if *hs != self.hard {
+        if hs.term != self.hard.term || hs.vote != self.hard.vote {
             self.hard = hs.clone();
             self.hard_dirty = true;
+        } else {
+            self.set_commit(hs.commit);
         }
     }
 
-    /// Updates only the commit index (from a `LightReady`). Durable after the next [`DiskStorage::sync`].
+    /// Updates only the commit index. It is written with the next sync that has entries to write anyway
+    /// (or the next term/vote change, or segment rotation), never synced on its own: Raft needs the term
+    /// and vote durable before it answers, but a commit index that lags on disk is only re-learned from
+    /// the leader after a restart (and [`DiskStorage::open`] never lets it fall below the snapshot). An
+    /// fsync per commit advance would double the fsyncs of every replica under load.
     pub fn set_commit(&mut self, commit: u64) {
         if commit != self.hard.commit {
             self.hard.commit = commit;
-            self.hard_dirty = true;
+            self.commit_dirty = true;
         }
     }
 
@@ -220,12 +230,13 @@ impl DiskStorage {
         w.u64(self.hard.commit);
         self.wal.append(&w.finish(), 0);
         self.hard_dirty = false;
+        self.commit_dirty = false;
     }
 
     /// Makes every appended entry and hard-state change durable (one write + one fdatasync), rotating the
     /// segment when it is full.
     pub fn sync(&mut self) -> Result<(), StorageError> {
-        if self.hard_dirty {
+        if self.hard_dirty || (self.commit_dirty && self.wal.has_pending()) {
             self.append_hard_state();
         }
         self.wal.sync()?;
@@ -429,6 +440,46 @@ mod tests {
             fsync: true,
             segment_bytes: 256,
         }
+    }
+
+    /// A commit-only change is not written (nor synced) on its own, but with the next entries; a term or
+    /// vote change is written by the next sync even with no entries.
+    #[test]
+    fn commit_only_hard_state_rides_with_the_next_entries() {
+        let dir = tempfile::tempdir().unwrap();
+        let big = WalConfig {
+            fsync: true,
+            segment_bytes: 1 << 20,
+        };
+        let wal_len = |d: &Path| -> u64 {
+            fs::read_dir(d.join("wal"))
+                .unwrap()
+                .map(|e| e.unwrap().metadata().unwrap().len())
+                .sum()
+        };
+        {
+            let mut s = DiskStorage::open(dir.path(), big.clone(), &[1]).unwrap();
+            s.set_hard_state(&HardState {
+                term: 1,
+                vote: 1,
+                commit: 0,
+                ..Default::default()
+            });
+            s.sync().unwrap();
+            s.append(&(1..=3).map(|i| ent(i, 1)).collect::<Vec<_>>())
+                .unwrap();
+            s.sync().unwrap();
+            let before = wal_len(dir.path());
+            s.set_commit(2);
+            s.sync().unwrap();
+            assert_eq!(wal_len(dir.path()), before, "no write for the commit alone");
+            s.append(&[ent(4, 1)]).unwrap();
+            s.sync().unwrap();
+        }
+        let s = DiskStorage::open(dir.path(), big, &[1]).unwrap();
+        let hs = s.initial_state().unwrap().hard_state;
+        assert_eq!((hs.term, hs.vote, hs.commit), (1, 1, 2));
+        assert_eq!(s.last_index().unwrap(), 4);
     }
 
     #[test]
