@@ -152,6 +152,8 @@ pub(crate) struct Cluster {
     fetching: DashMap<u64, (u128, Arc<Entry>)>,
     /// Objects fetched from their owners and still held here, by id (to share one copy between borrowers).
     fetched: DashMap<u128, Weak<Entry>>,
+    /// Size of `fetched` at which its dead entries are next swept out.
+    fetched_sweep_at: std::sync::atomic::AtomicUsize,
 }
 
 /// The mesh handler: forwards to the runtime and cluster once both exist.
@@ -284,6 +286,7 @@ impl Cluster {
             parked: DashMap::new(),
             fetching: DashMap::new(),
             fetched: DashMap::new(),
+            fetched_sweep_at: std::sync::atomic::AtomicUsize::new(4096),
         })
     }
 
@@ -681,14 +684,26 @@ impl Cluster {
                 cl.fail_pending(p, &format!("cannot reach node {node}: {e}"));
             }
         });
+        self.outbox(&self.call_out, node, kind::CALLS, on_fail)
+    }
+
+    /// The sender in `map` for `node`, started with `on_fail` if there is none yet (a racing starter's sender is
+    /// dropped, and its task ends with it).
+    fn outbox(
+        &self,
+        map: &DashMap<NodeId, Arc<Outbox>>,
+        node: NodeId,
+        k: u16,
+        on_fail: batch::OnFail,
+    ) -> Arc<Outbox> {
         let out = Arc::new(Outbox::start(
             &self.tokio,
             self.mesh.clone(),
             node,
-            kind::CALLS,
+            k,
             on_fail,
         ));
-        self.call_out.entry(node).or_insert(out).clone()
+        map.entry(node).or_insert(out).clone()
     }
 
     /// The batch sender for results to `node`, started on first use.
@@ -700,14 +715,7 @@ impl Cluster {
             // The owner is gone or unreachable: nobody is left to tell.
             tracing::warn!(owner = %node, call = item.call, cause = %e, "result not delivered");
         });
-        let out = Arc::new(Outbox::start(
-            &self.tokio,
-            self.mesh.clone(),
-            node,
-            kind::RESULTS,
-            on_fail,
-        ));
-        self.result_out.entry(node).or_insert(out).clone()
+        self.outbox(&self.result_out, node, kind::RESULTS, on_fail)
     }
 
     /// Sends a task to `node`; its entry completes when the result comes back.
@@ -1155,8 +1163,12 @@ impl Cluster {
             });
             return;
         }
-        if self.fetched.len() >= 4096 {
+        // Forget copies nobody holds, now and then: the next sweep waits until the map has doubled, so many live
+        // copies do not make every fetch scan them.
+        if self.fetched.len() >= self.fetched_sweep_at.load(Ordering::Relaxed) {
             self.fetched.retain(|_, w| w.strong_count() > 0);
+            self.fetched_sweep_at
+                .store((self.fetched.len() * 2).max(4096), Ordering::Relaxed);
         }
         self.fetched.insert(id, Arc::downgrade(&e));
         // Registered before asking: a large value arrives as a stream, possibly before the reply that says so.

@@ -283,7 +283,12 @@ pub(crate) fn decoding<'a, R>(
     entries: impl IntoIterator<Item = &'a Arc<Entry>>,
     f: impl FnOnce() -> R,
 ) -> R {
-    let leases: Vec<Arc<Lease>> = entries.into_iter().filter_map(|e| e.lease()).collect();
+    // Collecting into an empty Vec allocates nothing: values that nest no lent refs pay one pass over the entries.
+    with_leases(entries.into_iter().filter_map(|e| e.lease()).collect(), f)
+}
+
+/// Runs `f` with `leases` as this thread's decoding leases.
+fn with_leases<R>(leases: Vec<Arc<Lease>>, f: impl FnOnce() -> R) -> R {
     if leases.is_empty() {
         return f();
     }
@@ -626,20 +631,10 @@ impl<T: Value> ObjectView<T> {
 
     /// Deserializes the viewed value into an owned `T`.
     pub fn deserialize(&self) -> Result<T> {
-        let run = || {
+        with_leases(self.lease.iter().cloned().collect(), || {
             rkyv::deserialize::<T, rkyv::rancor::Error>(&**self)
                 .map_err(|e| Error::Serialization(e.to_string()))
-        };
-        match &self.lease {
-            None => run(),
-            Some(lease) => {
-                let saved =
-                    DECODING.with(|d| std::mem::replace(&mut *d.borrow_mut(), vec![lease.clone()]));
-                let out = run();
-                DECODING.with(|d| *d.borrow_mut() = saved);
-                out
-            }
-        }
+        })
     }
 }
 

@@ -165,13 +165,11 @@ pub fn remove_placement_group(pg: &PlacementGroup) -> Result<()> {
     pg.inner.ready.lock().complete(Err(Error::Cancelled));
     let placement = pg.inner.placement.lock().take();
     if let Some(nodes) = placement {
-        let mut per_node: HashMap<u128, Vec<(u32, f64)>> = HashMap::new();
-        for (i, n) in nodes.iter().enumerate().filter(|(_, n)| **n != 0) {
-            per_node
-                .entry(*n)
-                .or_default()
-                .push((i as u32, pg.inner.bundles[i].num_cpus));
-        }
+        // 0: a bundle lost with its node and not placed again; nothing holds it.
+        let per_node = by_node(
+            pg,
+            nodes.iter().copied().enumerate().filter(|(_, n)| *n != 0),
+        );
         let id = pg.inner.id;
         let rt2 = rt.clone();
         block_on_io(&rt.tokio, async move {
@@ -237,36 +235,14 @@ async fn reserve(rt: Arc<Runtime>, pg: PlacementGroup, strategy: PlacementStrate
             }
         };
         if let Some(nodes) = nodes {
-            let mut per_node: HashMap<u128, Vec<(u32, f64)>> = HashMap::new();
-            for (i, n) in nodes.iter().enumerate() {
-                per_node
-                    .entry(*n)
-                    .or_default()
-                    .push((i as u32, pg.inner.bundles[i].num_cpus));
-            }
-            // Phase one: every node holds its bundles. Any refusal undoes the holds made so far.
-            let mut held = Vec::new();
-            let mut ok = true;
-            for (node, bundles) in &per_node {
-                let hold = BundleHold {
-                    pg: pg.inner.id,
-                    bundles: bundles.clone(),
-                };
-                match send_hold(&rt, *node, kind::PG_PREPARE, &hold).await {
-                    Ok(()) => held.push((*node, hold)),
-                    Err(_) => {
-                        ok = false;
-                        break;
-                    }
+            let placed = nodes.iter().copied().enumerate();
+            if let Some(held) = hold_all(&rt, &pg, by_node(&pg, placed)).await {
+                if !pg.inner.removed.load(std::sync::atomic::Ordering::Acquire) {
+                    *pg.inner.placement.lock() = Some(nodes);
+                    pg.inner.ready.lock().complete(Ok(Bytes::new()));
+                    return;
                 }
-            }
-            if ok && !pg.inner.removed.load(std::sync::atomic::Ordering::Acquire) {
-                *pg.inner.placement.lock() = Some(nodes);
-                pg.inner.ready.lock().complete(Ok(Bytes::new()));
-                return;
-            }
-            for (node, hold) in held {
-                let _ = send_hold(&rt, node, kind::PG_RELEASE, &hold).await;
+                release_all(&rt, held).await;
             }
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -337,39 +313,18 @@ async fn replace_lost(rt: Arc<Runtime>, pg: PlacementGroup, lost: Vec<usize>) {
         };
         match cl.plan_group_within(&rt, &spec, &exclude, only) {
             Ok(targets) => {
-                let mut per_node: HashMap<u128, Vec<(u32, f64)>> = HashMap::new();
-                for (k, n) in targets.iter().enumerate() {
-                    let i = lost[k];
-                    per_node
-                        .entry(n.0)
-                        .or_default()
-                        .push((i as u32, pg.inner.bundles[i].num_cpus));
-                }
-                let mut held = Vec::new();
-                let mut ok = true;
-                for (node, bundles) in &per_node {
-                    let hold = BundleHold {
-                        pg: pg.inner.id,
-                        bundles: bundles.clone(),
-                    };
-                    if send_hold(&rt, *node, kind::PG_PREPARE, &hold).await.is_ok() {
-                        held.push((*node, hold));
-                    } else {
-                        ok = false;
-                        break;
-                    }
-                }
-                if ok && !pg.inner.removed.load(std::sync::atomic::Ordering::Acquire) {
-                    if let Some(nodes) = pg.inner.placement.lock().as_mut() {
-                        for (k, n) in targets.iter().enumerate() {
-                            nodes[lost[k]] = n.0;
+                let placed = targets.iter().enumerate().map(|(k, n)| (lost[k], n.0));
+                if let Some(held) = hold_all(&rt, &pg, by_node(&pg, placed)).await {
+                    if !pg.inner.removed.load(std::sync::atomic::Ordering::Acquire) {
+                        if let Some(nodes) = pg.inner.placement.lock().as_mut() {
+                            for (k, n) in targets.iter().enumerate() {
+                                nodes[lost[k]] = n.0;
+                            }
                         }
+                        pg.inner.ready.lock().complete(Ok(Bytes::new()));
+                        return;
                     }
-                    pg.inner.ready.lock().complete(Ok(Bytes::new()));
-                    return;
-                }
-                for (node, hold) in held {
-                    let _ = send_hold(&rt, node, kind::PG_RELEASE, &hold).await;
+                    release_all(&rt, held).await;
                 }
             }
             Err(e) => {
@@ -380,5 +335,48 @@ async fn replace_lost(rt: Arc<Runtime>, pg: PlacementGroup, lost: Vec<usize>) {
             }
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Bundle holds grouped by node, from (bundle index, node) pairs.
+fn by_node(
+    pg: &PlacementGroup,
+    placed: impl Iterator<Item = (usize, u128)>,
+) -> HashMap<u128, Vec<(u32, f64)>> {
+    let mut per_node: HashMap<u128, Vec<(u32, f64)>> = HashMap::new();
+    for (i, n) in placed {
+        per_node
+            .entry(n)
+            .or_default()
+            .push((i as u32, pg.inner.bundles[i].num_cpus));
+    }
+    per_node
+}
+
+/// Phase one of a reservation: every node holds its bundles. Returns the holds, or `None` after undoing the holds
+/// already made if any node refused.
+async fn hold_all(
+    rt: &Arc<Runtime>,
+    pg: &PlacementGroup,
+    per_node: HashMap<u128, Vec<(u32, f64)>>,
+) -> Option<Vec<(u128, BundleHold)>> {
+    let mut held = Vec::new();
+    for (node, bundles) in per_node {
+        let hold = BundleHold {
+            pg: pg.inner.id,
+            bundles,
+        };
+        if send_hold(rt, node, kind::PG_PREPARE, &hold).await.is_err() {
+            release_all(rt, held).await;
+            return None;
+        }
+        held.push((node, hold));
+    }
+    Some(held)
+}
+
+async fn release_all(rt: &Arc<Runtime>, held: Vec<(u128, BundleHold)>) {
+    for (node, hold) in held {
+        let _ = send_hold(rt, node, kind::PG_RELEASE, &hold).await;
     }
 }

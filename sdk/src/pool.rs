@@ -195,6 +195,39 @@ mod tests {
     }
 
     #[test]
+    fn past_the_thread_cap_queued_work_waits_for_a_thread() {
+        // One slot, two threads: both threads blocked in a wait leave the third job queued, not on a new thread.
+        let pool = WorkerPool::new("t", 1, 2);
+        let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+        let release_rx = Arc::new(parking_lot::Mutex::new(release_rx));
+        for _ in 0..2 {
+            let (p, rx) = (pool.clone(), release_rx.clone());
+            pool.submit(Box::new(move || {
+                p.blocking(|| rx.lock().recv().unwrap());
+            }));
+        }
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        pool.submit(Box::new(move || done_tx.send(()).unwrap()));
+        let wait = std::time::Duration::from_millis(300);
+        assert!(
+            done_rx.recv_timeout(wait).is_err(),
+            "ran past the thread cap"
+        );
+        {
+            let s = pool.state.lock();
+            assert_eq!(s.threads, 2);
+            assert!(s.warned_cap, "hitting the cap was not reported");
+        }
+        // A thread freed by a finished wait takes the queued job.
+        release_tx.send(()).unwrap();
+        done_rx
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("queued job never ran");
+        release_tx.send(()).unwrap();
+        pool.shutdown();
+    }
+
+    #[test]
     fn nested_wait_releases_the_slot() {
         // One slot: a job that waits for a second job would deadlock unless the wait releases the slot.
         let pool = WorkerPool::new("t", 1, 4);

@@ -7,7 +7,7 @@
 
 use std::any::Any;
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -80,6 +80,8 @@ pub(crate) struct Runtime {
     pub(crate) cancels: DashMap<CancelKey, Arc<AtomicBool>>,
     /// Cancels of remote tasks that arrived before the task, with when they arrived.
     early_cancels: Mutex<std::collections::HashMap<CancelKey, Instant>>,
+    /// `early_cancels.len()`, read without the lock on every task dispatch.
+    early_cancel_count: AtomicUsize,
     pub(crate) tasks: DashMap<u128, TaskRecord>,
     pub(crate) tokio: tokio::runtime::Handle,
     /// Placement groups created by this process, by id.
@@ -146,6 +148,7 @@ pub(crate) fn install_as(config: Config, node: Option<u128>) -> Result<Arc<Runti
         named: DashMap::new(),
         cancels: DashMap::new(),
         early_cancels: Mutex::new(std::collections::HashMap::new()),
+        early_cancel_count: AtomicUsize::new(0),
         tasks: DashMap::new(),
         tokio: handle,
         held_milli_cpus: Arc::new(AtomicU64::new(0)),
@@ -447,8 +450,10 @@ impl Runtime {
             },
         );
         let flag = cancel.map(|key| {
+            // The map is almost always empty: look without taking its lock on every task.
             let early = matches!(key, CancelKey::Remote(..))
-                && self.early_cancels.lock().remove(&key).is_some();
+                && self.early_cancel_count.load(Ordering::Acquire) > 0
+                && self.take_early_cancel(&key);
             let flag = Arc::new(AtomicBool::new(early));
             self.cancels.insert(key, flag.clone());
             (key, flag)
@@ -504,10 +509,9 @@ impl Runtime {
         attempts: u32,
     ) -> Result<Bytes> {
         let mut last = Err(Error::Cancelled);
-        let entries = arg_entries(args);
         for _ in 0..attempts.max(1) {
             let resolved = resolve_args(args)?;
-            last = crate::object::decoding(&entries, || {
+            last = crate::object::decoding(arg_entries(args), || {
                 catch_task(f.name, self.node, || (f.invoke)(Args::new(resolved)))
             });
             if last.is_ok() {
@@ -759,17 +763,25 @@ impl Runtime {
         let mut early = self.early_cancels.lock();
         early.retain(|_, at| now.duration_since(*at) < Duration::from_secs(60));
         early.insert(key, now);
+        self.early_cancel_count
+            .store(early.len(), Ordering::Release);
+    }
+
+    fn take_early_cancel(&self, key: &CancelKey) -> bool {
+        let mut early = self.early_cancels.lock();
+        let found = early.remove(key).is_some();
+        self.early_cancel_count
+            .store(early.len(), Ordering::Release);
+        found
     }
 }
 
 /// The entries of the ref arguments (whose leases the call's decoding holds).
-fn arg_entries(args: &[Arg]) -> Vec<Arc<Entry>> {
-    args.iter()
-        .filter_map(|a| match &a.0 {
-            ArgKind::Ref(r) => Some(r.entry.clone()),
-            ArgKind::Value(_) => None,
-        })
-        .collect()
+fn arg_entries(args: &[Arg]) -> impl Iterator<Item = &Arc<Entry>> {
+    args.iter().filter_map(|a| match &a.0 {
+        ArgKind::Ref(r) => Some(&r.entry),
+        ArgKind::Value(_) => None,
+    })
 }
 
 /// Resolves arguments to their bytes, waiting for referenced objects (releasing the CPU slot while waiting).
@@ -938,7 +950,7 @@ impl ActorHost {
                 }),
                 Some(m) => resolve_args(&args).and_then(|resolved| {
                     crate::object::clear_contained();
-                    crate::object::decoding(&arg_entries(&args), || {
+                    crate::object::decoding(arg_entries(&args), || {
                         catch_task_named(
                             || format!("{}::{}", self.class.name, m.name),
                             rt.node,

@@ -288,16 +288,14 @@ fn three_node_cluster_end_to_end() {
 
     // The `oxray` CLI against the running cluster: people's table and scripts' JSON.
     let cli = oxray_cli();
-    let status = std::process::Command::new(&cli)
-        .args([
-            "status",
-            "--address",
-            &cluster.address,
-            "--token",
-            &cluster.token,
-        ])
-        .output()
-        .unwrap();
+    let run = |args: &[&str], address: &str| {
+        std::process::Command::new(&cli)
+            .args(args)
+            .args(["--address", address, "--token", &cluster.token])
+            .output()
+            .unwrap()
+    };
+    let status = run(&["status"], &cluster.address);
     let text = String::from_utf8_lossy(&status.stdout);
     assert!(
         status.status.success(),
@@ -306,17 +304,7 @@ fn three_node_cluster_end_to_end() {
     );
     // The short-lived driver is listed dead.
     assert!(text.contains("nodes: 5 alive, 1 dead"), "{text}");
-    let json = std::process::Command::new(&cli)
-        .args([
-            "status",
-            "--json",
-            "--address",
-            &cluster.address,
-            "--token",
-            &cluster.token,
-        ])
-        .output()
-        .unwrap();
+    let json = run(&["status", "--json"], &cluster.address);
     let v: serde_json::Value = serde_json::from_slice(&json.stdout).expect("status --json is JSON");
     assert_eq!(v["members"].as_array().map(|m| m.len()), Some(6), "{v}");
     assert_eq!(
@@ -325,18 +313,7 @@ fn three_node_cluster_end_to_end() {
         "the head's GCS replica leads: {}",
         v["gcs"]
     );
-    let listed = std::process::Command::new(&cli)
-        .args([
-            "list",
-            "actors",
-            "--json",
-            "--address",
-            &cluster.address,
-            "--token",
-            &cluster.token,
-        ])
-        .output()
-        .unwrap();
+    let listed = run(&["list", "actors", "--json"], &cluster.address);
     let actors: serde_json::Value =
         serde_json::from_slice(&listed.stdout).expect("list actors --json is JSON");
     assert!(
@@ -347,16 +324,7 @@ fn three_node_cluster_end_to_end() {
             .any(|a| a["name"] == "recorder"),
         "{actors}"
     );
-    let bad = std::process::Command::new(&cli)
-        .args([
-            "status",
-            "--address",
-            "127.0.0.1:1",
-            "--token",
-            &cluster.token,
-        ])
-        .output()
-        .unwrap();
+    let bad = run(&["status"], "127.0.0.1:1");
     assert!(!bad.status.success());
     assert!(
         String::from_utf8_lossy(&bad.stderr).contains("is `start --head` running"),
