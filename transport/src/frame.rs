@@ -39,6 +39,9 @@ pub enum FrameType {
     Oneway = 4,
     /// A request followed by `payload_len` raw bytes on the same stream.
     Stream = 5,
+    /// Opens a lane: a long-lived stream that carries many small requests one way and their responses the
+    /// other, matched by request id (see `lane.rs`). Sent once, with an empty body, as the stream's first frame.
+    Lane = 6,
 }
 
 impl FrameType {
@@ -49,6 +52,7 @@ impl FrameType {
             3 => FrameType::Error,
             4 => FrameType::Oneway,
             5 => FrameType::Stream,
+            6 => FrameType::Lane,
             _ => return None,
         })
     }
@@ -103,7 +107,7 @@ pub struct Header {
     pub frame: u8,
     /// Application message kind (or [`ErrorCode`] in an error frame).
     pub kind: u16,
-    /// Correlates a response with its request (informational: each request has its own stream).
+    /// Correlates a response with its request (on a lane, the only thing that does).
     pub request_id: u64,
     /// Sender node id.
     pub source: u128,
@@ -187,7 +191,17 @@ pub struct Prefix {
 
 /// Encodes the prefix and header of a frame whose body is `body_len` bytes long.
 pub fn encode_head(header: &Header, body_len: usize) -> Vec<u8> {
-    let mut out = Vec::with_capacity(PREFIX_LEN + HEADER_LEN);
+    encode_head_in(
+        header,
+        body_len,
+        Vec::with_capacity(PREFIX_LEN + HEADER_LEN),
+    )
+}
+
+/// [`encode_head`] into a caller's (cleared) buffer, so a writer of many frames reuses one allocation.
+pub fn encode_head_in(header: &Header, body_len: usize, mut out: Vec<u8>) -> Vec<u8> {
+    // The serializer pads relative to the buffer's start: it must start empty for the layout to be the wire's.
+    out.clear();
     out.extend_from_slice(&MAGIC);
     out.extend_from_slice(&(HEADER_LEN as u32).to_le_bytes());
     out.extend_from_slice(&(body_len as u64).to_le_bytes());
@@ -253,6 +267,31 @@ pub fn decode_header(bytes: &[u8]) -> Result<Header, FrameError> {
     Ok(header)
 }
 
+/// Where the frames that are complete in `buf` (a byte stream carrying back-to-back frames) lie: for each,
+/// the range of its header and body (prefix excluded). Returns the ranges and how many bytes they used up; the
+/// rest is the start of a frame still arriving. A prefix that breaks the limits is an error even when the
+/// frame is incomplete, so a peer cannot make a lane reader buffer more than one allowed frame.
+pub fn split_frames(
+    buf: &[u8],
+    limits: &Limits,
+    out: &mut Vec<std::ops::Range<usize>>,
+) -> Result<usize, FrameError> {
+    let mut off = 0;
+    while let Some(prefix) = buf.get(off..off + PREFIX_LEN) {
+        let prefix: &[u8; PREFIX_LEN] =
+            prefix.try_into().map_err(|_| FrameError::BadHeaderLen(0))?;
+        let p = decode_prefix(prefix, limits)?;
+        let start = off + PREFIX_LEN;
+        let end = start + p.header_len + p.body_len;
+        if end > buf.len() {
+            break;
+        }
+        out.push(start..end);
+        off = end;
+    }
+    Ok(off)
+}
+
 /// Decodes a whole frame held in one aligned buffer (prefix included): the fuzz target's entry point, and
 /// the reference the streaming reader must agree with.
 pub fn decode_frame<'a>(buf: &'a [u8], limits: &Limits) -> Result<(Header, &'a [u8]), FrameError> {
@@ -310,6 +349,36 @@ mod tests {
                 limit: 64 << 20
             }
         );
+    }
+
+    #[test]
+    fn split_finds_whole_frames_and_leaves_the_partial_one() {
+        let mut wire = Vec::new();
+        for body in [&b"abc"[..], &b""[..], &[9u8; 40][..]] {
+            wire.extend_from_slice(&encode_head(&header(), body.len()));
+            wire.extend_from_slice(body);
+        }
+        let full = wire.len();
+        wire.extend_from_slice(&encode_head(&header(), 10)[..20]);
+        let mut ranges = Vec::new();
+        let used = split_frames(&wire, &Limits::default(), &mut ranges).unwrap();
+        assert_eq!(used, full);
+        let lens: Vec<usize> = ranges.iter().map(|r| r.len() - HEADER_LEN).collect();
+        assert_eq!(lens, [3, 0, 40]);
+        // Every range decodes once copied to an aligned buffer.
+        for r in &ranges {
+            let mut a = rkyv::util::AlignedVec::<16>::new();
+            a.extend_from_slice(&wire[r.clone()]);
+            assert_eq!(decode_header(&a).unwrap(), header());
+        }
+        // A partial prefix that is already invalid is refused without waiting for the rest.
+        let mut bad = encode_head(&header(), 0);
+        bad[8..16].copy_from_slice(&u64::MAX.to_le_bytes());
+        ranges.clear();
+        assert!(matches!(
+            split_frames(&bad, &Limits::default(), &mut ranges),
+            Err(FrameError::TooLarge { .. })
+        ));
     }
 
     #[test]

@@ -69,6 +69,7 @@ use std::time::Duration;
 mod error;
 pub mod frame;
 mod join;
+mod lane;
 mod mesh;
 mod message;
 pub mod tls;
@@ -117,6 +118,10 @@ pub struct Limits {
     pub shutdown_grace: Duration,
     /// UDP socket send and receive buffer size requested from the kernel. Default 4 MiB.
     pub socket_buffer_bytes: usize,
+    /// Requests whose body is at most this many bytes share one long-lived stream per peer (a lane) instead of
+    /// each opening a stream: several times cheaper per request, at the price of head-of-line blocking among
+    /// them, which this bound keeps small. 0 gives every request its own stream. Default 16 KiB.
+    pub lane_body_limit: usize,
 }
 
 impl Default for Limits {
@@ -136,6 +141,7 @@ impl Default for Limits {
             stream_reply_timeout: Duration::from_secs(600),
             shutdown_grace: Duration::from_secs(5),
             socket_buffer_bytes: 4 << 20,
+            lane_body_limit: 16 << 10,
         }
     }
 }

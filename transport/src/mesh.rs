@@ -1,14 +1,16 @@
 //! The mesh driver: one QUIC endpoint per node, the peer table, and the tokio tasks that move frames.
 //!
-//! Each request travels on its own bidirectional QUIC stream (request frame, then response frame), each one-way
-//! message on its own unidirectional stream, each streamed payload on its own bidirectional stream after its
-//! header frame. Streams are cheap in QUIC (no handshake, no round trip to open), a slow or broken message only
-//! ever kills its own stream, and cancelling a request is dropping its stream. QUIC multiplexes them over one
-//! connection per peer pair and packs frames of many streams into each datagram, which batches writes.
+//! Small requests (body up to `Limits::lane_body_limit`) travel on the peer's lane, one long-lived bidirectional
+//! stream that carries many requests and their responses matched by id (see `lane.rs` for why). A larger request
+//! travels on its own bidirectional QUIC stream (request frame, then response frame), each one-way message on its
+//! own unidirectional stream, each streamed payload on its own bidirectional stream after its header frame: a
+//! big or broken message then only ever holds up or kills its own stream. QUIC multiplexes all of them over one
+//! connection per peer pair and packs frames of many streams into each datagram.
 //!
 //! Decisions about bytes (framing, validation, limits on sizes) live in [`crate::frame`]; this file owns the
 //! sockets, the clock and the tasks. It does not interpret message bodies.
 
+use std::hash::BuildHasherDefault;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
@@ -23,6 +25,7 @@ use tracing::{Instrument as _, debug, info_span, warn};
 
 use crate::error::{TransportError, close, from_connection};
 use crate::frame::{self, ErrorCode, FrameType, HEADER_LEN, Header, PREFIX_LEN, TraceContext};
+use crate::lane::{self, ClientLane, FrameReader, Hold, LaneReply, NotSent};
 use crate::message::{IncomingStream, Message, Reply, Responder, Source, read_error};
 use crate::tls::{self, JoinAuthority, NodeIdentity};
 use crate::{Body, Limits, NodeId};
@@ -90,6 +93,8 @@ struct Peer {
     dial: tokio::sync::Mutex<()>,
     /// Requests in flight to this peer, against `Limits::max_inflight_per_peer`.
     inflight: AtomicUsize,
+    /// The lane small requests to this peer travel on (see `lane.rs`); replaced when it dies.
+    lane: parking_lot::Mutex<Option<Arc<ClientLane>>>,
 }
 
 impl Peer {
@@ -99,6 +104,7 @@ impl Peer {
             conn: parking_lot::Mutex::new(None),
             dial: tokio::sync::Mutex::new(()),
             inflight: AtomicUsize::new(0),
+            lane: parking_lot::Mutex::new(None),
         }
     }
 
@@ -123,6 +129,30 @@ impl Peer {
     }
 }
 
+/// Hashes node ids for the peer table, which every request consults. Ids are random 128-bit numbers chosen by
+/// the CA's holder, so folding their halves is as good as SipHash here and a few times cheaper.
+#[derive(Default)]
+struct NodeIdHasher(u64);
+impl std::hash::Hasher for NodeIdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut w = [0u8; 8];
+            w[..chunk.len()].copy_from_slice(chunk);
+            self.write_u64(u64::from_le_bytes(w));
+        }
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.0 = (self.0.rotate_left(29) ^ v).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+    fn write_u128(&mut self, v: u128) {
+        self.write_u64(v as u64);
+        self.write_u64((v >> 64) as u64);
+    }
+}
+
 /// Counts a peer's request slot; released on drop.
 struct Slot<'a>(&'a AtomicUsize);
 impl Drop for Slot<'_> {
@@ -133,6 +163,20 @@ impl Drop for Slot<'_> {
 
 /// Counts work that shutdown must wait for.
 struct Active<'a>(&'a Inner);
+
+/// [`Active`] that can travel with a lane reply until it is written.
+pub(crate) struct ActiveOwned(Arc<Inner>);
+impl ActiveOwned {
+    fn new(inner: Arc<Inner>) -> ActiveOwned {
+        inner.active.fetch_add(1, Ordering::AcqRel);
+        ActiveOwned(inner)
+    }
+}
+impl Drop for ActiveOwned {
+    fn drop(&mut self) {
+        drop(Active(&self.0));
+    }
+}
 impl Drop for Active<'_> {
     fn drop(&mut self) {
         if self.0.active.fetch_sub(1, Ordering::AcqRel) == 1
@@ -152,7 +196,7 @@ struct Inner {
     client_cfg: quinn::ClientConfig,
     limits: Limits,
     handler: Arc<dyn Handler>,
-    peers: DashMap<NodeId, Arc<Peer>>,
+    peers: DashMap<NodeId, Arc<Peer>, BuildHasherDefault<NodeIdHasher>>,
     next_request: AtomicU64,
     join: Option<JoinAuthority>,
     closing: AtomicBool,
@@ -267,7 +311,7 @@ impl Mesh {
             client_cfg,
             limits,
             handler,
-            peers: DashMap::new(),
+            peers: DashMap::default(),
             next_request: AtomicU64::new(1),
             join: join_secret,
             closing: AtomicBool::new(false),
@@ -669,16 +713,10 @@ impl Inner {
                 limit: self.limits.max_message_bytes as u64,
             });
         }
-        let conn = self.connection(to, peer).await?;
-        let (mut send, mut recv) = match conn.open_bi().await {
-            Ok(s) => s,
-            Err(_) => {
-                // The connection died since we last used it and nothing was sent yet: dial once more.
-                peer.forget(&conn);
-                let conn = self.connection(to, peer).await?;
-                conn.open_bi().await.map_err(|e| from_connection(to, e))?
-            }
-        };
+        if payload.is_none() && body.len() <= self.limits.lane_body_limit {
+            return self.lane_request(to, peer, header, body).await;
+        }
+        let (mut send, mut recv, _) = self.open_bi(to, peer).await?;
         let written = write_frame(&mut send, &header, body, payload).await;
         if let Err(e) = written {
             // A receiver that refuses a payload answers with an error frame and stops reading: prefer its answer.
@@ -709,6 +747,94 @@ impl Inner {
                 "unexpected frame type in response",
             )),
         }
+    }
+}
+
+impl Inner {
+    /// A fresh bidirectional stream to `to`, and the id of the connection it is on.
+    async fn open_bi(
+        &self,
+        to: NodeId,
+        peer: &Peer,
+    ) -> Result<(quinn::SendStream, quinn::RecvStream, usize), TransportError> {
+        let conn = self.connection(to, peer).await?;
+        match conn.open_bi().await {
+            Ok((send, recv)) => Ok((send, recv, conn.stable_id())),
+            Err(_) => {
+                // The connection died since we last used it and nothing was sent yet: dial once more.
+                peer.forget(&conn);
+                let conn = self.connection(to, peer).await?;
+                let (send, recv) = conn.open_bi().await.map_err(|e| from_connection(to, e))?;
+                Ok((send, recv, conn.stable_id()))
+            }
+        }
+    }
+
+    /// The live lane to `to`, opened if there is none.
+    ///
+    /// A lane follows the peer's current connection: when that is replaced (the peer restarted, moved, or
+    /// dialled us anew), requests move to a lane on the new one at once instead of waiting for the old
+    /// connection to time out.
+    async fn lane(&self, to: NodeId, peer: &Peer) -> Result<Arc<ClientLane>, TransportError> {
+        let usable =
+            |l: &&Arc<ClientLane>, conn: Option<usize>| !l.is_dead() && Some(l.conn_id) == conn;
+        let current = peer.conn.lock().as_ref().map(|c| c.stable_id());
+        if let Some(l) = peer.lane.lock().as_ref().filter(|l| usable(l, current)) {
+            return Ok(l.clone());
+        }
+        let (send, recv, conn_id) = self.open_bi(to, peer).await?;
+        let open = self.header(
+            FrameType::Lane,
+            0,
+            to,
+            Duration::ZERO,
+            TraceContext::default(),
+            0,
+        );
+        let lane = Arc::new(ClientLane::start(
+            send,
+            recv,
+            open,
+            conn_id,
+            self.node_id,
+            to,
+            self.limits.clone(),
+        ));
+        let mut slot = peer.lane.lock();
+        match slot.as_ref().filter(|l| usable(l, Some(conn_id))) {
+            // Another request opened one meanwhile: use that and let ours close (its writer finishes once
+            // this last handle drops).
+            Some(other) => Ok(other.clone()),
+            None => {
+                *slot = Some(lane.clone());
+                Ok(lane)
+            }
+        }
+    }
+
+    /// A small request on the peer's lane. A lane found dead before the request went out is replaced once.
+    async fn lane_request(
+        &self,
+        to: NodeId,
+        peer: &Peer,
+        header: Header,
+        mut body: Body,
+    ) -> Result<Message, TransportError> {
+        for _ in 0..2 {
+            let lane = self.lane(to, peer).await?;
+            match lane.call(header, body) {
+                Ok((rx, pending)) => {
+                    let reply = rx.await;
+                    pending.done();
+                    return reply.unwrap_or(Err(TransportError::Closed));
+                }
+                Err(NotSent(b)) => body = b,
+            }
+        }
+        Err(TransportError::Connect {
+            peer: to,
+            why: "the lane to the peer closed twice before the request could be sent".into(),
+        })
     }
 }
 
@@ -773,8 +899,11 @@ pub(crate) async fn read_frame(
         }
     }
     let header = frame::decode_header(&buf)?;
-    if header.frame_type() != Some(FrameType::Stream) {
-        // Everything but a stream header is alone on its stream. Reading the end (already here: the sender
+    if !matches!(
+        header.frame_type(),
+        Some(FrameType::Stream | FrameType::Lane)
+    ) {
+        // Everything but a stream header or a lane opening is alone on its stream. Reading the end (already here: the sender
         // finishes right after writing) also lets quinn free the stream without a STOP_SENDING round.
         if recv
             .read_chunk(1, true)
@@ -923,8 +1052,8 @@ impl Inner {
         mut send: quinn::SendStream,
         mut recv: quinn::RecvStream,
     ) {
-        let _active = Active(&self);
         self.active.fetch_add(1, Ordering::AcqRel);
+        let active = Active(&self);
         let blank = Header {
             frame: FrameType::Error as u8,
             kind: 0,
@@ -965,6 +1094,12 @@ impl Inner {
                 "node is shutting down".into(),
             )
             .await;
+            return;
+        }
+        if header.frame_type() == Some(FrameType::Lane) {
+            // A lane lives as long as its connection: shutdown waits for the requests on it, not for it.
+            drop(active);
+            self.serve_lane(peer, send, recv).await;
             return;
         }
         let received = Instant::now();
@@ -1032,6 +1167,95 @@ impl Inner {
             text: "handler went away".into(),
         });
         self.respond(&mut send, &header, reply).await;
+    }
+
+    /// Serves a lane: reads request frames until the requester finishes it, hands each to the handler, and
+    /// lets the lane's writer send the replies. The handler's deadline is the requester's to enforce.
+    async fn serve_lane(
+        self: Arc<Inner>,
+        peer: NodeId,
+        send: quinn::SendStream,
+        mut recv: quinn::RecvStream,
+    ) {
+        let tx = lane::start_server_writer(send);
+        // Replies not yet written, at most as many as a requester may have in flight: at the bound this task
+        // stops reading, and QUIC flow control holds the requester back.
+        let slots = Arc::new(tokio::sync::Semaphore::new(
+            self.limits.max_inflight_per_peer,
+        ));
+        let mut reader = FrameReader::default();
+        let mut frames = Vec::new();
+        loop {
+            let chunk = match recv.read_chunk(usize::MAX, true).await {
+                Ok(Some(c)) => c,
+                // Finished by the requester, or the connection is gone: either way nothing more comes.
+                Ok(None) | Err(_) => return,
+            };
+            if let Err(e) = reader.push(&chunk.bytes, &self.limits, &mut frames) {
+                warn!(node = %self.node_id, %peer, cause = %e, "bad frame on a lane; closing it");
+                let code = match e {
+                    TransportError::MessageTooLarge { .. } => ErrorCode::TooLarge,
+                    _ => ErrorCode::Malformed,
+                };
+                let _ = tx.send(lane::error_frame(
+                    self.node_id,
+                    peer,
+                    0,
+                    code,
+                    e.to_string(),
+                ));
+                let _ = recv.stop(close::STREAM_MALFORMED);
+                return;
+            }
+            let received = Instant::now();
+            for (header, buf) in frames.drain(..) {
+                let why = if header.source != peer.0 || header.dest != self.node_id.0 {
+                    Some("envelope source or destination does not match the authenticated connection".to_string())
+                } else if header.frame_type() != Some(FrameType::Request) {
+                    Some(format!("frame type {} not valid on a lane", header.frame))
+                } else {
+                    None
+                };
+                if let Some(why) = why {
+                    warn!(node = %self.node_id, %peer, %why, "bad frame on a lane; closing it");
+                    let _ = tx.send(lane::error_frame(
+                        self.node_id,
+                        peer,
+                        0,
+                        ErrorCode::Malformed,
+                        why,
+                    ));
+                    let _ = recv.stop(close::STREAM_MALFORMED);
+                    return;
+                }
+                if self.closing.load(Ordering::Acquire) {
+                    let _ = tx.send(lane::error_frame(
+                        self.node_id,
+                        peer,
+                        header.request_id,
+                        ErrorCode::ShuttingDown,
+                        "node is shutting down".into(),
+                    ));
+                    continue;
+                }
+                let permit = match slots.clone().try_acquire_owned() {
+                    Ok(p) => p,
+                    Err(_) => match slots.clone().acquire_owned().await {
+                        Ok(p) => p,
+                        Err(_) => return,
+                    },
+                };
+                let hold = Hold {
+                    _permit: permit,
+                    _active: ActiveOwned::new(self.clone()),
+                };
+                let reply = LaneReply::new(tx.clone(), self.node_id, &header, hold);
+                self.handler.on_request(
+                    Message::from_frame(header, buf, HEADER_LEN, received),
+                    Responder::lane(reply),
+                );
+            }
+        }
     }
 
     /// Serves one incoming unidirectional stream: a one-way message.

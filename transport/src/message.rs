@@ -146,21 +146,57 @@ pub(crate) enum Reply {
 
 /// The way to answer one request. Answer exactly once with [`Responder::send`] or [`Responder::error`]; it may
 /// be moved to another task first. Dropping it unanswered sends the requester an error ("dropped").
-#[derive(Debug)]
 pub struct Responder {
-    tx: Option<oneshot::Sender<Reply>>,
+    sink: Option<Sink>,
+}
+
+/// Where a reply goes: to the task serving a request's own stream (or the local short-cut), or straight onto
+/// the writer of the lane the request came on.
+enum Sink {
+    Oneshot(oneshot::Sender<Reply>),
+    Lane(crate::lane::LaneReply),
+}
+
+impl fmt::Debug for Responder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let via = match self.sink {
+            Some(Sink::Oneshot(_)) => "stream",
+            Some(Sink::Lane(_)) => "lane",
+            None => "answered",
+        };
+        f.debug_struct("Responder").field("via", &via).finish()
+    }
 }
 
 impl Responder {
     pub(crate) fn new() -> (Responder, oneshot::Receiver<Reply>) {
         let (tx, rx) = oneshot::channel();
-        (Responder { tx: Some(tx) }, rx)
+        (
+            Responder {
+                sink: Some(Sink::Oneshot(tx)),
+            },
+            rx,
+        )
+    }
+
+    pub(crate) fn lane(reply: crate::lane::LaneReply) -> Responder {
+        Responder {
+            sink: Some(Sink::Lane(reply)),
+        }
     }
 
     fn finish(mut self, reply: Reply) {
-        if let Some(tx) = self.tx.take() {
+        self.deliver(reply);
+    }
+
+    fn deliver(&mut self, reply: Reply) {
+        match self.sink.take() {
             // The requester may have given up (deadline); then nobody wants the reply.
-            let _ = tx.send(reply);
+            Some(Sink::Oneshot(tx)) => {
+                let _ = tx.send(reply);
+            }
+            Some(Sink::Lane(lane)) => lane.send(reply),
+            None => {}
         }
     }
 
@@ -178,15 +214,20 @@ impl Responder {
     }
 
     /// Whether the requester has stopped waiting (deadline passed or connection lost).
+    /// On a lane this only knows whether the lane itself is gone: the requester's deadline is its own.
     pub fn is_closed(&self) -> bool {
-        self.tx.as_ref().is_none_or(|tx| tx.is_closed())
+        match &self.sink {
+            Some(Sink::Oneshot(tx)) => tx.is_closed(),
+            Some(Sink::Lane(lane)) => lane.is_closed(),
+            None => true,
+        }
     }
 }
 
 impl Drop for Responder {
     fn drop(&mut self) {
-        if let Some(tx) = self.tx.take() {
-            let _ = tx.send(Reply::Err {
+        if self.sink.is_some() {
+            self.deliver(Reply::Err {
                 code: ErrorCode::Dropped,
                 text: "handler dropped the request unanswered".into(),
             });

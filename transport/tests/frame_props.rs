@@ -12,6 +12,7 @@ fn frame_type() -> impl Strategy<Value = FrameType> {
         Just(FrameType::Error),
         Just(FrameType::Oneway),
         Just(FrameType::Stream),
+        Just(FrameType::Lane),
     ]
 }
 

@@ -204,3 +204,111 @@ async fn garbage_one_way_stream_is_dropped_and_connection_survives() {
         .await
         .unwrap();
 }
+
+/// Reads one frame from a lane's response side: (header, body).
+async fn read_lane_frame(r: &mut quinn::RecvStream) -> (Header, Vec<u8>) {
+    let mut prefix = [0u8; PREFIX_LEN];
+    tokio::time::timeout(SECOND, r.read_exact(&mut prefix))
+        .await
+        .expect("no answer on the lane")
+        .unwrap();
+    let p = frame::decode_prefix(&prefix, &Limits::default()).unwrap();
+    let mut rest = vec![0u8; p.header_len + p.body_len];
+    r.read_exact(&mut rest).await.unwrap();
+    let mut buf = AlignedVec::<16>::new();
+    buf.extend_from_slice(&rest);
+    let h = frame::decode_header(&buf).unwrap();
+    (h, rest[HEADER_LEN..].to_vec())
+}
+
+/// A lane opened by hand: the opening frame, then requests on the same stream.
+async fn raw_lane(
+    conn: &quinn::Connection,
+    me: NodeId,
+    dest: NodeId,
+) -> (quinn::SendStream, quinn::RecvStream) {
+    let (mut s, r) = conn.open_bi().await.unwrap();
+    let mut open = request_header(me, dest);
+    open.frame = FrameType::Lane as u8;
+    s.write_all(&frame::encode_head(&open, 0)).await.unwrap();
+    (s, r)
+}
+
+#[tokio::test]
+async fn bad_frames_on_a_lane_end_that_lane_only() {
+    let (ca, a, b) = pair(Limits::default()).await;
+    let (me, _ep, conn) = raw_conn(&ca, &b).await;
+    let dest = b.mesh.node_id();
+
+    // A lane answers requests by id, then meets garbage: an error frame for the lane (id 0), and it ends.
+    let (mut s, mut r) = raw_lane(&conn, me, dest).await;
+    for (id, body) in [(7u64, &b"first"[..]), (8, &b"second"[..])] {
+        let mut h = request_header(me, dest);
+        h.request_id = id;
+        let mut wire = frame::encode_head(&h, body.len());
+        wire.extend_from_slice(body);
+        s.write_all(&wire).await.unwrap();
+        let (rh, rb) = read_lane_frame(&mut r).await;
+        assert_eq!(
+            (rh.frame_type(), rh.request_id, &rb[..]),
+            (Some(FrameType::Response), id, body)
+        );
+    }
+    let _ = s.write_all(&[0xEE; 40]).await;
+    let (rh, rb) = read_lane_frame(&mut r).await;
+    assert_eq!(
+        (rh.frame_type(), rh.request_id, rh.kind),
+        (Some(FrameType::Error), 0, ErrorCode::Malformed as u16)
+    );
+    assert!(String::from_utf8_lossy(&rb).contains("bad magic"));
+    let end = tokio::time::timeout(SECOND, r.read_to_end(1 << 16))
+        .await
+        .expect("the lane was not closed");
+    assert_eq!(end.unwrap(), b"");
+
+    // A 4 GiB length on a lane is refused from the prefix alone.
+    let (mut s, mut r) = raw_lane(&conn, me, dest).await;
+    let mut wire = frame::encode_head(&request_header(me, dest), 0);
+    wire[8..PREFIX_LEN].copy_from_slice(&(4u64 << 30).to_le_bytes());
+    let _ = s.write_all(&wire).await;
+    let (rh, _) = read_lane_frame(&mut r).await;
+    assert_eq!(rh.kind, ErrorCode::TooLarge as u16);
+
+    // A spoofed source, and a response frame where requests belong, each end their lane.
+    let (mut s, mut r) = raw_lane(&conn, me, dest).await;
+    let _ = s
+        .write_all(&frame::encode_head(
+            &request_header(a.mesh.node_id(), dest),
+            0,
+        ))
+        .await;
+    let (rh, rb) = read_lane_frame(&mut r).await;
+    assert_eq!(rh.frame_type(), Some(FrameType::Error));
+    assert!(String::from_utf8_lossy(&rb).contains("does not match"));
+    let (mut s, mut r) = raw_lane(&conn, me, dest).await;
+    let mut h = request_header(me, dest);
+    h.frame = FrameType::Response as u8;
+    let _ = s.write_all(&frame::encode_head(&h, 0)).await;
+    let (_, rb) = read_lane_frame(&mut r).await;
+    assert!(String::from_utf8_lossy(&rb).contains("not valid on a lane"));
+
+    // Only the two good requests reached the handler; the connection and the node serve on.
+    assert_eq!(
+        b.handler
+            .requests
+            .load(std::sync::atomic::Ordering::Relaxed),
+        2
+    );
+    let (mut s, mut r) = raw_lane(&conn, me, dest).await;
+    s.write_all(&frame::encode_head(&request_header(me, dest), 0))
+        .await
+        .unwrap();
+    assert_eq!(
+        read_lane_frame(&mut r).await.0.frame_type(),
+        Some(FrameType::Response)
+    );
+    a.mesh
+        .request(dest, ECHO, Bytes::from_static(b"fine"), SECOND)
+        .await
+        .unwrap();
+}

@@ -126,7 +126,53 @@ async fn unknown_peer_is_an_error() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_concurrent_requests() {
+    concurrent_requests(Limits::default()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_concurrent_requests_each_on_its_own_stream() {
+    concurrent_requests(Limits {
+        lane_body_limit: 0,
+        ..Limits::default()
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn lane_replies_overtake_and_reach_their_own_requesters() {
     let (_ca, a, b) = pair(Limits::default()).await;
+    let to = b.mesh.node_id();
+    // A slow request first, then fast ones on the same lane: they are answered while it is still pending.
+    let slow = {
+        let mesh = a.mesh.clone();
+        tokio::spawn(async move {
+            mesh.request(to, SLOW, Bytes::from_static(b"slow"), SECOND)
+                .await
+        })
+    };
+    let started = std::time::Instant::now();
+    for i in 0..20u64 {
+        let reply = a
+            .mesh
+            .request(to, ECHO, Bytes::from(i.to_le_bytes().to_vec()), SECOND)
+            .await
+            .unwrap();
+        assert_eq!(reply.body(), i.to_le_bytes());
+    }
+    assert!(
+        !slow.is_finished(),
+        "the slow reply should still be pending"
+    );
+    assert!(started.elapsed() < Duration::from_millis(250));
+    assert_eq!(slow.await.unwrap().unwrap().body(), b"slow");
+    // A body above the lane limit travels on its own stream, beside the lane.
+    let big = Bytes::from(vec![5u8; Limits::default().lane_body_limit + 1]);
+    let reply = a.mesh.request(to, ECHO, big.clone(), SECOND).await.unwrap();
+    assert_eq!(reply.body(), &big[..]);
+}
+
+async fn concurrent_requests(limits: Limits) {
+    let (_ca, a, b) = pair(limits).await;
     let to = b.mesh.node_id();
     let mut tasks = Vec::new();
     for t in 0..64u64 {

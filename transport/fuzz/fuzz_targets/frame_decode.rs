@@ -1,4 +1,4 @@
-//! Fuzz target: arbitrary bytes through the envelope decoder and header validation.
+//! Fuzz target: arbitrary bytes through the envelope decoder, header validation and the lane frame splitter.
 //!
 //! Checks that decoding never panics, never reads past the input, and that whatever decodes re-encodes to the
 //! same prefix and header bytes (the codec is a bijection on valid frames). Run with
@@ -37,5 +37,17 @@ fuzz_target!(|data: &[u8]| {
         .and_then(|p| <&[u8; PREFIX_LEN]>::try_from(p).ok())
     {
         let _ = frame::decode_prefix(prefix, &limits);
+    }
+    // A lane's splitter: never panics, and every range it returns lies inside the input and decodes like a
+    // single frame would.
+    let mut ranges = Vec::new();
+    if let Ok(used) = frame::split_frames(data, &limits, &mut ranges) {
+        assert!(used <= data.len());
+        for r in ranges {
+            assert!(r.end <= used && r.len() >= HEADER_LEN);
+            let mut one = AlignedVec::<16>::with_capacity(r.len().max(16));
+            one.extend_from_slice(&data[r]);
+            let _ = frame::decode_header(&one);
+        }
     }
 });
