@@ -558,7 +558,7 @@ impl Runtime {
             };
             if let Some(n) = target {
                 if let Some(name) = &opts.name {
-                    crate::control::register_named(self, name, id, class, n.0)?;
+                    crate::control::register_named(self, name, id, class, n.0, opts.max_restarts)?;
                 }
                 let spec = CreateW {
                     actor: id,
@@ -592,7 +592,8 @@ impl Runtime {
         }
         let entry = registry::class(class, sig)?;
         if let Some(name) = &opts.name {
-            crate::control::register_named(self, name, id, class, self.node)?;
+            // Hosted here, so restarted by nobody: this process's death is the actor's.
+            crate::control::register_named(self, name, id, class, self.node, 0)?;
         }
         let host = ActorHost::spawn(
             self.clone(),
@@ -724,7 +725,32 @@ impl Runtime {
         {
             return Ok(c.clone());
         }
-        let n = crate::control::lookup_named(self, name)?;
+        let mut n = crate::control::lookup_named(self, name)?;
+        // The directory may still name the node of an incarnation that died: its creator records the new one
+        // shortly after it restarts the actor. Wait for that (bounded) rather than hand out a handle to a dead node.
+        if let Some(cl) = self.cluster.get() {
+            let deadline = Instant::now() + RESTART_LOOKUP_WAIT;
+            while cl.node_known_dead(n.node) {
+                if n.restarts >= n.max_restarts {
+                    return Err(Error::ActorDied {
+                        actor: short(n.actor),
+                        reason: format!(
+                            "the node hosting {name:?} died and it has no restarts left"
+                        ),
+                    });
+                }
+                if Instant::now() >= deadline {
+                    return Err(Error::ActorDied {
+                        actor: short(n.actor),
+                        reason: format!(
+                            "the node hosting {name:?} died and no restarted incarnation was recorded within {RESTART_LOOKUP_WAIT:?}"
+                        ),
+                    });
+                }
+                std::thread::sleep(Duration::from_millis(50));
+                n = crate::control::lookup_named(self, name)?;
+            }
+        }
         let class: &'static str =
             registry::class_name(&n.class).ok_or_else(|| Error::UnknownFunction {
                 name: n.class.clone(),
@@ -778,6 +804,10 @@ impl Runtime {
         found
     }
 }
+
+/// How long a name lookup waits for the directory to name a restarted actor's new node, once the node it names
+/// is known dead (the creator re-places the actor when it learns of the death, then records the move).
+const RESTART_LOOKUP_WAIT: Duration = Duration::from_secs(10);
 
 /// An actor's `max_concurrency` as it travels: at least 1.
 fn concurrency(opts: &ActorOptions) -> u32 {

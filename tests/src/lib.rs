@@ -188,3 +188,15 @@ impl Gather {
         before
     }
 }
+
+/// Finds the `Recorder` named `name` from whichever node runs this, records `v` there, and says where it lives.
+#[oxray::remote]
+pub fn record_named(name: String, v: u64) -> (usize, String) {
+    let h = oxray::get_actor::<Recorder>(&name).expect("lookup by name");
+    (
+        h.record(v)
+            .get()
+            .expect("call through the looked-up handle"),
+        h.node().get().expect("node of the looked-up actor"),
+    )
+}
