@@ -657,6 +657,11 @@ impl Cluster {
         self.members.read().iter().any(|m| m.id == node && m.alive)
     }
 
+    /// Whether `node` is a member this node has seen declared dead (unknown is not dead: it may have just joined).
+    pub(crate) fn node_known_dead(&self, node: u128) -> bool {
+        self.members.read().iter().any(|m| m.id == node && !m.alive)
+    }
+
     /// Encodes arguments for the wire. Refs become (id, owner) pairs; the caller keeps `args` alive until the
     /// reply, so the objects cannot be freed while the callee fetches them.
     pub(crate) fn wire_args(args: &[Arg], me: u128) -> Vec<ArgW> {

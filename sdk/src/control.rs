@@ -26,6 +26,9 @@ pub(crate) struct NamedEntry {
     pub(crate) actor: u128,
     pub(crate) class: String,
     pub(crate) node: u128,
+    /// Times the actor was restarted, and the most it may be (its creator restarts it when its node dies).
+    pub(crate) restarts: u32,
+    pub(crate) max_restarts: u32,
 }
 
 fn tables(rt: &Runtime) -> Result<Tables> {
@@ -42,6 +45,7 @@ pub(crate) fn register_named(
     actor: u128,
     class: &str,
     node: u128,
+    max_restarts: u32,
 ) -> Result<()> {
     let t = tables(rt)?;
     let info = ActorInfo {
@@ -53,7 +57,7 @@ pub(crate) fn register_named(
         owner: NodeId(rt.node),
         state: ActorState::Alive,
         restarts: 0,
-        max_restarts: 0,
+        max_restarts: i32::try_from(max_restarts).unwrap_or(i32::MAX),
         detached: false,
         death_cause: None,
     };
@@ -93,6 +97,8 @@ pub(crate) fn lookup_named(rt: &Arc<Runtime>, name: &str) -> Result<NamedEntry> 
             actor,
             class: info.value.class,
             node: info.value.node.map(|n| n.0).unwrap_or(0),
+            restarts: info.value.restarts,
+            max_restarts: u32::try_from(info.value.max_restarts).unwrap_or(0),
         })
     })
 }

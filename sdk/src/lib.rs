@@ -55,6 +55,7 @@ mod arg;
 mod batch;
 pub mod bench;
 mod cluster;
+mod concurrent;
 mod control;
 mod error;
 pub mod node;
@@ -213,7 +214,7 @@ pub fn node_state() -> Result<state::NodeState> {
 /// What the macros expand to. Not a public API: names here change without notice.
 #[doc(hidden)]
 pub mod __private {
-    pub use crate::registry::{ActorClassEntry, Args, FunctionEntry, MethodEntry};
+    pub use crate::registry::{ActorClassEntry, Args, FunctionEntry, LocalCall, MethodEntry};
     pub use crate::value::{encode, fnv1a};
     pub use bytes::Bytes;
     pub use inventory;
@@ -246,6 +247,44 @@ pub mod __private {
         state
             .downcast_mut::<A>()
             .ok_or_else(|| Error::Serialization("actor state has the wrong type".into()))
+    }
+
+    /// Downcasts an actor's state for a `&self` method.
+    pub fn state_ref<A: 'static>(state: &(dyn std::any::Any + Send)) -> Result<&A> {
+        state
+            .downcast_ref::<A>()
+            .ok_or_else(|| Error::Serialization("actor state has the wrong type".into()))
+    }
+
+    /// Asks whether an actor type is `Sync`, by method resolution on a concrete type: with both `ViewSync` and
+    /// `ViewNotSync` in scope, `(&SyncProbe(state)).sync_view()` resolves to `ViewSync` (no auto-ref needed) when
+    /// `A: Sync`, and to `ViewNotSync` (one auto-ref) otherwise. The macro knows the concrete type, so this needs
+    /// no specialization and no `Sync` bound on actor types that never run calls in parallel.
+    #[derive(Debug)]
+    pub struct SyncProbe<'a, A>(pub &'a A);
+
+    /// The `Sync` arm of [`SyncProbe`].
+    pub trait ViewSync<'a> {
+        /// The state as a `Sync` object.
+        fn sync_view(&self) -> Option<&'a (dyn std::any::Any + Send + Sync)>;
+    }
+
+    impl<'a, A: std::any::Any + Send + Sync> ViewSync<'a> for SyncProbe<'a, A> {
+        fn sync_view(&self) -> Option<&'a (dyn std::any::Any + Send + Sync)> {
+            Some(self.0)
+        }
+    }
+
+    /// The fallback arm of [`SyncProbe`], for state types that are not `Sync`.
+    pub trait ViewNotSync<'a> {
+        /// Always `None`: the state may not be shared between threads.
+        fn sync_view(&self) -> Option<&'a (dyn std::any::Any + Send + Sync)>;
+    }
+
+    impl<'a, A> ViewNotSync<'a> for &SyncProbe<'a, A> {
+        fn sync_view(&self) -> Option<&'a (dyn std::any::Any + Send + Sync)> {
+            None
+        }
     }
 
     /// Boxes a freshly constructed actor state.

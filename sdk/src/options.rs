@@ -126,7 +126,8 @@ pub struct ActorOptions {
     pub max_restarts: u32,
     /// Times a call is retried on a restarted actor.
     pub max_task_retries: u32,
-    /// Calls that may run at once (async actors only; sync actors run calls one at a time).
+    /// Calls that may run at once (default 1: one at a time, in each caller's order). See
+    /// [`ActorOptions::max_concurrency`].
     pub max_concurrency: usize,
     /// Where the actor may run.
     pub strategy: Strategy,
@@ -189,7 +190,49 @@ impl ActorOptions {
         self.max_task_retries = n;
         self
     }
-    /// Sets how many calls may run at once.
+    /// Sets how many calls may run at once (Ray's `max_concurrency`; values below 1 mean 1).
+    ///
+    /// With 1, the default, the actor runs one call at a time, and calls made through one handle run in the order
+    /// they were made, wherever the actor lives.
+    ///
+    /// Above 1, up to `n` calls are in flight at once and calls may finish in any order. What may overlap follows
+    /// the methods' receivers, so the state is never aliased mutably:
+    /// - `async fn(&self)` methods interleave on the actor's thread, like Ray's async actors: a call that awaits
+    ///   lets the others run. The actor type need not be `Sync`. A call that blocks its thread (a blocking `get`,
+    ///   a sleep) holds up the others meanwhile.
+    /// - plain `fn(&self)` methods run on up to `n` threads of the actor (at most 256), like Ray's threaded
+    ///   actors, when the type is `Sync` (keep mutable state in atomics or a `Mutex`). For a type that is not
+    ///   `Sync` they run on the actor's thread, one at a time.
+    /// - `&mut self` methods run alone: the actor waits until the calls in flight are done, runs the call, and
+    ///   starts the calls made after it only then.
+    ///
+    /// ```
+    /// use std::sync::Barrier;
+    ///
+    /// pub struct Meeting {
+    ///     barrier: Barrier,
+    /// }
+    ///
+    /// #[oxray::actor]
+    /// impl Meeting {
+    ///     pub fn new(parties: u64) -> Self {
+    ///         Meeting { barrier: Barrier::new(parties as usize) }
+    ///     }
+    ///     /// Returns once `parties` calls are inside at once: with one call at a time it would never return.
+    ///     pub fn meet(&self) -> bool {
+    ///         self.barrier.wait().is_leader()
+    ///     }
+    /// }
+    ///
+    /// fn main() -> oxray::Result<()> {
+    ///     oxray::init()?;
+    ///     let m = Meeting::remote_with(&oxray::ActorOptions::new().max_concurrency(4), 4)?;
+    ///     let calls: Vec<_> = (0..4).map(|_| m.meet()).collect();
+    ///     let leaders = oxray::get_all(&calls)?.into_iter().filter(|l| *l).count();
+    ///     assert_eq!(leaders, 1);
+    ///     Ok(())
+    /// }
+    /// ```
     pub fn max_concurrency(mut self, n: usize) -> Self {
         self.max_concurrency = n.max(1);
         self

@@ -7,6 +7,8 @@
 
 use std::any::Any;
 use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::OnceLock;
 
 use bytes::Bytes;
@@ -64,13 +66,31 @@ pub struct FunctionEntry {
     pub invoke: fn(Args) -> Result<Bytes>,
 }
 
+/// One call of an `async fn(&self)` actor method: arguments decoded, the method's future not yet polled, the result
+/// encoded when it completes. Polled on the actor's thread only, so it need not be `Send`.
+pub type LocalCall<'a> = Pin<Box<dyn Future<Output = Result<Bytes>> + 'a>>;
+
+/// A plain `&self` actor method: decodes the arguments, calls the method through a shared reference, encodes.
+pub type SharedInvoke = fn(&(dyn Any + Send), Args) -> Result<Bytes>;
+
+/// An `async fn(&self)` actor method: decodes the arguments and returns the call's future.
+pub type StartCall = fn(&(dyn Any + Send), Args) -> Result<LocalCall<'_>>;
+
 /// One method of an actor class.
+///
+/// Every method has `invoke`, which takes the state exclusively (calls one at a time). A method taking `&self` also
+/// has the form that takes a shared reference, which is what lets calls overlap when the actor's `max_concurrency`
+/// is above 1: `shared` for a plain method, `start` for an `async` one.
 #[derive(Debug)]
 pub struct MethodEntry {
     /// The method's name.
     pub name: &'static str,
     /// Decodes the arguments, calls the method on the actor's state, encodes the result.
     pub invoke: fn(&mut (dyn Any + Send), Args) -> Result<Bytes>,
+    /// A plain `&self` method through a shared reference to the state.
+    pub shared: Option<SharedInvoke>,
+    /// An `async fn(&self)` method: decodes the arguments and returns the call's future.
+    pub start: Option<StartCall>,
 }
 
 /// An actor class, as registered by `#[oxray::actor]`.
@@ -84,6 +104,9 @@ pub struct ActorClassEntry {
     pub construct: fn(Args) -> Result<Box<dyn Any + Send>>,
     /// The methods, in declaration order (calls name them by index).
     pub methods: &'static [MethodEntry],
+    /// The state as `Sync`, when its type is (`None` otherwise): only then may `&self` methods run on several
+    /// threads at once.
+    pub sync_view: fn(&(dyn Any + Send)) -> Option<&(dyn Any + Send + Sync)>,
 }
 
 inventory::collect!(FunctionEntry);

@@ -558,7 +558,7 @@ impl Runtime {
             };
             if let Some(n) = target {
                 if let Some(name) = &opts.name {
-                    crate::control::register_named(self, name, id, class, n.0)?;
+                    crate::control::register_named(self, name, id, class, n.0, opts.max_restarts)?;
                 }
                 let spec = CreateW {
                     actor: id,
@@ -569,6 +569,7 @@ impl Runtime {
                     pg: pg.map(|p| p.1).unwrap_or(0),
                     owner: self.node,
                     detached: opts.detached,
+                    max_concurrency: concurrency(opts),
                     args: Cluster::wire_args(&args, self.node),
                 };
                 let restart = (opts.max_restarts > 0).then(|| RestartSpec {
@@ -591,7 +592,8 @@ impl Runtime {
         }
         let entry = registry::class(class, sig)?;
         if let Some(name) = &opts.name {
-            crate::control::register_named(self, name, id, class, self.node)?;
+            // Hosted here, so restarted by nobody: this process's death is the actor's.
+            crate::control::register_named(self, name, id, class, self.node, 0)?;
         }
         let host = ActorHost::spawn(
             self.clone(),
@@ -604,6 +606,7 @@ impl Runtime {
                 pg: pg.map(|p| p.1),
                 owner: self.node,
                 detached: opts.detached,
+                max_concurrency: concurrency(opts),
             },
         )?;
         self.actors.insert(id, host.clone());
@@ -635,6 +638,7 @@ impl Runtime {
                 pg,
                 owner: spec.owner.to_native(),
                 detached: spec.detached,
+                max_concurrency: spec.max_concurrency.to_native(),
             },
         )?;
         self.actors.insert(id, host);
@@ -721,7 +725,32 @@ impl Runtime {
         {
             return Ok(c.clone());
         }
-        let n = crate::control::lookup_named(self, name)?;
+        let mut n = crate::control::lookup_named(self, name)?;
+        // The directory may still name the node of an incarnation that died: its creator records the new one
+        // shortly after it restarts the actor. Wait for that (bounded) rather than hand out a handle to a dead node.
+        if let Some(cl) = self.cluster.get() {
+            let deadline = Instant::now() + RESTART_LOOKUP_WAIT;
+            while cl.node_known_dead(n.node) {
+                if n.restarts >= n.max_restarts {
+                    return Err(Error::ActorDied {
+                        actor: short(n.actor),
+                        reason: format!(
+                            "the node hosting {name:?} died and it has no restarts left"
+                        ),
+                    });
+                }
+                if Instant::now() >= deadline {
+                    return Err(Error::ActorDied {
+                        actor: short(n.actor),
+                        reason: format!(
+                            "the node hosting {name:?} died and no restarted incarnation was recorded within {RESTART_LOOKUP_WAIT:?}"
+                        ),
+                    });
+                }
+                std::thread::sleep(Duration::from_millis(50));
+                n = crate::control::lookup_named(self, name)?;
+            }
+        }
         let class: &'static str =
             registry::class_name(&n.class).ok_or_else(|| Error::UnknownFunction {
                 name: n.class.clone(),
@@ -776,8 +805,17 @@ impl Runtime {
     }
 }
 
+/// How long a name lookup waits for the directory to name a restarted actor's new node, once the node it names
+/// is known dead (the creator re-places the actor when it learns of the death, then records the move).
+const RESTART_LOOKUP_WAIT: Duration = Duration::from_secs(10);
+
+/// An actor's `max_concurrency` as it travels: at least 1.
+fn concurrency(opts: &ActorOptions) -> u32 {
+    u32::try_from(opts.max_concurrency.max(1)).unwrap_or(u32::MAX)
+}
+
 /// The entries of the ref arguments (whose leases the call's decoding holds).
-fn arg_entries(args: &[Arg]) -> impl Iterator<Item = &Arc<Entry>> {
+pub(crate) fn arg_entries(args: &[Arg]) -> impl Iterator<Item = &Arc<Entry>> {
     args.iter().filter_map(|a| match &a.0 {
         ArgKind::Ref(r) => Some(&r.entry),
         ArgKind::Value(_) => None,
@@ -785,7 +823,7 @@ fn arg_entries(args: &[Arg]) -> impl Iterator<Item = &Arc<Entry>> {
 }
 
 /// Resolves arguments to their bytes, waiting for referenced objects (releasing the CPU slot while waiting).
-fn resolve_args(args: &[Arg]) -> Result<Vec<Bytes>> {
+pub(crate) fn resolve_args(args: &[Arg]) -> Result<Vec<Bytes>> {
     args.iter()
         .map(|a| match &a.0 {
             ArgKind::Value(b) => Ok(b.clone()),
@@ -807,34 +845,40 @@ fn catch_task_named(
 ) -> Result<Bytes> {
     match std::panic::catch_unwind(AssertUnwindSafe(f)) {
         Ok(Ok(b)) => Ok(b),
-        Ok(Err(Error::TaskFailed {
-            task,
-            node,
-            message,
-        })) => Err(Error::TaskFailed {
-            task,
-            node,
-            message,
-        }),
-        Ok(Err(e)) => Err(Error::TaskFailed {
+        Ok(Err(e)) => Err(task_error(name, node, e)),
+        Err(panic) => Err(panic_error(name, node, panic)),
+    }
+}
+
+/// The error a task or method returned, as a `TaskFailed` (one that already is, from a nested task, is kept).
+pub(crate) fn task_error(name: impl FnOnce() -> String, node: u128, e: Error) -> Error {
+    match e {
+        e @ Error::TaskFailed { .. } => e,
+        e => Error::TaskFailed {
             task: name(),
             node: short(node),
             message: e.to_string(),
-        }),
-        Err(panic) => {
-            let message = if let Some(s) = panic.downcast_ref::<&str>() {
-                s.to_string()
-            } else if let Some(s) = panic.downcast_ref::<String>() {
-                s.clone()
-            } else {
-                "panicked with a non-string payload".to_string()
-            };
-            Err(Error::TaskFailed {
-                task: name(),
-                node: short(node),
-                message,
-            })
-        }
+        },
+    }
+}
+
+/// A panic of user code, as a `TaskFailed` carrying the panic message.
+pub(crate) fn panic_error(
+    name: impl FnOnce() -> String,
+    node: u128,
+    panic: Box<dyn Any + Send>,
+) -> Error {
+    let message = if let Some(s) = panic.downcast_ref::<&str>() {
+        s.to_string()
+    } else if let Some(s) = panic.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "panicked with a non-string payload".to_string()
+    };
+    Error::TaskFailed {
+        task: name(),
+        node: short(node),
+        message,
     }
 }
 
@@ -842,7 +886,7 @@ pub(crate) fn short(id: u128) -> String {
     format!("{:012x}", id >> 80)
 }
 
-enum ActorMsg {
+pub(crate) enum ActorMsg {
     Call {
         method: u32,
         args: Vec<Arg>,
@@ -850,13 +894,18 @@ enum ActorMsg {
     },
 }
 
-/// An actor hosted by this process: its thread owns the actor's state and runs calls one at a time, in the order
-/// they arrive on its mailbox.
+/// An actor hosted by this process: its thread owns the actor's state. With `max_concurrency` 1 it runs calls one
+/// at a time, in the order they arrive on its mailbox; above 1 the thread serves calls concurrently
+/// (`crate::concurrent`).
 pub(crate) struct ActorHost {
     pub(crate) id: u128,
     pub(crate) class: &'static ActorClassEntry,
     pub(crate) name: Option<String>,
     tx: flume::Sender<ActorMsg>,
+    /// Calls that may run at once (at least 1).
+    pub(crate) max_concurrency: usize,
+    /// The actor's thread: a concurrent actor's thread parks between events, and a new call wakes it.
+    thread: OnceLock<std::thread::Thread>,
     /// Why the actor is dead, once it is. Checked before each call so `kill` takes effect at the next call.
     dead: Mutex<Option<String>>,
     killed: AtomicBool,
@@ -870,13 +919,14 @@ pub(crate) struct ActorHost {
     pub(crate) detached: bool,
 }
 
-/// How an actor is hosted: its name, what it holds, and whose it is.
+/// How an actor is hosted: its name, what it holds, whose it is, and how many calls it may run at once.
 struct HostTerms {
     name: Option<String>,
     cpus: f64,
     pg: Option<u128>,
     owner: u128,
     detached: bool,
+    max_concurrency: u32,
 }
 
 impl ActorHost {
@@ -893,6 +943,7 @@ impl ActorHost {
             pg,
             owner,
             detached,
+            max_concurrency,
         } = terms;
         let (tx, rx) = flume::unbounded::<ActorMsg>();
         let milli_cpus = (cpus.max(0.0) * 1000.0).round() as u64;
@@ -902,6 +953,9 @@ impl ActorHost {
             class,
             name,
             tx,
+            // 0 (from an old or hostile peer) means the default: one at a time.
+            max_concurrency: (max_concurrency as usize).max(1),
+            thread: OnceLock::new(),
             dead: Mutex::new(None),
             killed: AtomicBool::new(false),
             calls: AtomicU64::new(0),
@@ -911,10 +965,11 @@ impl ActorHost {
             detached,
         });
         let h = host.clone();
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name(format!("actor-{}", short(id)))
             .spawn(move || h.run(rt, args, rx))
             .map_err(|e| Error::Cluster(format!("cannot start the actor's thread: {e}")))?;
+        let _ = host.thread.set(thread.thread().clone());
         Ok(host)
     }
 
@@ -937,35 +992,88 @@ impl ActorHost {
                 return;
             }
         };
-        while let Ok(msg) = rx.recv() {
-            if self.killed.load(Ordering::Acquire) {
-                self.fail(msg);
-                continue;
+        if self.max_concurrency > 1 {
+            crate::concurrent::serve(&self, &rt, &mut state, &rx);
+        } else {
+            while let Ok(msg) = rx.recv() {
+                if !self.is_alive() {
+                    self.fail(msg);
+                    continue;
+                }
+                let ActorMsg::Call { method, args, done } = msg;
+                self.run_exclusive(&rt, state.as_mut(), method, args, done);
             }
-            let ActorMsg::Call { method, args, done } = msg;
-            let result = match self.class.methods.get(method as usize) {
-                None => Err(Error::UnknownFunction {
-                    name: format!("{}#{method}", self.class.name),
-                    why: "no such method".into(),
-                }),
-                Some(m) => resolve_args(&args).and_then(|resolved| {
-                    crate::object::clear_contained();
-                    crate::object::decoding(arg_entries(&args), || {
-                        catch_task_named(
-                            || format!("{}::{}", self.class.name, m.name),
-                            rt.node,
-                            || (m.invoke)(state.as_mut(), Args::new(resolved)),
-                        )
-                    })
-                }),
-            };
-            self.calls.fetch_add(1, Ordering::Relaxed);
-            done.complete_holding(result, crate::object::take_contained());
         }
         drop(state);
     }
 
-    fn error(&self) -> Error {
+    /// Runs one call with the state to itself, on this thread.
+    pub(crate) fn run_exclusive(
+        &self,
+        rt: &Runtime,
+        state: &mut (dyn Any + Send),
+        method: u32,
+        args: Vec<Arg>,
+        done: Done,
+    ) {
+        let result = self.method(method).and_then(|m| {
+            resolve_args(&args).and_then(|resolved| {
+                crate::object::clear_contained();
+                crate::object::decoding(arg_entries(&args), || {
+                    catch_task_named(
+                        || self.method_name(m),
+                        rt.node,
+                        || (m.invoke)(state, Args::new(resolved)),
+                    )
+                })
+            })
+        });
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        done.complete_holding(result, crate::object::take_contained());
+    }
+
+    /// Runs one call of a plain `&self` method through a shared reference (on this thread, whichever it is).
+    pub(crate) fn run_shared(
+        &self,
+        rt: &Runtime,
+        state: &(dyn Any + Send),
+        m: &'static registry::MethodEntry,
+        shared: registry::SharedInvoke,
+        args: Vec<Arg>,
+        done: Done,
+    ) {
+        let result = resolve_args(&args).and_then(|resolved| {
+            crate::object::clear_contained();
+            crate::object::decoding(arg_entries(&args), || {
+                catch_task_named(
+                    || self.method_name(m),
+                    rt.node,
+                    || shared(state, Args::new(resolved)),
+                )
+            })
+        });
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        done.complete_holding(result, crate::object::take_contained());
+    }
+
+    /// Method number `method` of this actor's class.
+    pub(crate) fn method(&self, method: u32) -> Result<&'static registry::MethodEntry> {
+        self.class
+            .methods
+            .get(method as usize)
+            .ok_or_else(|| Error::UnknownFunction {
+                name: format!("{}#{method}", self.class.name),
+                why: "no such method".into(),
+            })
+    }
+
+    /// `Class::method`, as failures name it.
+    pub(crate) fn method_name(&self, m: &registry::MethodEntry) -> String {
+        format!("{}::{}", self.class.name, m.name)
+    }
+
+    /// Why calls to this dead actor fail.
+    pub(crate) fn error(&self) -> Error {
         let reason = self
             .dead
             .lock()
@@ -977,7 +1085,7 @@ impl ActorHost {
         }
     }
 
-    fn fail(&self, msg: ActorMsg) {
+    pub(crate) fn fail(&self, msg: ActorMsg) {
         let ActorMsg::Call { done, .. } = msg;
         done.complete(Err(self.error()));
     }
@@ -1018,6 +1126,14 @@ impl ActorHost {
         }
         if let Err(flume::SendError(msg)) = self.tx.send(ActorMsg::Call { method, args, done }) {
             self.fail(msg);
+            return;
+        }
+        // A concurrent actor's thread parks while it waits for calls, futures and helper threads alike; an
+        // unpark after the send cannot be lost (it leaves a token if the thread is not parked yet).
+        if self.max_concurrency > 1
+            && let Some(t) = self.thread.get()
+        {
+            t.unpark();
         }
     }
 }

@@ -93,6 +93,8 @@ pub(crate) struct CreateW {
     /// The creating node: the actor dies with it unless `detached`.
     pub owner: u128,
     pub detached: bool,
+    /// Calls the actor may run at once (`ActorOptions::max_concurrency`; 0 is read as 1).
+    pub max_concurrency: u32,
     pub args: Vec<ArgW>,
 }
 

@@ -122,3 +122,81 @@ pub fn record_via(rec: oxray::ActorHandle<Recorder>, v: u64) -> (usize, String) 
 pub fn mark(key: String) -> bool {
     oxray::kv::put(&key, b"ran").is_ok()
 }
+
+/// A `Sync` actor for `max_concurrency`: `meet` returns only once `parties` calls are inside it at once.
+#[derive(Debug)]
+pub struct Meeting {
+    barrier: std::sync::Barrier,
+    bumps: std::sync::atomic::AtomicU64,
+    inflight: std::sync::atomic::AtomicU64,
+}
+
+#[oxray::actor]
+impl Meeting {
+    /// A meeting of `parties` calls.
+    pub fn new(parties: u64) -> Self {
+        Meeting {
+            barrier: std::sync::Barrier::new(parties as usize),
+            bumps: std::sync::atomic::AtomicU64::new(0),
+            inflight: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+    /// Waits until `parties` calls are here; returns the name of the thread it ran on.
+    pub fn meet(&self) -> String {
+        self.barrier.wait();
+        std::thread::current().name().unwrap_or("").to_string()
+    }
+    /// Counts a call after a short nap.
+    pub fn bump(&self) -> u64 {
+        use std::sync::atomic::Ordering::SeqCst;
+        self.inflight.fetch_add(1, SeqCst);
+        std::thread::sleep(Duration::from_millis(2));
+        self.inflight.fetch_sub(1, SeqCst);
+        self.bumps.fetch_add(1, SeqCst) + 1
+    }
+    /// Runs alone: (calls counted, calls inside `bump` now).
+    pub fn snapshot(&mut self) -> (u64, u64) {
+        (*self.bumps.get_mut(), *self.inflight.get_mut())
+    }
+    /// The node hosting this actor.
+    pub fn node(&self) -> String {
+        oxray::node_state().map(|s| s.node.id).unwrap_or_default()
+    }
+}
+
+/// An async actor whose state is not `Sync`: its `async fn(&self)` calls interleave on the actor's thread.
+#[derive(Debug)]
+pub struct Gather {
+    barrier: tokio::sync::Barrier,
+    arrived: std::cell::Cell<u64>,
+}
+
+#[oxray::actor]
+impl Gather {
+    /// A gathering of `parties` calls.
+    pub fn new(parties: u64) -> Self {
+        Gather {
+            barrier: tokio::sync::Barrier::new(parties as usize),
+            arrived: std::cell::Cell::new(0),
+        }
+    }
+    /// Waits, without blocking the thread, until `parties` calls are here; returns how many came before it.
+    pub async fn meet(&self) -> u64 {
+        let before = self.arrived.get();
+        self.arrived.set(before + 1);
+        self.barrier.wait().await;
+        before
+    }
+}
+
+/// Finds the `Recorder` named `name` from whichever node runs this, records `v` there, and says where it lives.
+#[oxray::remote]
+pub fn record_named(name: String, v: u64) -> (usize, String) {
+    let h = oxray::get_actor::<Recorder>(&name).expect("lookup by name");
+    (
+        h.record(v)
+            .get()
+            .expect("call through the looked-up handle"),
+        h.node().get().expect("node of the looked-up actor"),
+    )
+}

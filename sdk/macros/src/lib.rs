@@ -39,6 +39,9 @@ pub fn remote(attr: TokenStream, item: TokenStream) -> TokenStream {
 /// Makes a type an actor class: put it on the type's `impl` block.
 ///
 /// `fn new(..) -> Self` is the constructor; every method taking `&self` or `&mut self` becomes a remote method.
+/// With `ActorOptions::max_concurrency` above 1, calls to `&self` methods may overlap (`async` ones interleave on
+/// the actor's thread; plain ones run on several threads if the type is `Sync`), while a `&mut self` method always
+/// runs alone.
 /// It generates `Type::remote(args) -> oxray::Result<ActorHandle<Type>>`, `Type::remote_with(&ActorOptions, args)`,
 /// and a `TypeRemote` struct, which `ActorHandle<Type>` derefs to, with one typed method per actor method returning
 /// `ObjectRef<R>`.
@@ -288,8 +291,61 @@ fn expand_actor(imp: &ItemImpl) -> syn::Result<TokenStream2> {
                 ::oxray::__private::encode(&out)
             }
         });
+        // A `&self` method also gets the form that takes a shared reference, so that calls may overlap when the
+        // actor runs with `max_concurrency` above 1. `&mut self` methods never overlap with anything.
+        let by_ref =
+            matches!(m.sig.inputs.first(), Some(FnArg::Receiver(r)) if r.mutability.is_none());
+        let (shared, start) = if !by_ref {
+            (
+                quote!(::std::option::Option::None),
+                quote!(::std::option::Option::None),
+            )
+        } else if m.sig.asyncness.is_some() {
+            let st = format_ident!("__oxray_start_{}", mname);
+            invokers.push(quote! {
+                fn #st(
+                    state: &(dyn ::std::any::Any + ::std::marker::Send),
+                    mut args: ::oxray::__private::Args,
+                ) -> ::oxray::Result<::oxray::__private::LocalCall<'_>> {
+                    let state = ::oxray::__private::state_ref::<#self_ty>(state)?;
+                    #(let #names: #types = args.next::<#types>()?;)*
+                    args.finish()?;
+                    ::std::result::Result::Ok(::std::boxed::Box::pin(async move {
+                        let out: #ret = state.#mname(#(#names),*).await;
+                        ::oxray::__private::encode(&out)
+                    }))
+                }
+            });
+            (
+                quote!(::std::option::Option::None),
+                quote!(::std::option::Option::Some(#st)),
+            )
+        } else {
+            let sh = format_ident!("__oxray_shared_{}", mname);
+            invokers.push(quote! {
+                fn #sh(
+                    state: &(dyn ::std::any::Any + ::std::marker::Send),
+                    mut args: ::oxray::__private::Args,
+                ) -> ::oxray::Result<::oxray::__private::Bytes> {
+                    let state = ::oxray::__private::state_ref::<#self_ty>(state)?;
+                    #(let #names: #types = args.next::<#types>()?;)*
+                    args.finish()?;
+                    let out: #ret = state.#mname(#(#names),*);
+                    ::oxray::__private::encode(&out)
+                }
+            });
+            (
+                quote!(::std::option::Option::Some(#sh)),
+                quote!(::std::option::Option::None),
+            )
+        };
         let mname_str = mname.to_string();
-        entries.push(quote!(::oxray::__private::MethodEntry { name: #mname_str, invoke: #inv }));
+        entries.push(quote!(::oxray::__private::MethodEntry {
+            name: #mname_str,
+            invoke: #inv,
+            shared: #shared,
+            start: #start,
+        }));
     }
     let n_methods = entries.len();
     let c_call = if ctor.sig.asyncness.is_some() {
@@ -354,6 +410,14 @@ fn expand_actor(imp: &ItemImpl) -> syn::Result<TokenStream2> {
                 Ok(::oxray::__private::boxed(state))
             }
             #(#invokers)*
+            fn __oxray_sync_view(
+                state: &(dyn ::std::any::Any + ::std::marker::Send),
+            ) -> ::std::option::Option<&(dyn ::std::any::Any + ::std::marker::Send + ::std::marker::Sync)> {
+                #[allow(unused_imports)]
+                use ::oxray::__private::{ViewNotSync as _, ViewSync as _};
+                let state = state.downcast_ref::<#self_ty>()?;
+                (&::oxray::__private::SyncProbe(state)).sync_view()
+            }
             static __OXRAY_METHODS: [::oxray::__private::MethodEntry; #n_methods] = [#(#entries),*];
             ::oxray::__private::inventory::submit! {
                 ::oxray::__private::ActorClassEntry {
@@ -361,6 +425,7 @@ fn expand_actor(imp: &ItemImpl) -> syn::Result<TokenStream2> {
                     sig: <#self_ty as ::oxray::ActorClass>::SIG,
                     construct: __oxray_construct,
                     methods: &__OXRAY_METHODS,
+                    sync_view: __oxray_sync_view,
                 }
             }
         };
