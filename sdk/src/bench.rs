@@ -50,6 +50,7 @@ pub fn submit_many(n: u32) -> u32 {
 #[derive(Debug, Default)]
 pub struct BenchActor {
     calls: u64,
+    shared_calls: std::sync::atomic::AtomicU64,
 }
 
 #[crate::actor]
@@ -61,6 +62,13 @@ impl BenchActor {
     /// An empty method.
     pub fn small_value(&mut self) -> u64 {
         self.calls += 1;
+        0
+    }
+    /// An empty method on a shared reference: with `max_concurrency` above 1, calls to it overlap (the
+    /// "concurrent" row, like Ray's threaded actor).
+    pub fn small_value_shared(&self) -> u64 {
+        self.shared_calls
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         0
     }
     /// An empty method taking an argument.
@@ -471,6 +479,7 @@ pub fn run(cfg: &BenchConfig, mut report: impl FnMut(&Row)) -> Result<Vec<Row>> 
                     .map(|i| match mode {
                         2 => a.small_value_async(),
                         3 => a.small_value_arg_async(i as u64),
+                        1 => a.small_value_shared(),
                         _ => a.small_value(),
                     })
                     .collect();
