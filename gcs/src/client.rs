@@ -66,6 +66,14 @@ pub trait Connector: Send + Sync + 'static {
         member: u64,
         req: Request,
     ) -> Pin<Box<dyn Future<Output = Result<Response, CallError>> + Send + '_>>;
+
+    /// Told when a call to `member` got no answer within the client's attempt deadline, which cut it short
+    /// before any deadline of the connector's own could turn it into an error. A connector whose idea of
+    /// where a member lives can go stale takes it as a sign of that (the mesh's does: a restarted replica
+    /// lives on a new node, and calls to its old one go unanswered); the default ignores it.
+    fn no_answer(&self, member: u64) {
+        let _ = member;
+    }
 }
 
 /// Client settings.
@@ -510,7 +518,10 @@ impl GcsClient {
                 Ok(Err(e)) => {
                     tracing::debug!(member, cause = %e, "watch poll failed; trying another member")
                 }
-                Err(_) => tracing::debug!(member, "watch poll timed out; trying another member"),
+                Err(_) => {
+                    tracing::debug!(member, "watch poll timed out; trying another member");
+                    self.inner.connector.no_answer(member);
+                }
             }
             self.forget_leader(shard, member);
             attempt += 1;
@@ -675,12 +686,15 @@ impl GcsClient {
                 ))),
             ),
             Ok(Err(e)) => all(txs, Err(e)),
-            Err(_) => all(
-                txs,
-                Err(CallError::Unreachable(format!(
-                    "write batch to member {member} timed out"
-                ))),
-            ),
+            Err(_) => {
+                self.inner.connector.no_answer(member);
+                all(
+                    txs,
+                    Err(CallError::Unreachable(format!(
+                        "write batch to member {member} timed out"
+                    ))),
+                )
+            }
         }
     }
 
@@ -754,6 +768,7 @@ impl GcsClient {
                     last = format!("attempt at member {member} timed out");
                     maybe_applied = true;
                     self.forget_leader(shard, member);
+                    self.inner.connector.no_answer(member);
                 }
             }
             attempt += 1;

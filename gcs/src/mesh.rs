@@ -305,6 +305,14 @@ impl Connector for MeshConnector {
             Response::decode(reply.body()).map_err(|e| CallError::BadResponse(e.to_string()))
         })
     }
+
+    fn no_answer(&self, _member: u64) {
+        // The client's attempt deadline is usually shorter than `timeout`, so a call to a node that is gone
+        // (a replica restarted under a new node id, its old address silent) ends there and never reaches the
+        // error path above. Without this, a client whose table still names the old node, redirected there by
+        // the others' leader hints, times out at it until the periodic refresh, longer than a call's deadline.
+        self.members.suspect_stale();
+    }
 }
 
 /// Serves GCS requests and Raft messages arriving over the mesh for one member.
