@@ -1,19 +1,24 @@
 //! End-to-end GCS figures: a 3-member cluster in one process (one shard, three replicas, each with its own
 //! directory and **real fsync**), clients in the same process. Two setups:
-//! - default: members and clients connected by [`LocalNet`] (no sockets): consensus, batching, storage and
-//!   the async client, without the network;
-//! - `--mesh`: every member and the client have their own QUIC endpoint on loopback (`oxray-transport`, mutual
-//!   TLS), so every Raft message and every call crosses a real socket.
+//! - **mesh** (what the targets mean by "3 replicas on loopback"): every member and the client have
+//!   their own QUIC endpoint on loopback (`oxray-transport`, mutual TLS), so every Raft message and every
+//!   call crosses a real socket;
+//! - **in-process**: members and clients connected by [`LocalNet`] (no sockets): consensus, batching,
+//!   storage and the async client, without the network.
 //!
-//! Failover: the leader is cut off (LocalNet) or its server stopped (mesh) and the time until a write succeeds
-//! through a new leader is measured; the old leader then rejoins (in mesh mode: restarted from its files).
+//! Failover: the leader's server is stopped (mesh) or cut off (in-process) and the time until a write
+//! succeeds through a new leader is measured; the old leader then rejoins (mesh: restarted from its files).
 //!
-//! `cargo bench -p oxray-gcs --bench gcs [-- --mesh]` prints a table; `--json` prints one JSON object with
-//! `writes_per_s` and `write_p99_ms` (each `{"c1","c64","c1024"}`), `reads_per_s`, `watch_latency_ms_p50` and
-//! `failover_ms` (`{"p50","p99","trials"}`). `OXRAY_BENCH_SECS` sets the seconds per write/read phase
-//! (default 2); `OXRAY_BENCH_TRIALS` the failover trials (default 5). Timings are printed, never asserted.
-//! `OXRAY_BENCH_ONLY_C=1024` runs only the write phase at that concurrency and prints its row (for
-//! profiling one load level with `perf record`; the JSON then holds just that row).
+//! `cargo bench -p oxray-gcs --bench gcs` runs every figure in mesh mode, then the write rows again in
+//! process, and prints a table whose rows name their mode. `--json` prints one JSON object: `writes_per_s`
+//! and `write_p99_ms` (each `{"c1","c64","c1024"}`), `reads_per_s`, `watch_latency_ms_p50` and `failover_ms`
+//! (`{"p50","p99","trials"}`) from the mesh; `writes_per_s_in_process` and `write_p99_ms_in_process` from the
+//! in-process cluster; `mode` says which mode each key comes from and `setup` describes both.
+//! `-- --mesh` runs the mesh only, `-- --in-process` the in-process cluster only (all keys then come from
+//! it, and `mode` says so). `OXRAY_BENCH_SECS` sets the seconds per write/read phase (default 2);
+//! `OXRAY_BENCH_TRIALS` the failover trials (default 5). Timings are printed, never asserted.
+//! `OXRAY_BENCH_ONLY_C=1024` runs only the write phase at that concurrency in one mode (mesh unless
+//! `--in-process`) and prints its row (for profiling one load level with `perf record`).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -304,14 +309,62 @@ async fn failover(c: &Cluster, trials: usize) -> Vec<f64> {
     out
 }
 
+const MESH_SETUP: &str = "mesh: 3 replicas x 1 shard in one process, each on its own QUIC endpoint on loopback (mTLS), real fsync";
+const LOCAL_SETUP: &str = "in-process: 3 replicas x 1 shard, LocalNet (no sockets), real fsync";
+
+fn mode_name(use_mesh: bool) -> &'static str {
+    if use_mesh { "mesh" } else { "in-process" }
+}
+
+/// Every figure of one mode.
+struct Full {
+    writes: Vec<(f64, f64)>,
+    reads: f64,
+    watch: f64,
+    failover: Vec<f64>,
+}
+
+async fn full(use_mesh: bool, secs: f64, trials: usize) -> Full {
+    let c = cluster(use_mesh).await;
+    leader(&c).await;
+    let mut writes_rows = Vec::new();
+    for conc in [1usize, 64, 1024] {
+        writes_rows.push(writes(&c, conc, secs).await);
+    }
+    let r = reads(&c, 64, secs).await;
+    let wl = watch_latency(&c, 200).await;
+    let mut fo = failover(&c, trials).await;
+    fo.sort_by(f64::total_cmp);
+    c.shutdown().await;
+    Full {
+        writes: writes_rows,
+        reads: r,
+        watch: wl,
+        failover: fo,
+    }
+}
+
+async fn write_rows(use_mesh: bool, secs: f64) -> Vec<(f64, f64)> {
+    let c = cluster(use_mesh).await;
+    leader(&c).await;
+    let mut rows = Vec::new();
+    for conc in [1usize, 64, 1024] {
+        rows.push(writes(&c, conc, secs).await);
+    }
+    c.shutdown().await;
+    rows
+}
+
+fn by_conc(rows: &[(f64, f64)], pick: impl Fn(&(f64, f64)) -> f64) -> serde_json::Value {
+    serde_json::json!({"c1": pick(&rows[0]), "c64": pick(&rows[1]), "c1024": pick(&rows[2])})
+}
+
 fn main() {
     let json = std::env::args().any(|a| a == "--json");
-    let use_mesh = std::env::args().any(|a| a == "--mesh");
-    let setup = if use_mesh {
-        "3 replicas x 1 shard in one process, QUIC mesh on loopback (mTLS), real fsync"
-    } else {
-        "in-process 3 replicas x 1 shard, LocalNet, real fsync"
-    };
+    let only_mesh = std::env::args().any(|a| a == "--mesh");
+    let only_local = std::env::args().any(|a| a == "--in-process");
+    // The headline figures come from the mesh unless only the in-process cluster was asked for.
+    let use_mesh = !only_local;
     let secs: f64 = std::env::var("OXRAY_BENCH_SECS")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -327,56 +380,78 @@ fn main() {
     let only: Option<usize> = std::env::var("OXRAY_BENCH_ONLY_C")
         .ok()
         .and_then(|s| s.parse().ok());
+    let setup = if use_mesh { MESH_SETUP } else { LOCAL_SETUP };
+    let mode = mode_name(use_mesh);
     rt.block_on(async {
-        let c = cluster(use_mesh).await;
-        leader(&c).await;
         if let Some(conc) = only {
+            let c = cluster(use_mesh).await;
+            leader(&c).await;
             let (tput, p99) = writes(&c, conc, secs).await;
             if json {
                 let v = serde_json::json!({
                     "setup": setup,
+                    "mode": {"writes_per_s": mode, "write_p99_ms": mode},
                     "writes_per_s": {format!("c{conc}"): tput},
                     "write_p99_ms": {format!("c{conc}"): p99},
                 });
                 println!("{v}");
             } else {
-                println!("writes c{conc:<5} {tput:>10.0} /s   p99 {p99:>8.2} ms");
+                println!("[{mode}] writes c{conc:<5} {tput:>10.0} /s   p99 {p99:>8.2} ms");
             }
             c.shutdown().await;
             return;
         }
-        let mut w = Vec::new();
-        for conc in [1usize, 64, 1024] {
-            w.push(writes(&c, conc, secs).await);
-        }
-        let r = reads(&c, 64, secs).await;
-        let wl = watch_latency(&c, 200).await;
-        let mut fo = failover(&c, trials).await;
-        fo.sort_by(f64::total_cmp);
+        let f = full(use_mesh, secs, trials).await;
+        // The in-process write rows as extra keys, for comparison with the network's cost.
+        let extra = if use_mesh && !only_mesh {
+            Some(write_rows(false, secs).await)
+        } else {
+            None
+        };
+        let fo = &f.failover;
         if json {
-            let v = serde_json::json!({
+            let mut v = serde_json::json!({
                 "setup": setup,
-                "writes_per_s": {"c1": w[0].0, "c64": w[1].0, "c1024": w[2].0},
-                "write_p99_ms": {"c1": w[0].1, "c64": w[1].1, "c1024": w[2].1},
-                "reads_per_s": r,
-                "watch_latency_ms_p50": wl,
-                "failover_ms": {"p50": pct(&fo, 0.5), "p99": pct(&fo, 0.99), "trials": fo.len()},
+                "mode": {
+                    "writes_per_s": mode,
+                    "write_p99_ms": mode,
+                    "reads_per_s": mode,
+                    "watch_latency_ms_p50": mode,
+                    "failover_ms": mode,
+                },
+                "writes_per_s": by_conc(&f.writes, |r| r.0),
+                "write_p99_ms": by_conc(&f.writes, |r| r.1),
+                "reads_per_s": f.reads,
+                "watch_latency_ms_p50": f.watch,
+                "failover_ms": {"p50": pct(fo, 0.5), "p99": pct(fo, 0.99), "trials": fo.len()},
             });
+            if let Some(rows) = &extra {
+                v["setup_in_process"] = LOCAL_SETUP.into();
+                v["mode"]["writes_per_s_in_process"] = "in-process".into();
+                v["mode"]["write_p99_ms_in_process"] = "in-process".into();
+                v["writes_per_s_in_process"] = by_conc(rows, |r| r.0);
+                v["write_p99_ms_in_process"] = by_conc(rows, |r| r.1);
+            }
             println!("{v}");
         } else {
             println!("gcs: {setup}");
-            for (conc, (tput, p99)) in [1, 64, 1024].iter().zip(&w) {
-                println!("writes c{conc:<5} {tput:>10.0} /s   p99 {p99:>8.2} ms");
+            for (conc, (tput, p99)) in [1, 64, 1024].iter().zip(&f.writes) {
+                println!("[{mode}] writes c{conc:<5} {tput:>10.0} /s   p99 {p99:>8.2} ms");
             }
-            println!("reads  c64    {r:>10.0} /s");
-            println!("watch latency p50 {wl:.2} ms");
+            println!("[{mode}] reads  c64    {:>10.0} /s", f.reads);
+            println!("[{mode}] watch latency p50 {:.2} ms", f.watch);
             println!(
-                "failover p50 {:.0} ms, p99 {:.0} ms over {} trials",
-                pct(&fo, 0.5),
-                pct(&fo, 0.99),
+                "[{mode}] failover p50 {:.0} ms, p99 {:.0} ms over {} trials",
+                pct(fo, 0.5),
+                pct(fo, 0.99),
                 fo.len()
             );
+            if let Some(rows) = &extra {
+                println!("gcs: {LOCAL_SETUP}");
+                for (conc, (tput, p99)) in [1, 64, 1024].iter().zip(rows) {
+                    println!("[in-process] writes c{conc:<5} {tput:>10.0} /s   p99 {p99:>8.2} ms");
+                }
+            }
         }
-        c.shutdown().await;
     });
 }

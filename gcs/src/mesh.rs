@@ -1,8 +1,11 @@
 //! The adapter between the GCS's network seams and the QUIC mesh (`oxray-transport`).
 //!
-//! - [`MeshPeers`] implements [`PeerNetwork`]: Raft messages go out as one-way mesh messages of kind
-//!   [`KIND_RAFT`] to the member's node; those above [`STREAM_THRESHOLD`] (snapshots) are streamed
-//!   ([`KIND_RAFT_STREAM`]) so they are not bound by the transport's message size limit.
+//! - [`MeshPeers`] implements [`PeerNetwork`]: Raft messages go out as one-way mesh messages to the member's
+//!   node. One sender task per member drains everything queued for it into one message ([`KIND_RAFT`] for a
+//!   lone message, [`KIND_RAFT_BATCH`] for several), so a busy shard costs one QUIC stream per peer per
+//!   drain instead of one per message, and messages to one peer arrive in the order they were sent. Those
+//!   above [`STREAM_THRESHOLD`] (snapshots) are streamed ([`KIND_RAFT_STREAM`]) so they are not bound by the
+//!   transport's message size limit.
 //! - [`MeshConnector`] implements [`Connector`]: client requests are mesh requests of kind [`KIND_REQUEST`].
 //! - [`GcsService`] answers both on the receiving node. A node whose mesh serves other things too routes
 //!   these kinds to [`GcsService::on_request`] / [`GcsService::on_oneway`] from its own handler; a mesh that
@@ -26,7 +29,7 @@ use oxray_transport::{Handler, Mesh, Message, NodeId, Responder};
 
 use crate::client::{CallError, Connector};
 use crate::server::{GcsServer, PeerNetwork, ShardStatus};
-use crate::wire::{Request, Response};
+use crate::wire::{MAX_RAFT_BATCH, Request, Response, decode_raft_batch, encode_raft_batch};
 
 /// Mesh message kind of a client request to a GCS member (answered with [`KIND_RESPONSE`]).
 pub const KIND_REQUEST: u16 = 0x0300;
@@ -42,6 +45,16 @@ pub const KIND_MEMBERS: u16 = 0x0304;
 pub const KIND_STATUS: u16 = 0x0305;
 /// Mesh message kind claiming a bootstrap replica slot (body and answer are defined by the claim hook).
 pub const KIND_CLAIM: u16 = 0x0306;
+/// Mesh message kind of several one-way Raft messages between GCS members, in order (see
+/// [`crate::wire::encode_raft_batch`]).
+pub const KIND_RAFT_BATCH: u16 = 0x0307;
+
+/// Raft messages queued per peer member before new ones are dropped (Raft retransmits what is lost). Only a
+/// peer that is down or far slower than the network lets the queue fill.
+pub const RAFT_QUEUE: usize = 4096;
+/// Most bytes of Raft messages packed into one [`KIND_RAFT_BATCH`] message (one more message may overshoot
+/// it by at most [`STREAM_THRESHOLD`]; both together stay far below the transport's message limit).
+pub const RAFT_BATCH_BYTES: usize = 4 << 20;
 
 /// Most members a member table may list. Raft groups beyond 7 voters only slow commits down, and the bound
 /// keeps a decoded table from a peer small.
@@ -125,6 +138,8 @@ pub struct MeshPeers {
     mesh: OnceLock<Mesh>,
     members: Arc<MemberTable>,
     runtime: tokio::runtime::Handle,
+    /// The queue of each peer member's sender task (started on the first message to it).
+    queues: parking_lot::Mutex<BTreeMap<u64, flume::Sender<Bytes>>>,
 }
 
 impl MeshPeers {
@@ -141,6 +156,7 @@ impl MeshPeers {
             mesh: OnceLock::new(),
             members,
             runtime: tokio::runtime::Handle::current(),
+            queues: parking_lot::Mutex::new(BTreeMap::new()),
         })
     }
 
@@ -152,26 +168,78 @@ impl MeshPeers {
 
 impl PeerNetwork for MeshPeers {
     fn send_raft(&self, to: u64, msg: Bytes) {
-        let (Some(mesh), Some(node)) = (self.mesh.get(), self.members.node(to)) else {
+        let Some(mesh) = self.mesh.get() else {
             return;
         };
-        let mesh = mesh.clone();
-        let table = self.members.clone();
-        // Called from a shard thread: hand the send to the runtime. Failures are dropped; Raft retransmits.
-        self.runtime.spawn(async move {
-            let res = if msg.len() > STREAM_THRESHOLD {
-                mesh.send_stream(node, KIND_RAFT_STREAM, Bytes::new(), msg)
-                    .await
-                    .map(drop)
-            } else {
-                mesh.send(node, KIND_RAFT, msg).await
+        if msg.len() > STREAM_THRESHOLD {
+            // A snapshot: streamed on its own, off the queue, so it never holds small messages back.
+            let Some(node) = self.members.node(to) else {
+                return;
             };
-            if let Err(e) = res {
-                tracing::debug!(to = %node, cause = %e, "raft send failed");
-                // The member may have moved to a new node.
-                table.suspect_stale();
+            let (mesh, table) = (mesh.clone(), self.members.clone());
+            self.runtime.spawn(async move {
+                let res = mesh
+                    .send_stream(node, KIND_RAFT_STREAM, Bytes::new(), msg)
+                    .await;
+                if let Err(e) = res {
+                    tracing::debug!(to = %node, cause = %e, "raft snapshot send failed");
+                    table.suspect_stale();
+                }
+            });
+            return;
+        }
+        // Called from a shard thread: the queue hands the message to this peer's sender task.
+        let tx = {
+            let mut queues = self.queues.lock();
+            queues
+                .entry(to)
+                .or_insert_with(|| {
+                    let (tx, rx) = flume::bounded(RAFT_QUEUE);
+                    self.runtime
+                        .spawn(raft_sender(mesh.clone(), self.members.clone(), to, rx));
+                    tx
+                })
+                .clone()
+        };
+        if tx.try_send(msg).is_err() {
+            tracing::debug!(to, "raft queue full; message dropped");
+        }
+    }
+}
+
+/// Sends the Raft messages queued for member `to`: everything queued at once goes out as one mesh message,
+/// one at a time, so messages to one peer keep their order. Ends when the [`MeshPeers`] is dropped. Failures
+/// are dropped (Raft retransmits) and make the member table suspect.
+async fn raft_sender(mesh: Mesh, table: Arc<MemberTable>, to: u64, rx: flume::Receiver<Bytes>) {
+    let mut msgs = Vec::new();
+    while let Ok(first) = rx.recv_async().await {
+        let mut bytes = first.len();
+        msgs.push(first);
+        while msgs.len() < MAX_RAFT_BATCH && bytes < RAFT_BATCH_BYTES {
+            match rx.try_recv() {
+                Ok(m) => {
+                    bytes += m.len();
+                    msgs.push(m);
+                }
+                Err(_) => break,
             }
-        });
+        }
+        let Some(node) = table.node(to) else {
+            msgs.clear();
+            continue;
+        };
+        let (kind, body) = if msgs.len() == 1 {
+            (KIND_RAFT, msgs.pop().unwrap_or_default())
+        } else {
+            let body = encode_raft_batch(&msgs);
+            msgs.clear();
+            (KIND_RAFT_BATCH, body)
+        };
+        if let Err(e) = mesh.send(node, kind, body).await {
+            tracing::debug!(to = %node, cause = %e, "raft send failed");
+            // The member may have moved to a new node.
+            table.suspect_stale();
+        }
     }
 }
 
@@ -237,6 +305,14 @@ impl Connector for MeshConnector {
             Response::decode(reply.body()).map_err(|e| CallError::BadResponse(e.to_string()))
         })
     }
+
+    fn no_answer(&self, _member: u64) {
+        // The client's attempt deadline is usually shorter than `timeout`, so a call to a node that is gone
+        // (a replica restarted under a new node id, its old address silent) ends there and never reaches the
+        // error path above. Without this, a client whose table still names the old node, redirected there by
+        // the others' leader hints, times out at it until the periodic refresh, longer than a call's deadline.
+        self.members.suspect_stale();
+    }
 }
 
 /// Serves GCS requests and Raft messages arriving over the mesh for one member.
@@ -301,7 +377,13 @@ impl GcsService {
     pub fn handles(kind: u16) -> bool {
         matches!(
             kind,
-            KIND_REQUEST | KIND_RAFT | KIND_RAFT_STREAM | KIND_MEMBERS | KIND_STATUS | KIND_CLAIM
+            KIND_REQUEST
+                | KIND_RAFT
+                | KIND_RAFT_BATCH
+                | KIND_RAFT_STREAM
+                | KIND_MEMBERS
+                | KIND_STATUS
+                | KIND_CLAIM
         )
     }
 }
@@ -348,8 +430,19 @@ impl Handler for GcsService {
     }
 
     fn on_oneway(&self, msg: Message) {
-        if msg.kind() == KIND_RAFT {
-            self.deliver(msg.source(), msg.body());
+        match msg.kind() {
+            KIND_RAFT => self.deliver(msg.source(), msg.body()),
+            KIND_RAFT_BATCH => match decode_raft_batch(msg.body()) {
+                Ok(parts) => {
+                    for part in parts {
+                        self.deliver(msg.source(), part);
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(source = %msg.source(), cause = %e, "malformed raft batch dropped")
+                }
+            },
+            _ => {}
         }
     }
 

@@ -36,7 +36,11 @@ use tokio::sync::oneshot;
 use crate::client::{CallError, ClientConfig, Connector, GcsClient};
 use crate::replica::{Completion, Replica, ReplicaConfig, ReplicaError, Reply, Token, raft_logger};
 use crate::router::ShardMap;
-use crate::wire::{MAX_WATCH_BATCH, Request, Response, ServerError, decode_raft, encode_raft};
+use crate::shard::WriteResult;
+use crate::wire::{
+    MAX_BATCH_OPS, MAX_WATCH_BATCH, Request, Response, ServerError, batch_over_limit, decode_raft,
+    encode_raft,
+};
 
 /// Settings of one GCS member.
 #[derive(Debug, Clone)]
@@ -205,6 +209,8 @@ impl GcsServer {
                 tick: cfg.tick,
                 waiting: HashMap::new(),
                 next_token: 1,
+                batches: HashMap::new(),
+                next_batch: 1,
                 watchers: Vec::new(),
                 max_watch_waiters: cfg.max_watch_waiters,
                 max_watch_wait: cfg.max_watch_wait,
@@ -272,6 +278,15 @@ impl GcsServer {
         let Some(h) = self.inner.shards.get(shard as usize) else {
             return Response::Err(ServerError::NoSuchShard { shard });
         };
+        if let Request::WriteBatch { cmds, .. } = &req
+            && cmds.len() > MAX_BATCH_OPS
+        {
+            // Refused whole, before any of it is proposed (the byte bound is checked on arrival as bytes).
+            return Response::Err(ServerError::BatchTooLarge {
+                ops: cmds.len() as u64,
+                bytes: 0,
+            });
+        }
         let (tx, rx) = oneshot::channel();
         match h.tx.try_send(Input::Req(req, tx)) {
             Ok(()) => {}
@@ -286,6 +301,9 @@ impl GcsServer {
 
     /// Serves one encoded client request and returns the encoded response (for byte transports).
     pub async fn handle_bytes(&self, req: &[u8]) -> Bytes {
+        if let Some(e) = batch_over_limit(req) {
+            return Response::Err(e).encode();
+        }
         match Request::decode(req) {
             Ok(r) => self.handle(r).await.encode(),
             Err(e) => Response::Err(ServerError::BadRequest(e.to_string())).encode(),
@@ -342,6 +360,20 @@ impl GcsServer {
     }
 }
 
+/// Who waits for a token's completion: a caller of one request, or one command of a write batch.
+enum Waiter {
+    One(oneshot::Sender<Response>),
+    InBatch { batch: u64, index: u32 },
+}
+
+/// A [`Request::WriteBatch`] being served: its per-command results fill in as the commands complete (in any
+/// order), and the caller is answered once none is left.
+struct BatchWait {
+    results: Vec<Result<WriteResult, ServerError>>,
+    left: usize,
+    reply: oneshot::Sender<Response>,
+}
+
 struct Watcher {
     prefix: Vec<u8>,
     after: u64,
@@ -356,8 +388,11 @@ struct ShardDriver {
     rx: flume::Receiver<Input>,
     net: Arc<dyn PeerNetwork>,
     tick: Duration,
-    waiting: HashMap<Token, oneshot::Sender<Response>>,
+    waiting: HashMap<Token, Waiter>,
     next_token: Token,
+    /// Write batches with commands still pending, by batch id.
+    batches: HashMap<u64, BatchWait>,
+    next_batch: u64,
     watchers: Vec<Watcher>,
     max_watch_waiters: usize,
     max_watch_wait: Duration,
@@ -404,16 +439,17 @@ impl ShardDriver {
             }
             // Appends and answers leave before this loop's fsync (see `Replica::handle_ready_with`), the
             // rest after it.
-            let (shard, net, waiting) = (self.shard, &self.net, &mut self.waiting);
+            let (shard, net) = (self.shard, &self.net);
+            let (waiting, batches) = (&mut self.waiting, &mut self.batches);
             self.replica.handle_ready_with(|msgs, done| {
                 send_all(shard, net.as_ref(), msgs.drain(..));
                 for c in done.drain(..) {
-                    complete(waiting, c);
+                    complete(waiting, batches, c);
                 }
             });
             send_all(self.shard, self.net.as_ref(), self.replica.take_messages());
             for c in self.replica.take_completions() {
-                complete(&mut self.waiting, c);
+                complete(&mut self.waiting, &mut self.batches, c);
             }
             if self.replica.take_revision_advanced() {
                 self.wake_watchers();
@@ -454,6 +490,33 @@ impl ShardDriver {
             Request::Write { cmd, .. } => {
                 let t = self.token(reply);
                 self.replica.propose(t, cmd);
+            }
+            Request::WriteBatch { cmds, .. } => {
+                if cmds.is_empty() {
+                    let _ = reply.send(Response::Writes(Vec::new()));
+                    return;
+                }
+                // Every command is proposed on its own (validated, deduplicated and completed by its
+                // `(client, seq)`), and they all land in this loop's Raft entry with everything else queued.
+                let batch = self.next_batch;
+                self.next_batch += 1;
+                // Every slot is overwritten by its command's completion before the batch is answered; the
+                // placeholder is an error that allocates nothing.
+                self.batches.insert(
+                    batch,
+                    BatchWait {
+                        results: vec![Err(ServerError::Busy); cmds.len()],
+                        left: cmds.len(),
+                        reply,
+                    },
+                );
+                for (index, cmd) in cmds.into_iter().enumerate() {
+                    let t = self.next_token;
+                    self.next_token += 1;
+                    let index = index as u32;
+                    self.waiting.insert(t, Waiter::InBatch { batch, index });
+                    self.replica.propose(t, cmd);
+                }
             }
             Request::Read { query, .. } => {
                 let t = self.token(reply);
@@ -548,7 +611,7 @@ impl ShardDriver {
     fn token(&mut self, reply: oneshot::Sender<Response>) -> Token {
         let t = self.next_token;
         self.next_token += 1;
-        self.waiting.insert(t, reply);
+        self.waiting.insert(t, Waiter::One(reply));
         t
     }
 }
@@ -559,12 +622,45 @@ fn send_all(shard: u32, net: &dyn PeerNetwork, msgs: impl IntoIterator<Item = Me
     }
 }
 
-/// Answers the caller waiting on `c.token`, if it still waits.
-fn complete(waiting: &mut HashMap<Token, oneshot::Sender<Response>>, c: Completion) {
-    let Some(reply) = waiting.remove(&c.token) else {
+/// Answers the caller waiting on `c.token`, if it still waits; a command of a batch fills in its slot, and
+/// the batch is answered when its last command completes.
+fn complete(
+    waiting: &mut HashMap<Token, Waiter>,
+    batches: &mut HashMap<u64, BatchWait>,
+    c: Completion,
+) {
+    let Some(waiter) = waiting.remove(&c.token) else {
         return;
     };
-    let resp = match c.result {
+    match waiter {
+        Waiter::One(reply) => {
+            let _ = reply.send(response_of(c.result));
+        }
+        Waiter::InBatch { batch, index } => {
+            let Some(b) = batches.get_mut(&batch) else {
+                return;
+            };
+            if let Some(slot) = b.results.get_mut(index as usize) {
+                *slot = match response_of(c.result) {
+                    Response::Write(w) => Ok(w),
+                    Response::Err(e) => Err(e),
+                    other => Err(ServerError::BadRequest(format!(
+                        "a write completed with a read's answer: {other:?}"
+                    ))),
+                };
+            }
+            b.left -= 1;
+            if b.left == 0
+                && let Some(b) = batches.remove(&batch)
+            {
+                let _ = b.reply.send(Response::Writes(b.results));
+            }
+        }
+    }
+}
+
+fn response_of(result: Result<Reply, ReplicaError>) -> Response {
+    match result {
         Ok(Reply::Write(w)) => Response::Write(w),
         Ok(Reply::Get { kv, revision }) => Response::Get { kv, revision },
         Ok(Reply::Range {
@@ -586,8 +682,7 @@ fn complete(waiting: &mut HashMap<Token, oneshot::Sender<Response>>, c: Completi
             ReplicaError::Busy { .. } => ServerError::Busy,
             ReplicaError::Stopped(why) => ServerError::Stopped(why),
         }),
-    };
-    let _ = reply.send(resp);
+    }
 }
 
 /// An in-process network of GCS members: routes client calls and Raft messages by member id.

@@ -18,6 +18,14 @@ use crate::shard::{
 pub const MAX_WATCH_BATCH: u32 = 4096;
 /// Most keys one response may carry (bounds decoding allocations).
 const MAX_ITEMS: usize = 1 << 20;
+/// Most writes one [`Request::WriteBatch`] may carry. A member refuses a larger batch as a whole with
+/// [`ServerError::BatchTooLarge`] before proposing any of it. Equal to the replica's default entry size
+/// ([`crate::replica::ReplicaConfig::max_batch_cmds`]), so one full batch fills at most one Raft entry.
+pub const MAX_BATCH_OPS: usize = 1024;
+/// Most encoded bytes one [`Request::WriteBatch`] may take (16 MiB, a quarter of the transport's message
+/// limit). A write whose value alone is larger than a client's batch byte budget travels as a lone
+/// [`Request::Write`], which only the shard's value limit bounds.
+pub const MAX_BATCH_BYTES: usize = 16 << 20;
 
 /// A client request to one shard on one GCS member.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -28,6 +36,16 @@ pub enum Request {
         shard: u32,
         /// The command (carries client id and seq for exactly-once retries).
         cmd: Command,
+    },
+    /// Several mutations of one shard in one envelope (client-side batching); answered with
+    /// [`Response::Writes`], one result per command in the same order. Each command keeps its own
+    /// `(client, seq)`, so retrying the whole batch, or any of its commands alone or in another batch,
+    /// applies each command at most once. At most [`MAX_BATCH_OPS`] commands and [`MAX_BATCH_BYTES`] bytes.
+    WriteBatch {
+        /// Target shard.
+        shard: u32,
+        /// The commands, applied in this order.
+        cmds: Vec<Command>,
     },
     /// A linearizable read; answered with [`Response::Get`] or [`Response::Range`].
     Read {
@@ -57,6 +75,9 @@ pub enum Request {
 pub enum Response {
     /// The write's result.
     Write(WriteResult),
+    /// Per-command results of a [`Request::WriteBatch`], in the batch's order. A command that failed
+    /// (not leader, leadership lost, invalid, ...) carries its own error; the others are unaffected.
+    Writes(Vec<Result<WriteResult, ServerError>>),
     /// A get's answer.
     Get {
         /// The value, if present.
@@ -131,7 +152,36 @@ pub enum ServerError {
     /// The request did not decode; retrying the same bytes will not help.
     #[error("bad request: {0}")]
     BadRequest(String),
+    /// A [`Request::WriteBatch`] broke [`MAX_BATCH_OPS`] or [`MAX_BATCH_BYTES`]; none of it was proposed.
+    /// Split it into smaller batches.
+    #[error(
+        "write batch of {ops} ops in {bytes} bytes is over the limit of {MAX_BATCH_OPS} ops and \
+         {MAX_BATCH_BYTES} bytes; nothing was applied, send smaller batches"
+    )]
+    BatchTooLarge {
+        /// Commands in the batch.
+        ops: u64,
+        /// Its encoded size (0 when it did not arrive as bytes).
+        bytes: u64,
+    },
 }
+
+/// Whether an encoded request is a [`Request::WriteBatch`] over the limits, checked from its header alone
+/// (before decoding any command), so an oversized batch is refused with a precise answer.
+pub fn batch_over_limit(buf: &[u8]) -> Option<ServerError> {
+    if buf.first() != Some(&TAG_WRITE_BATCH) {
+        return None;
+    }
+    // tag u8, shard u32, count u32.
+    let count = buf.get(5..9)?;
+    let ops = u32::from_le_bytes([count[0], count[1], count[2], count[3]]) as usize;
+    (ops > MAX_BATCH_OPS || buf.len() > MAX_BATCH_BYTES).then_some(ServerError::BatchTooLarge {
+        ops: ops as u64,
+        bytes: buf.len() as u64,
+    })
+}
+
+const TAG_WRITE_BATCH: u8 = 4;
 
 fn encode_kv(w: &mut Writer, kv: &KeyValue) {
     w.bytes(&kv.key);
@@ -165,11 +215,149 @@ fn read_opt_u64(r: &mut Reader<'_>) -> Result<Option<u64>, DecodeError> {
     Ok(if r.bool()? { Some(r.u64()?) } else { None })
 }
 
+/// Encoded size of a command (for sizing buffers and batches; an estimate that never undercounts by much).
+pub fn command_len(c: &Command) -> usize {
+    use crate::shard::{Expect, Op};
+    // client, seq, op tag, key length prefix and key.
+    let head = 8 + 8 + 1 + 4 + c.op.key().len();
+    head + match &c.op {
+        Op::Put { value, .. } => 4 + value.len(),
+        Op::Delete { .. } => 0,
+        Op::Cas { expect, new, .. } => {
+            let e = match expect {
+                Expect::Absent => 1,
+                Expect::Value(v) => 5 + v.len(),
+                Expect::ModRevision(_) => 9,
+            };
+            e + 5 + new.as_ref().map_or(0, |v| v.len())
+        }
+    }
+}
+
+fn encode_write_result(w: &mut Writer, wr: &WriteResult) {
+    w.u64(wr.revision);
+    w.bool(wr.succeeded);
+    w.u64(wr.prev_revision);
+}
+
+fn decode_write_result(r: &mut Reader<'_>) -> Result<WriteResult, DecodeError> {
+    Ok(WriteResult {
+        revision: r.u64()?,
+        succeeded: r.bool()?,
+        prev_revision: r.u64()?,
+    })
+}
+
+fn encode_error(w: &mut Writer, e: &ServerError) {
+    match e {
+        ServerError::NotLeader { leader } => {
+            w.u8(1);
+            opt_u64(w, *leader);
+        }
+        ServerError::LeadershipLost { leader } => {
+            w.u8(2);
+            opt_u64(w, *leader);
+        }
+        ServerError::Invalid(v) => {
+            w.u8(3);
+            match v {
+                ValidateError::EmptyKey => w.u8(0),
+                ValidateError::KeyTooLarge { len, max } => {
+                    w.u8(1);
+                    w.u64(*len as u64);
+                    w.u64(*max as u64);
+                }
+                ValidateError::ValueTooLarge { len, max } => {
+                    w.u8(2);
+                    w.u64(*len as u64);
+                    w.u64(*max as u64);
+                }
+            }
+        }
+        ServerError::DedupExpired { client, seq } => {
+            w.u8(4);
+            w.u64(*client);
+            w.u64(*seq);
+        }
+        ServerError::Busy => w.u8(5),
+        ServerError::Compacted { oldest } => {
+            w.u8(6);
+            w.u64(*oldest);
+        }
+        ServerError::NoSuchShard { shard } => {
+            w.u8(7);
+            w.u32(*shard);
+        }
+        ServerError::Stopped(why) => {
+            w.u8(8);
+            w.bytes(why.as_bytes());
+        }
+        ServerError::BadRequest(why) => {
+            w.u8(9);
+            w.bytes(why.as_bytes());
+        }
+        ServerError::BatchTooLarge { ops, bytes } => {
+            w.u8(10);
+            w.u64(*ops);
+            w.u64(*bytes);
+        }
+    }
+}
+
+fn decode_error(r: &mut Reader<'_>) -> Result<ServerError, DecodeError> {
+    let usize_of = |v: u64| usize::try_from(v).unwrap_or(usize::MAX);
+    Ok(match r.u8()? {
+        1 => ServerError::NotLeader {
+            leader: read_opt_u64(r)?,
+        },
+        2 => ServerError::LeadershipLost {
+            leader: read_opt_u64(r)?,
+        },
+        3 => ServerError::Invalid(match r.u8()? {
+            0 => ValidateError::EmptyKey,
+            1 => ValidateError::KeyTooLarge {
+                len: usize_of(r.u64()?),
+                max: usize_of(r.u64()?),
+            },
+            2 => ValidateError::ValueTooLarge {
+                len: usize_of(r.u64()?),
+                max: usize_of(r.u64()?),
+            },
+            tag => {
+                return Err(DecodeError::BadTag {
+                    what: "validate error",
+                    tag,
+                });
+            }
+        }),
+        4 => ServerError::DedupExpired {
+            client: r.u64()?,
+            seq: r.u64()?,
+        },
+        5 => ServerError::Busy,
+        6 => ServerError::Compacted { oldest: r.u64()? },
+        7 => ServerError::NoSuchShard { shard: r.u32()? },
+        8 => ServerError::Stopped(String::from_utf8_lossy(r.slice()?).into_owned()),
+        9 => ServerError::BadRequest(String::from_utf8_lossy(r.slice()?).into_owned()),
+        10 => ServerError::BatchTooLarge {
+            ops: r.u64()?,
+            bytes: r.u64()?,
+        },
+        tag => {
+            return Err(DecodeError::BadTag {
+                what: "server error",
+                tag,
+            });
+        }
+    })
+}
+
 impl Request {
     /// The shard addressed.
     pub fn shard(&self) -> u32 {
         match self {
             Request::Write { shard, .. }
+            | Request::WriteBatch { shard, .. }
             | Request::Read { shard, .. }
             | Request::Watch { shard, .. } => *shard,
         }
@@ -177,12 +365,24 @@ impl Request {
 
     /// Encodes the request.
     pub fn encode(&self) -> Bytes {
-        let mut w = Writer::with_capacity(64);
+        let cap = match self {
+            Request::WriteBatch { cmds, .. } => 16 + cmds.iter().map(command_len).sum::<usize>(),
+            _ => 64,
+        };
+        let mut w = Writer::with_capacity(cap);
         match self {
             Request::Write { shard, cmd } => {
                 w.u8(1);
                 w.u32(*shard);
                 encode_command(&mut w, cmd);
+            }
+            Request::WriteBatch { shard, cmds } => {
+                w.u8(TAG_WRITE_BATCH);
+                w.u32(*shard);
+                w.u32(cmds.len() as u32);
+                for c in cmds {
+                    encode_command(&mut w, c);
+                }
             }
             Request::Read { shard, query } => {
                 w.u8(2);
@@ -226,6 +426,15 @@ impl Request {
                 shard: r.u32()?,
                 cmd: decode_command(&mut r)?,
             },
+            TAG_WRITE_BATCH => {
+                let shard = r.u32()?;
+                let n = r.len(MAX_BATCH_OPS)?;
+                let mut cmds = Vec::with_capacity(n);
+                for _ in 0..n {
+                    cmds.push(decode_command(&mut r)?);
+                }
+                Request::WriteBatch { shard, cmds }
+            }
             2 => {
                 let shard = r.u32()?;
                 let query = match r.u8()? {
@@ -265,9 +474,7 @@ impl Response {
         match self {
             Response::Write(wr) => {
                 w.u8(1);
-                w.u64(wr.revision);
-                w.bool(wr.succeeded);
-                w.u64(wr.prev_revision);
+                encode_write_result(&mut w, wr);
             }
             Response::Get { kv, revision } => {
                 w.u8(2);
@@ -305,52 +512,21 @@ impl Response {
             }
             Response::Err(e) => {
                 w.u8(5);
-                match e {
-                    ServerError::NotLeader { leader } => {
-                        w.u8(1);
-                        opt_u64(&mut w, *leader);
-                    }
-                    ServerError::LeadershipLost { leader } => {
-                        w.u8(2);
-                        opt_u64(&mut w, *leader);
-                    }
-                    ServerError::Invalid(v) => {
-                        w.u8(3);
-                        match v {
-                            ValidateError::EmptyKey => w.u8(0),
-                            ValidateError::KeyTooLarge { len, max } => {
-                                w.u8(1);
-                                w.u64(*len as u64);
-                                w.u64(*max as u64);
-                            }
-                            ValidateError::ValueTooLarge { len, max } => {
-                                w.u8(2);
-                                w.u64(*len as u64);
-                                w.u64(*max as u64);
-                            }
+                encode_error(&mut w, e);
+            }
+            Response::Writes(results) => {
+                w.u8(6);
+                w.u32(results.len() as u32);
+                for r in results {
+                    match r {
+                        Ok(wr) => {
+                            w.u8(0);
+                            encode_write_result(&mut w, wr);
                         }
-                    }
-                    ServerError::DedupExpired { client, seq } => {
-                        w.u8(4);
-                        w.u64(*client);
-                        w.u64(*seq);
-                    }
-                    ServerError::Busy => w.u8(5),
-                    ServerError::Compacted { oldest } => {
-                        w.u8(6);
-                        w.u64(*oldest);
-                    }
-                    ServerError::NoSuchShard { shard } => {
-                        w.u8(7);
-                        w.u32(*shard);
-                    }
-                    ServerError::Stopped(why) => {
-                        w.u8(8);
-                        w.bytes(why.as_bytes());
-                    }
-                    ServerError::BadRequest(why) => {
-                        w.u8(9);
-                        w.bytes(why.as_bytes());
+                        Err(e) => {
+                            w.u8(1);
+                            encode_error(&mut w, e);
+                        }
                     }
                 }
             }
@@ -361,13 +537,8 @@ impl Response {
     /// Decodes a response from untrusted bytes.
     pub fn decode(buf: &[u8]) -> Result<Response, DecodeError> {
         let mut r = Reader::new(buf);
-        let usize_of = |v: u64| usize::try_from(v).unwrap_or(usize::MAX);
         let resp = match r.u8()? {
-            1 => Response::Write(WriteResult {
-                revision: r.u64()?,
-                succeeded: r.bool()?,
-                prev_revision: r.u64()?,
-            }),
+            1 => Response::Write(decode_write_result(&mut r)?),
             2 => {
                 let revision = r.u64()?;
                 let kv = if r.bool()? {
@@ -404,46 +575,19 @@ impl Response {
                 }
                 Response::Events { events, covered }
             }
-            5 => Response::Err(match r.u8()? {
-                1 => ServerError::NotLeader {
-                    leader: read_opt_u64(&mut r)?,
-                },
-                2 => ServerError::LeadershipLost {
-                    leader: read_opt_u64(&mut r)?,
-                },
-                3 => ServerError::Invalid(match r.u8()? {
-                    0 => ValidateError::EmptyKey,
-                    1 => ValidateError::KeyTooLarge {
-                        len: usize_of(r.u64()?),
-                        max: usize_of(r.u64()?),
-                    },
-                    2 => ValidateError::ValueTooLarge {
-                        len: usize_of(r.u64()?),
-                        max: usize_of(r.u64()?),
-                    },
-                    tag => {
-                        return Err(DecodeError::BadTag {
-                            what: "validate error",
-                            tag,
-                        });
-                    }
-                }),
-                4 => ServerError::DedupExpired {
-                    client: r.u64()?,
-                    seq: r.u64()?,
-                },
-                5 => ServerError::Busy,
-                6 => ServerError::Compacted { oldest: r.u64()? },
-                7 => ServerError::NoSuchShard { shard: r.u32()? },
-                8 => ServerError::Stopped(String::from_utf8_lossy(r.slice()?).into_owned()),
-                9 => ServerError::BadRequest(String::from_utf8_lossy(r.slice()?).into_owned()),
-                tag => {
-                    return Err(DecodeError::BadTag {
-                        what: "server error",
-                        tag,
+            5 => Response::Err(decode_error(&mut r)?),
+            6 => {
+                let n = r.len(MAX_BATCH_OPS)?;
+                let mut results = Vec::with_capacity(n);
+                for _ in 0..n {
+                    results.push(if r.bool()? {
+                        Err(decode_error(&mut r)?)
+                    } else {
+                        Ok(decode_write_result(&mut r)?)
                     });
                 }
-            }),
+                Response::Writes(results)
+            }
             tag => {
                 return Err(DecodeError::BadTag {
                     what: "response",
@@ -463,6 +607,36 @@ pub fn encode_raft(shard: u32, msg: &Message) -> Bytes {
     out.extend_from_slice(&shard.to_le_bytes());
     out.extend_from_slice(&body);
     Bytes::from(out)
+}
+
+/// Most Raft messages in one [`encode_raft_batch`].
+pub const MAX_RAFT_BATCH: usize = 4096;
+
+/// Packs encoded Raft messages ([`encode_raft`]) into one body: a `u32` count, then each as a `u32` length
+/// and its bytes. The caller keeps to [`MAX_RAFT_BATCH`] messages.
+pub fn encode_raft_batch(msgs: &[Bytes]) -> Bytes {
+    let total: usize = msgs.iter().map(|m| 4 + m.len()).sum();
+    let mut w = Writer::with_capacity(4 + total);
+    w.u32(msgs.len() as u32);
+    for m in msgs {
+        w.bytes(m);
+    }
+    Bytes::from(w.finish())
+}
+
+/// Splits an [`encode_raft_batch`] body from untrusted bytes into its messages (still encoded; each is
+/// decoded with [`decode_raft`]). Lengths are checked against the buffer and the count against
+/// [`MAX_RAFT_BATCH`] before anything is allocated.
+pub fn decode_raft_batch(buf: &[u8]) -> Result<Vec<&[u8]>, DecodeError> {
+    let mut r = Reader::new(buf);
+    let n = r.len(MAX_RAFT_BATCH)?;
+    // Each part takes at least its 4-byte length, which bounds the allocation by the buffer, too.
+    let mut out = Vec::with_capacity(n.min(buf.len() / 4));
+    for _ in 0..n {
+        out.push(r.slice()?);
+    }
+    r.finish()?;
+    Ok(out)
 }
 
 /// Decodes a peer Raft message (shard, message) from untrusted bytes.
@@ -503,6 +677,28 @@ mod tests {
                     end: None,
                     limit: 10,
                 },
+            },
+            Request::WriteBatch {
+                shard: 2,
+                cmds: vec![
+                    Command {
+                        client: 1,
+                        seq: 3,
+                        op: Op::Put {
+                            key: b"p".to_vec(),
+                            value: Bytes::from_static(b"v"),
+                        },
+                    },
+                    Command {
+                        client: 1,
+                        seq: 4,
+                        op: Op::Delete { key: b"d".to_vec() },
+                    },
+                ],
+            },
+            Request::WriteBatch {
+                shard: 0,
+                cmds: Vec::new(),
             },
             Request::Watch {
                 shard: 1,
@@ -548,10 +744,101 @@ mod tests {
             Response::Err(ServerError::Compacted { oldest: 3 }),
             Response::Err(ServerError::Stopped("disk".into())),
             Response::Err(ServerError::BadRequest("tag".into())),
+            Response::Err(ServerError::BatchTooLarge {
+                ops: 2000,
+                bytes: 9,
+            }),
+            Response::Writes(vec![
+                Ok(WriteResult {
+                    revision: 4,
+                    succeeded: true,
+                    prev_revision: 1,
+                }),
+                Err(ServerError::LeadershipLost { leader: Some(3) }),
+                Err(ServerError::Invalid(ValidateError::EmptyKey)),
+            ]),
         ];
         for p in resps {
             assert_eq!(Response::decode(&p.encode()).unwrap(), p);
         }
+    }
+
+    #[test]
+    fn command_len_matches_the_encoding() {
+        let cmds = [
+            Op::Put {
+                key: b"key".to_vec(),
+                value: Bytes::from_static(b"value"),
+            },
+            Op::Delete { key: b"k".to_vec() },
+            Op::Cas {
+                key: b"k".to_vec(),
+                expect: Expect::Value(Bytes::from_static(b"old")),
+                new: Some(Bytes::from_static(b"new")),
+            },
+            Op::Cas {
+                key: b"k".to_vec(),
+                expect: Expect::Absent,
+                new: None,
+            },
+        ];
+        for op in cmds {
+            let c = Command {
+                client: 1,
+                seq: 2,
+                op,
+            };
+            let mut w = Writer::default();
+            encode_command(&mut w, &c);
+            // Exact, or over by at most the few bytes of an absent CAS value: never under.
+            let (enc, est) = (w.len(), command_len(&c));
+            assert!(est >= enc && est <= enc + 4, "{c:?}: {est} vs {enc}");
+        }
+    }
+
+    #[test]
+    fn batch_limits_are_read_from_the_header() {
+        let req = Request::WriteBatch {
+            shard: 0,
+            cmds: Vec::new(),
+        };
+        let mut enc = req.encode().to_vec();
+        assert_eq!(batch_over_limit(&enc), None);
+        enc[5..9].copy_from_slice(&(MAX_BATCH_OPS as u32 + 1).to_le_bytes());
+        assert!(matches!(
+            batch_over_limit(&enc),
+            Some(ServerError::BatchTooLarge { ops, .. }) if ops == MAX_BATCH_OPS as u64 + 1
+        ));
+        // A truncated header is left to the decoder (which reports it), never read out of bounds.
+        assert_eq!(batch_over_limit(&enc[..6]), None);
+        assert!(Request::decode(&enc[..6]).is_err());
+        // Other requests are not batches.
+        assert_eq!(batch_over_limit(&[1, 0, 0, 0, 0, 255, 255, 255, 255]), None);
+    }
+
+    #[test]
+    fn raft_batches_round_trip() {
+        let msgs: Vec<Bytes> = (0..3u64)
+            .map(|i| {
+                let m = Message {
+                    to: i + 1,
+                    from: 9,
+                    ..Default::default()
+                };
+                encode_raft(7, &m)
+            })
+            .collect();
+        let body = encode_raft_batch(&msgs);
+        let parts = decode_raft_batch(&body).unwrap();
+        assert_eq!(parts.len(), 3);
+        for (i, p) in parts.iter().enumerate() {
+            let (shard, m) = decode_raft(p).unwrap();
+            assert_eq!((shard, m.to, m.from), (7, i as u64 + 1, 9));
+        }
+        assert!(decode_raft_batch(&body[..body.len() - 1]).is_err());
+        let mut huge = body.to_vec();
+        huge[..4].copy_from_slice(&(MAX_RAFT_BATCH as u32 + 1).to_le_bytes());
+        assert!(decode_raft_batch(&huge).is_err());
     }
 
     proptest::proptest! {
@@ -560,6 +847,8 @@ mod tests {
             let _ = Request::decode(&buf);
             let _ = Response::decode(&buf);
             let _ = decode_raft(&buf);
+            let _ = decode_raft_batch(&buf);
+            let _ = batch_over_limit(&buf);
         }
     }
 }

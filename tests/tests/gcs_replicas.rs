@@ -58,13 +58,14 @@ fn member(status: &[GcsMemberStatus], id: u64) -> &GcsMemberStatus {
 fn put_and_check(round: &str, n: usize) {
     for i in 0..n {
         let key = format!("{round}/{i}");
-        // A call whose 5 s deadline ran out mid-failover has an unknown outcome; the put is idempotent, so it is
-        // tried again, twice at most. A write that never succeeds still fails the test.
-        let mut tries = 0;
-        while let Err(e) = oxray::kv::put(&key, key.as_bytes()) {
-            tries += 1;
-            eprintln!("put {key} failed (try {tries}): {e}");
-            assert!(tries < 3 && e.is_retryable(), "put {key} failed: {e}");
+        // Each call retries internally across a failover, within its 5 s deadline. (A put once ran out of it
+        // here: the driver's member table still named the restarted replica's dead node, the others' leader
+        // hints sent every attempt there, and the attempts timed out without marking the table stale. The
+        // mesh connector now takes an unanswered attempt as that sign; see `mesh_no_answer` in the gcs crate.)
+        let t0 = Instant::now();
+        oxray::kv::put(&key, key.as_bytes()).unwrap_or_else(|e| panic!("put {key} failed: {e}"));
+        if t0.elapsed() > Duration::from_secs(1) {
+            eprintln!("put {key} took {:?}", t0.elapsed());
         }
     }
     for i in 0..n {
