@@ -143,6 +143,9 @@ pub(crate) struct Cluster {
     head_seen: Mutex<Instant>,
     /// Refs nested in results sent as `OK_LENT`, by (owner node, call): kept alive until the owner's `RELEASE`.
     lent: DashMap<(u128, u64), Vec<Arc<RefInner>>>,
+    /// Objects of this process that other nodes borrow, by (borrower, object): how many refs the borrower
+    /// announced, and a ref that keeps the object in this owner's table until they are all gone.
+    borrowers: DashMap<(u128, ObjectId), (usize, Arc<RefInner>)>,
     /// Actors this process created with `max_restarts`, by id.
     restartable: DashMap<u128, Weak<RemoteActor>>,
     /// Tasks of this process waiting for a node that fits (`park_until_feasible`), by return object.
@@ -282,6 +285,7 @@ impl Cluster {
             tokio,
             head_seen: Mutex::new(Instant::now()),
             lent: DashMap::new(),
+            borrowers: DashMap::new(),
             restartable: DashMap::new(),
             parked: DashMap::new(),
             fetching: DashMap::new(),
@@ -848,8 +852,10 @@ impl Cluster {
                 self.call_remote(&rt, &actor, method, args, entry, retries);
             }
         }
-        // Nobody on a dead node will read what was lent to it, or send what was fetched from it.
+        // Nobody on a dead node will read what was lent to it, or borrowed, or send what was fetched from it.
         self.lent.retain(|(owner, _), _| *owner != node.0);
+        self.borrowers
+            .retain(|(borrower, _), _| *borrower != node.0);
         self.fetching.retain(|_, (owner, entry)| {
             if *owner == node.0 {
                 entry.complete(Err(Error::OwnerDied(format!(
@@ -915,6 +921,54 @@ impl Cluster {
         true
     }
 
+    /// Tells `owner` that this node now holds a ref to its object `id` (read out of a value).
+    pub(crate) fn borrow(self: &Arc<Self>, owner: u128, id: ObjectId) {
+        let _ = self.results_to(NodeId(owner)).push(Item {
+            kind: kind::BORROW,
+            call: 0,
+            body: Bytes::copy_from_slice(&id.0.to_le_bytes()),
+        });
+    }
+
+    /// Tells `owner` that one ref announced with [`Cluster::borrow`] is gone.
+    pub(crate) fn unborrow(self: &Arc<Self>, owner: u128, id: ObjectId) {
+        let _ = self.results_to(NodeId(owner)).push(Item {
+            kind: kind::UNBORROW,
+            call: 0,
+            body: Bytes::copy_from_slice(&id.0.to_le_bytes()),
+        });
+    }
+
+    /// A borrower's `BORROW` or `UNBORROW` of an object this process owns.
+    fn on_borrow(&self, from: NodeId, k: u16, body: &[u8]) {
+        let Some(id) = wire::id_from(body).map(ObjectId) else {
+            return tracing::warn!(%from, "malformed borrow notice dropped");
+        };
+        let key = (from.0, id);
+        if k == kind::BORROW {
+            if let Some(mut b) = self.borrowers.get_mut(&key) {
+                b.0 += 1;
+                return;
+            }
+            // An object already freed cannot be kept: the borrower's fetch will report it lost.
+            let Ok(rt) = crate::runtime::current() else {
+                return;
+            };
+            if let Some(entry) = rt.objects.lookup(id) {
+                let keep = RefInner::owned(entry, rt.node, &rt.objects);
+                let mut b = self.borrowers.entry(key).or_insert((0, keep));
+                b.0 += 1;
+            }
+        } else {
+            // Dropped outside the map's lock: freeing the object takes the table's.
+            let gone = self.borrowers.remove_if_mut(&key, |_, b| {
+                b.0 = b.0.saturating_sub(1);
+                b.0 == 0
+            });
+            drop(gone);
+        }
+    }
+
     /// Tells `node` that the result of `call` it lent refs for is gone.
     pub(crate) fn release(self: &Arc<Self>, node: u128, call: u64) {
         let _ = self.results_to(NodeId(node)).push(Item {
@@ -970,6 +1024,10 @@ impl Cluster {
         for item in items {
             if item.kind == kind::RELEASE {
                 self.lent.remove(&(from.0, item.call));
+                continue;
+            }
+            if item.kind == kind::BORROW || item.kind == kind::UNBORROW {
+                self.on_borrow(from, item.kind, &item.body);
                 continue;
             }
 

@@ -392,6 +392,9 @@ pub(crate) struct RefInner {
     unfetched: AtomicBool,
     /// The leases of the values this ref was read out of: the lender keeps the object while this ref lives.
     _leases: Vec<Arc<Lease>>,
+    /// Set for a ref read out of a value and owned by another node: the owner was told this node borrows the
+    /// object (`BORROW`), and is told when this ref goes (`UNBORROW`).
+    borrowed_from: Option<u128>,
 }
 
 impl RefInner {
@@ -404,6 +407,7 @@ impl RefInner {
             table: Some(Arc::downgrade(table)),
             unfetched: AtomicBool::new(false),
             _leases: Vec::new(),
+            borrowed_from: None,
         })
     }
 
@@ -415,10 +419,12 @@ impl RefInner {
             table: None,
             unfetched: AtomicBool::new(false),
             _leases: Vec::new(),
+            borrowed_from: None,
         })
     }
 
     /// A ref to object `id` of node `owner`, fetched when first used.
+    /// The caller has announced the borrow to `owner`; dropping the ref announces its end.
     pub(crate) fn remote(id: ObjectId, owner: u128) -> Arc<RefInner> {
         Arc::new(RefInner {
             entry: Entry::new(id),
@@ -426,6 +432,7 @@ impl RefInner {
             table: None,
             unfetched: AtomicBool::new(true),
             _leases: current_leases(),
+            borrowed_from: Some(owner),
         })
     }
 
@@ -440,6 +447,9 @@ impl RefInner {
 
 impl Drop for RefInner {
     fn drop(&mut self) {
+        if let Some(owner) = self.borrowed_from {
+            crate::runtime::unborrow(owner, self.entry.id);
+        }
         if let Some(table) = self.table.as_ref().and_then(Weak::upgrade)
             && self.entry.families.fetch_sub(1, Ordering::AcqRel) == 1
         {

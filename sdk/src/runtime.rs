@@ -265,13 +265,26 @@ pub(crate) fn borrow_ref(id: u128, owner: u128) -> Result<Arc<RefInner>> {
             }
         });
     }
-    if rt.cluster.get().is_none() {
+    let Some(cl) = rt.cluster.get() else {
         return Err(Error::Cluster(format!(
             "object {} is owned by another node, and this process is not in a cluster",
             ObjectId(id)
         )));
-    }
+    };
+    // Announced before the ref exists, on the same ordered sender as this node's results to that owner: when the
+    // ref came in a call's argument, the owner registers the borrow before the call's result lets it drop the
+    // argument. (A ref passed on by a third node races its own release; see ARCHITECTURE.md.)
+    cl.borrow(owner, ObjectId(id));
     Ok(RefInner::remote(ObjectId(id), owner))
+}
+
+/// A ref borrowed from `owner` is gone (see [`borrow_ref`]).
+pub(crate) fn unborrow(owner: u128, id: ObjectId) {
+    if let Ok(rt) = current()
+        && let Some(cl) = rt.cluster.get()
+    {
+        cl.unborrow(owner, id);
+    }
 }
 
 /// Starts fetching `entry`'s value from its owner (a remote ref's first use).

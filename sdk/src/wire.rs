@@ -56,6 +56,11 @@ pub(crate) mod kind {
     pub const STREAMED: u16 = 32;
     /// Stream: a fetched value; the header is the requester's fetch number (8 bytes).
     pub const OBJECT_STREAM: u16 = 33;
+    /// Result-batch item, borrower to owner: this node now holds a ref to object `body` (16 bytes), read out of a
+    /// value; keep the object until the matching `UNBORROW`.
+    pub const BORROW: u16 = 34;
+    /// Result-batch item, borrower to owner: one ref announced with `BORROW` is gone.
+    pub const UNBORROW: u16 = 35;
 }
 
 /// A task to run.

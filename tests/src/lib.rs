@@ -200,3 +200,35 @@ pub fn record_named(name: String, v: u64) -> (usize, String) {
         h.node().get().expect("node of the looked-up actor"),
     )
 }
+
+/// Keeps refs it was handed inside an argument, beyond the call that brought them: a borrower of their objects.
+#[derive(Debug, Default)]
+pub struct Keeper {
+    kept: Vec<oxray::ObjectRef<Vec<u64>>>,
+}
+
+#[oxray::actor]
+impl Keeper {
+    /// An empty keeper.
+    pub fn new() -> Self {
+        Keeper::default()
+    }
+    /// Stores the refs; returns how many it holds.
+    pub fn keep(&mut self, refs: Vec<oxray::ObjectRef<Vec<u64>>>) -> usize {
+        self.kept.extend(refs);
+        self.kept.len()
+    }
+    /// Sums every element of every kept value: an error if an owner freed an object this actor still holds.
+    pub fn total(&self) -> Result<u64, String> {
+        let mut sum = 0;
+        for r in &self.kept {
+            sum += r.get().map_err(|e| e.to_string())?.iter().sum::<u64>();
+        }
+        Ok(sum)
+    }
+    /// Drops the kept refs.
+    pub fn clear(&mut self) -> usize {
+        self.kept.clear();
+        0
+    }
+}

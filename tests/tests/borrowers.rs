@@ -1,0 +1,63 @@
+//! Refs nested in an argument outlive the call: the callee that keeps them is registered with the owner as a
+//! borrower, so the owner keeps the objects after dropping its own refs, and frees them once the borrower lets go.
+
+use std::time::{Duration, Instant};
+
+use oxray::ObjectRef;
+use oxray_tests::harness::TestCluster;
+use oxray_tests::*;
+
+const NODE: &str = env!("CARGO_BIN_EXE_oxray-test-node");
+
+/// How many of `ids` the driver's node still holds.
+fn held(ids: &[String]) -> usize {
+    let state = oxray::node_state().unwrap();
+    state.objects.iter().filter(|o| ids.contains(&o.id)).count()
+}
+
+#[test]
+fn an_actor_keeping_nested_refs_keeps_their_objects_alive() {
+    link();
+    // The head offers no CPUs and the driver none, so the actor lands on the worker.
+    let mut cluster = TestCluster::start(NODE, 0, &["--dead-after-ms", "3000"]);
+    let worker = cluster.add_node(1, &[]);
+    oxray::connect(&cluster.address, &cluster.token).expect("driver connects");
+    let keeper = Keeper::remote().unwrap();
+
+    // Small values (inline in the owner's table) and one large value (in the owner's object store).
+    let mut refs: Vec<ObjectRef<Vec<u64>>> =
+        (1..=10u64).map(|i| oxray::put(&vec![i]).unwrap()).collect();
+    refs.push(oxray::put(&vec![1u64; 200_000]).unwrap());
+    let expected: u64 = (1..=10u64).sum::<u64>() + 200_000;
+    let ids: Vec<String> = refs.iter().map(|r| r.id().to_string()).collect();
+    assert_eq!(held(&ids), ids.len());
+    assert_eq!(keeper.keep(refs.clone()).get().unwrap(), 11);
+
+    // The driver lets go of every ref; the actor on the worker still holds them, and can read them.
+    drop(refs);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        held(&ids),
+        ids.len(),
+        "the owner dropped objects a borrower holds"
+    );
+    assert_eq!(keeper.total().get().unwrap(), Ok(expected));
+
+    // Once the borrower drops them, the owner frees them.
+    assert_eq!(keeper.clear().get().unwrap(), 0);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while held(&ids) > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "{} objects still held after the borrower let go",
+            held(&ids)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        keeper.total().get().unwrap(),
+        Ok(0),
+        "nothing is kept any more"
+    );
+    let _ = cluster.node_id(worker);
+}
