@@ -61,3 +61,35 @@ fn an_actor_keeping_nested_refs_keeps_their_objects_alive() {
     );
     let _ = cluster.node_id(worker);
 }
+
+#[test]
+fn a_dead_borrower_lets_go_of_what_it_borrowed() {
+    link();
+    let mut cluster = TestCluster::start(NODE, 0, &["--dead-after-ms", "1500"]);
+    let worker = cluster.add_node(1, &[]);
+    oxray::connect(&cluster.address, &cluster.token).expect("driver connects");
+    let keeper = Keeper::remote().unwrap();
+    let refs: Vec<ObjectRef<Vec<u64>>> =
+        (1..=5u64).map(|i| oxray::put(&vec![i]).unwrap()).collect();
+    let ids: Vec<String> = refs.iter().map(|r| r.id().to_string()).collect();
+    assert_eq!(keeper.keep(refs.clone()).get().unwrap(), 5);
+    drop(refs);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        held(&ids),
+        ids.len(),
+        "the borrower's refs keep the objects"
+    );
+
+    // The borrower's node dies without a word: once it is declared dead, the owner frees what it borrowed.
+    cluster.kill(worker);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while held(&ids) > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "{} objects still held for a dead borrower",
+            held(&ids)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
