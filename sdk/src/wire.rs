@@ -56,6 +56,11 @@ pub(crate) mod kind {
     pub const STREAMED: u16 = 32;
     /// Stream: a fetched value; the header is the requester's fetch number (8 bytes).
     pub const OBJECT_STREAM: u16 = 33;
+    /// Result item: like `OK`, and the executor keeps a secondary copy of the (large) value in its store until told
+    /// `FREE_COPY`, so the owner may place tasks that read the value there.
+    pub const OK_KEPT: u16 = 34;
+    /// Result-batch item, owner to executor: the object is gone; drop its secondary copy (body: the id).
+    pub const FREE_COPY: u16 = 35;
 }
 
 /// A task to run.
