@@ -10,7 +10,8 @@
 //! label selectors match, the node is alive, the node has the function compiled in (unless
 //! [`PolicyConfig::require_function`] is off), hard node affinity, the placement group bundle.
 //! Soft preferences (used for ranking): free resources now, short queue, bytes of large arguments
-//! already on the node, soft node affinity, spreading.
+//! already on the node, soft node affinity, spreading. Argument sizes and holders come from the
+//! request ([`TaskArg`], what the submitter knows) and from the view's object table, merged.
 //!
 //! It is not the local dispatcher ([`crate::LocalQueue`] decides *when* a task starts) and it
 //! does no I/O, reads no clock and uses only the RNG it is given.
