@@ -94,17 +94,23 @@ fn readers_of_a_large_object_run_where_it_is() {
         );
     }
 
-    // B's copies go once the driver drops its refs.
-    drop(big);
-    let mut left = usize::MAX;
-    let freed = wait_until(Duration::from_secs(15), || {
+    // B holds its copy while the driver holds the ref, and drops it once the driver drops the ref.
+    let copies_on_b = || -> usize {
         let s = oxray::node::cluster_state(&cluster.address, &cluster.token).unwrap();
-        left = s
-            .nodes
+        s.nodes
             .iter()
             .filter(|n| n.node.id == b_id)
             .map(|n| n.node.store.objects)
-            .sum();
+            .sum()
+    };
+    assert!(
+        copies_on_b() >= 1,
+        "B kept no copy of the value it computed"
+    );
+    drop(big);
+    let mut left = usize::MAX;
+    let freed = wait_until(Duration::from_secs(15), || {
+        left = copies_on_b();
         left == 0
     });
     assert!(
