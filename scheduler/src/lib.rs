@@ -99,7 +99,9 @@ pub use pg::{
     PgCommand, PgConfig, PgCoordinator, PgError, PgEvent, PgPhase, PgStrategy, PlacementGroupSpec,
     PlanError,
 };
-pub use policy::{Decision, InfeasibleReason, Policy, PolicyConfig, Strategy, TaskRequest, decide};
+pub use policy::{
+    Decision, InfeasibleReason, Policy, PolicyConfig, Strategy, TaskArg, TaskRequest, decide,
+};
 pub use resources::{
     LabelOp, LabelSelector, Labels, Quantity, ResourceError, ResourceKind, ResourceSet,
 };

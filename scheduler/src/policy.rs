@@ -10,7 +10,8 @@
 //! label selectors match, the node is alive, the node has the function compiled in (unless
 //! [`PolicyConfig::require_function`] is off), hard node affinity, the placement group bundle.
 //! Soft preferences (used for ranking): free resources now, short queue, bytes of large arguments
-//! already on the node, soft node affinity, spreading.
+//! already on the node, soft node affinity, spreading. Argument sizes and holders come from the
+//! request ([`TaskArg`], what the submitter knows) and from the view's object table, merged.
 //!
 //! It is not the local dispatcher ([`crate::LocalQueue`] decides *when* a task starts) and it
 //! does no I/O, reads no clock and uses only the RNG it is given.
@@ -28,6 +29,47 @@ pub const MAX_ARGS_CONSIDERED: usize = 16;
 
 /// Largest `top_k` honoured (the candidate buffer lives on the stack).
 pub const MAX_TOP_K: usize = 16;
+
+/// Most holders of one argument read from [`TaskArg::nodes`] (further ones are ignored, as the view
+/// keeps at most [`crate::view::MAX_LOCATIONS_PER_OBJECT`] per object).
+pub const MAX_ARG_HOLDERS: usize = crate::view::MAX_LOCATIONS_PER_OBJECT;
+
+/// One by-reference argument of a task, for locality.
+///
+/// The submitter (the object's owner, usually) often knows more than its [`ClusterView`]: the
+/// object's size and which nodes hold a copy. It says so here. Whatever the view knows about the
+/// same object is added to it, so a runtime may feed either or both. An argument with `size` 0
+/// and no `nodes` is looked up in the view alone.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TaskArg {
+    /// The object.
+    pub object: ObjectId,
+    /// Its size in bytes, if known (0 if not).
+    pub size: u64,
+    /// Nodes known to hold a copy (at most [`MAX_ARG_HOLDERS`] are read).
+    pub nodes: Vec<NodeId>,
+}
+
+impl TaskArg {
+    /// An argument whose size and holders the submitter knows.
+    pub fn new(object: ObjectId, size: u64, nodes: Vec<NodeId>) -> Self {
+        TaskArg {
+            object,
+            size,
+            nodes,
+        }
+    }
+}
+
+impl From<ObjectId> for TaskArg {
+    /// An argument known by id only: its size and holders come from the view.
+    fn from(object: ObjectId) -> Self {
+        TaskArg {
+            object,
+            ..Default::default()
+        }
+    }
+}
 
 /// How a task wants to be placed.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -65,8 +107,9 @@ pub struct TaskRequest {
     pub strategy: Strategy,
     /// Hard label requirements on the node.
     pub label_selector: Vec<LabelSelector>,
-    /// Objects passed by reference (their locations drive locality).
-    pub args: Vec<ObjectId>,
+    /// Objects passed by reference (their sizes and locations drive locality). At most
+    /// [`MAX_ARGS_CONSIDERED`] are looked at.
+    pub args: Vec<TaskArg>,
     /// How many times this task has already been spilled. Past
     /// [`PolicyConfig::max_spill_hops`] a feasible node keeps it, so a stale view cannot bounce a
     /// task around the cluster forever.
@@ -198,21 +241,44 @@ pub fn decide<R: Rng + ?Sized>(
     Policy::default().decide(view, local, req, rng)
 }
 
+/// One argument's size and holders, as the request and the view tell them.
+#[derive(Clone, Copy)]
+struct ArgLoc<'a> {
+    size: u64,
+    given: &'a [NodeId],
+    seen: &'a [NodeId],
+}
+
+impl ArgLoc<'_> {
+    fn on(&self, node: NodeId) -> bool {
+        self.given.contains(&node) || self.seen.contains(&node)
+    }
+}
+
 /// Resolved argument locations for one decision, on the stack.
 struct ArgLocs<'a> {
-    objs: [Option<&'a ObjectInfo>; MAX_ARGS_CONSIDERED],
+    objs: [Option<ArgLoc<'a>>; MAX_ARGS_CONSIDERED],
     total: u64,
 }
 
 impl<'a> ArgLocs<'a> {
-    fn new(view: &'a ClusterView, req: &TaskRequest, min_bytes: u64) -> Self {
+    fn new(view: &'a ClusterView, req: &'a TaskRequest, min_bytes: u64) -> Self {
         let mut objs = [None; MAX_ARGS_CONSIDERED];
         let mut total = 0u64;
-        for (slot, id) in objs.iter_mut().zip(req.args.iter()) {
-            if let Some(info) = view.object(*id) {
-                total = total.saturating_add(info.size);
-                *slot = Some(info);
+        for (slot, arg) in objs.iter_mut().zip(req.args.iter()) {
+            let seen: Option<&ObjectInfo> = view.object(arg.object);
+            let given = &arg.nodes[..arg.nodes.len().min(MAX_ARG_HOLDERS)];
+            if seen.is_none() && given.is_empty() {
+                continue;
             }
+            // The larger of the two sizes: a stale or missing one must not hide a large object.
+            let size = arg.size.max(seen.map_or(0, |o| o.size));
+            total = total.saturating_add(size);
+            *slot = Some(ArgLoc {
+                size,
+                given,
+                seen: seen.map_or(&[][..], |o| &o.nodes[..]),
+            });
         }
         if total < min_bytes {
             total = 0;
@@ -229,16 +295,17 @@ impl<'a> ArgLocs<'a> {
         self.objs
             .iter()
             .flatten()
-            .filter(|o| o.nodes.contains(&node))
+            .filter(|o| o.on(node))
             .map(|o| o.size)
             .sum()
     }
 
+    /// Every holder named (a node may appear more than once).
     fn nodes(&self) -> impl Iterator<Item = NodeId> + '_ {
         self.objs
             .iter()
             .flatten()
-            .flat_map(|o| o.nodes.iter().copied())
+            .flat_map(|o| o.given.iter().chain(o.seen.iter()).copied())
     }
 }
 
@@ -705,19 +772,90 @@ mod tests {
             },
         ]);
         let req = TaskRequest {
-            args: vec![10, 11],
+            args: vec![10.into(), 11.into()],
             ..TaskRequest::new(F, ResourceSet::cpus(1))
         };
         assert_eq!(decide(&v, n(1), &req, &mut rng()), Decision::Spill(n(3)));
         // Small args: stay local.
         let small = TaskRequest {
-            args: vec![11],
+            args: vec![11.into()],
             ..req.clone()
         };
         assert_eq!(decide(&v, n(1), &small, &mut rng()), Decision::RunLocal);
         // Holder busy: stay local.
         busy(&mut v, 3, 50);
         assert_eq!(decide(&v, n(1), &req, &mut rng()), Decision::RunLocal);
+    }
+
+    #[test]
+    fn locality_from_the_request_never_overrides_hard_constraints() {
+        // Locations and sizes known only to the submitter (not in the view), as the SDK passes them.
+        let mut v = view(&[(1, 4), (2, 4), (3, 1)]);
+        let big = |nodes: Vec<NodeId>| TaskArg::new(10, 8 << 20, nodes);
+        let req = TaskRequest {
+            args: vec![big(vec![n(3)])],
+            ..TaskRequest::new(F, ResourceSet::cpus(1))
+        };
+        // The local node lacks the big argument and the holder has room: locality beats local first.
+        for seed in 0..20 {
+            let mut r = SmallRng::seed_from_u64(seed);
+            assert_eq!(decide(&v, n(1), &req, &mut r), Decision::Spill(n(3)));
+        }
+        // From a submitter outside the view (a driver with no CPUs) too.
+        assert_eq!(decide(&v, n(99), &req, &mut rng()), Decision::Spill(n(3)));
+        // The local node holds it as well: stay.
+        let both = TaskRequest {
+            args: vec![big(vec![n(1), n(3)])],
+            ..req.clone()
+        };
+        assert_eq!(decide(&v, n(1), &both, &mut rng()), Decision::RunLocal);
+        // Small arguments carry no weight.
+        let small = TaskRequest {
+            args: vec![TaskArg::new(10, 4096, vec![n(3)])],
+            ..req.clone()
+        };
+        assert_eq!(decide(&v, n(1), &small, &mut rng()), Decision::RunLocal);
+        // The holder cannot fit the task (1 CPU in total): it runs where it fits, never on the holder.
+        let two = TaskRequest {
+            resources: ResourceSet::cpus(2),
+            ..req.clone()
+        };
+        for seed in 0..20 {
+            let mut r = SmallRng::seed_from_u64(seed);
+            assert_eq!(decide(&v, n(1), &two, &mut r), Decision::RunLocal);
+            assert!(matches!(
+                decide(&v, n(99), &two, &mut r),
+                Decision::Spill(x) if x == n(1) || x == n(2)
+            ));
+        }
+        // Hard affinity wins over locality.
+        let pinned = TaskRequest {
+            strategy: Strategy::NodeAffinity {
+                node: n(2),
+                soft: false,
+            },
+            ..req.clone()
+        };
+        assert_eq!(decide(&v, n(1), &pinned, &mut rng()), Decision::Spill(n(2)));
+        // Labels are hard too: a holder without the label is never chosen.
+        let labelled = TaskRequest {
+            label_selector: vec![LabelSelector::equals("zone", "b")],
+            ..req.clone()
+        };
+        assert!(matches!(
+            decide(&v, n(1), &labelled, &mut rng()),
+            Decision::Infeasible(InfeasibleReason::NoNodeMatchesLabels)
+        ));
+        // A dead holder is never chosen.
+        v.apply([ViewDelta::NodeDied(n(3))]);
+        for seed in 0..20 {
+            let mut r = SmallRng::seed_from_u64(seed);
+            assert_eq!(decide(&v, n(1), &req, &mut r), Decision::RunLocal);
+            assert!(matches!(
+                decide(&v, n(99), &req, &mut r),
+                Decision::Spill(x) if x == n(1) || x == n(2)
+            ));
+        }
     }
 
     #[test]

@@ -533,7 +533,7 @@ impl Sim {
         if t.class == Class::LargeArg
             && let Some((obj, _)) = self.objects.get(t.arg as usize)
         {
-            req.args.push(*obj);
+            req.args.push((*obj).into());
         }
         req.spill_count = t.spills;
         req
@@ -850,7 +850,7 @@ pub fn measure_policy_decisions_per_s(nodes: usize, decisions: usize, seed: u64)
     let mut rng = SmallRng::seed_from_u64(seed ^ 0x5eed);
     let plain = TaskRequest::new(SIM_FUNCTION, ResourceSet::cpus(1));
     let mut with_arg = plain.clone();
-    with_arg.args.push(0);
+    with_arg.args.push(0.into());
     let spread = TaskRequest {
         strategy: Strategy::Spread,
         ..plain.clone()

@@ -70,7 +70,7 @@ fn decisions_do_not_allocate() {
     let reqs = [
         plain.clone(),
         TaskRequest {
-            args: vec![1, 2, 3],
+            args: vec![1.into(), 2.into(), 3.into()],
             ..plain.clone()
         },
         TaskRequest {

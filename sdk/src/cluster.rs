@@ -17,7 +17,7 @@ use bytes::Bytes;
 use dashmap::DashMap;
 use oxray_scheduler::{
     ClusterView, Decision, FailureConfig, FailureDetector, NodeInfo, Quantity, ResourceKind,
-    ResourceSet, TaskRequest, ViewDelta,
+    ResourceSet, TaskArg, TaskRequest, ViewDelta,
 };
 use oxray_transport::{Handler, IncomingStream, Mesh, Message, NodeId, Responder, TransportError};
 use parking_lot::{Mutex, RwLock};
@@ -148,7 +148,8 @@ pub(crate) struct Cluster {
     borrowers: DashMap<(u128, ObjectId), (usize, Arc<RefInner>)>,
     /// Actors this process created with `max_restarts`, by id.
     restartable: DashMap<u128, Weak<RemoteActor>>,
-    /// Tasks of this process waiting for a node that fits (`park_until_feasible`), by return object.
+    /// Tasks of this process waiting for a node that fits (`park_until_feasible`), or for their arguments before
+    /// they are placed (`Runtime::place_when_ready`), by return object.
     parked: DashMap<ObjectId, ()>,
     /// Fetches in flight, by fetch number: the owner asked and the entry to complete (large values arrive as
     /// streams).
@@ -247,6 +248,53 @@ pub(crate) fn demand(r: &Resources) -> ResourceSet {
         );
     }
     set
+}
+
+/// Keeps a large task result this node computed as a secondary copy in its store (no copy of the bytes: the store
+/// adopts another handle on the buffer being sent). Returns whether it did. Small results are not kept: moving them
+/// costs less than a locality decision is worth, and the owner's reply holds them anyway. A store under pressure
+/// drops secondary copies first, so keeping one never fails a put.
+fn keep_copy(id: ObjectId, value: &Bytes) -> bool {
+    if oxray_objstore::is_inline(value.len()) {
+        return false;
+    }
+    let Ok(rt) = crate::runtime::current() else {
+        return false;
+    };
+    let store = rt.objects.store();
+    !store.config().is_inline(value.len()) && store.put_secondary(id, value.clone()).is_ok()
+}
+
+/// The large by-reference arguments among `args` (at most the policy's `MAX_ARGS_CONSIDERED`), with their sizes and
+/// the nodes known to hold them, for the policy's locality score. What this node knows, honestly:
+/// - a ref it owns whose value is known: the value is here (its store or its table), and on the node that computed it
+///   if that node said it kept a copy (`OK_KEPT`);
+/// - a borrowed ref whose value was fetched here: here, and on its owner (which keeps the primary copy).
+///
+/// Not counted: values still being computed (the owner waits for its own before placing, see
+/// `Runtime::place_when_ready`), borrowed refs not fetched yet (their size is unknown here), small (inline) values,
+/// and copies other borrowers fetched (they last only while used).
+fn arg_locations(rt: &Runtime, args: &[Arg]) -> Vec<TaskArg> {
+    let mut out = Vec::new();
+    for a in args {
+        let ArgKind::Ref(r) = &a.0 else { continue };
+        if out.len() == oxray_scheduler::policy::MAX_ARGS_CONSIDERED {
+            break;
+        }
+        let (known, size, _) = r.entry.summary();
+        if !known || rt.objects.store().config().is_inline(size) {
+            continue;
+        }
+        let mut nodes = vec![NodeId(rt.node)];
+        let owner = if r.owner == 0 { rt.node } else { r.owner };
+        if owner != rt.node {
+            nodes.push(NodeId(owner));
+        } else if let Some(c) = r.entry.copy_holder() {
+            nodes.push(NodeId(c));
+        }
+        out.push(TaskArg::new(r.entry.id.0, size as u64, nodes));
+    }
+    out
 }
 
 impl Cluster {
@@ -546,15 +594,17 @@ impl Cluster {
         self.members.read().clone()
     }
 
-    /// Decides where a task (or actor) runs. `None` means here.
+    /// Decides where a task (or actor) runs, given its arguments (their large objects draw it to where they are).
     pub(crate) fn decide(
         &self,
         rt: &Runtime,
         function: u64,
         res: &Resources,
         strategy: &Strategy,
+        args: &[Arg],
     ) -> Decision {
         let mut req = TaskRequest::new(function, demand(res));
+        req.args = arg_locations(rt, args);
         req.strategy = match strategy {
             Strategy::Default => oxray_scheduler::Strategy::Default,
             Strategy::Spread => oxray_scheduler::Strategy::Spread,
@@ -599,6 +649,29 @@ impl Cluster {
             view.update_local(*n, &avail, q);
         }
         d
+    }
+
+    /// Marks a task of this process as parked (waiting here, cancellable by `cancel`).
+    pub(crate) fn hold_parked(&self, id: ObjectId) {
+        self.parked.insert(id, ());
+    }
+
+    /// Takes a parked task back to place it; `false` if it was cancelled meanwhile.
+    pub(crate) fn take_parked(&self, id: ObjectId) -> bool {
+        self.parked.remove(&id).is_some()
+    }
+
+    /// Tells `node` to drop the secondary copy of `id` it kept as the task's executor (the owner's entry is gone).
+    /// Sent on the results sender, so it follows the result it refers to; a node known dead is not told.
+    pub(crate) fn free_copy(self: &Arc<Self>, node: u128, id: ObjectId) {
+        if self.node_known_dead(node) {
+            return;
+        }
+        let _ = self.results_to(NodeId(node)).push(Item {
+            kind: kind::FREE_COPY,
+            call: 0,
+            body: Bytes::copy_from_slice(&id.0.to_le_bytes()),
+        });
     }
 
     /// Plans a placement group's bundles on the current view (this node's own load made exact first).
@@ -787,7 +860,7 @@ impl Cluster {
                     return task.entry.complete(Err(Error::NotInitialized));
                 };
                 let strategy = task.strategy.clone();
-                match self.decide(&rt, task.function, &task.res, &strategy) {
+                match self.decide(&rt, task.function, &task.res, &strategy, &task.args) {
                     Decision::RunLocal => {
                         let f = spec_function(&task.spec);
                         rt.run_here(f, task.args, task.spec.attempts, Done::Entry(task.entry));
@@ -876,19 +949,26 @@ impl Cluster {
     }
 
     /// Sends a result whose value nests `nested` refs: this node keeps them alive until the owner releases the
-    /// result, so the owner (or whoever it hands the value to) can still fetch them.
+    /// result, so the owner (or whoever it hands the value to) can still fetch them. A large task result (`keep`
+    /// names its object) that nests no refs is also kept here as a secondary copy, for locality.
     pub(crate) fn send_result_holding(
         self: &Arc<Self>,
         owner: NodeId,
         call: u64,
         result: Result<Bytes>,
         nested: Vec<Arc<RefInner>>,
+        keep: Option<ObjectId>,
     ) {
         let lend = result.is_ok() && !nested.is_empty();
         if lend {
             self.lent.insert((owner.0, call), nested);
         }
-        self.send_result_kind(owner, call, result, lend)
+        let ok = match (&result, keep) {
+            (Ok(_), _) if lend => kind::OK_LENT,
+            (Ok(b), Some(id)) if keep_copy(id, b) => kind::OK_KEPT,
+            _ => kind::OK,
+        };
+        self.send_result_kind(owner, call, result, ok)
     }
 
     /// Cancels a task of this process that was sent to another node: its ref fails with `Cancelled` now, and the
@@ -984,11 +1064,10 @@ impl Cluster {
         owner: NodeId,
         call: u64,
         result: Result<Bytes>,
-        lent: bool,
+        ok: u16,
     ) {
         let (k, body) = match result {
-            Ok(b) if lent => (kind::OK_LENT, b),
-            Ok(b) => (kind::OK, b),
+            Ok(b) => (ok, b),
             Err(e) => (
                 kind::ERR,
                 Bytes::from(serde_json::to_vec(&e).unwrap_or_default()),
@@ -1030,6 +1109,16 @@ impl Cluster {
                 self.on_borrow(from, item.kind, &item.body);
                 continue;
             }
+            if item.kind == kind::FREE_COPY {
+                // Only a secondary copy: an object this node owns is in its table, and its owner frees it.
+                if let Some(id) = wire::id_from(&item.body).map(ObjectId)
+                    && let Ok(rt) = crate::runtime::current()
+                    && rt.objects.lookup(id).is_none()
+                {
+                    rt.objects.store().free(id);
+                }
+                continue;
+            }
 
             self.complete_call(item.call, item.kind, item.body);
         }
@@ -1039,7 +1128,15 @@ impl Cluster {
         let Some((_, p)) = self.pending.remove(&call) else {
             return;
         };
-        let result = if k == kind::OK || k == kind::OK_LENT {
+        let result = if k == kind::OK || k == kind::OK_LENT || k == kind::OK_KEPT {
+            if k == kind::OK_KEPT {
+                // Recorded before the entry completes, so a reader placed as soon as it is ready sees the copy.
+                let (node, entry) = match &p {
+                    Pending::Task { node, task } => (node, &task.entry),
+                    Pending::Call { node, entry, .. } => (node, entry),
+                };
+                entry.set_copy(node.0);
+            }
             if k == kind::OK_LENT {
                 let (node, entry) = match &p {
                     Pending::Task { node, task } => (node, &task.entry),
@@ -1088,6 +1185,7 @@ impl Cluster {
                 cluster: self.clone(),
                 owner: from,
                 call: item.call,
+                keep: None,
             };
             match item.kind {
                 kind::CANCEL => rt.cancel_remote(from.0, item.call),
@@ -1106,6 +1204,12 @@ impl Cluster {
                         self.import_args(rt, &spec.args)
                     } else {
                         Vec::new()
+                    };
+                    let done = Done::Remote {
+                        cluster: self.clone(),
+                        owner: from,
+                        call: item.call,
+                        keep: Some(ObjectId::for_task_return(spec.task.to_native(), 0)),
                     };
                     rt.run_here(f, args, spec.attempts.to_native(), done);
                 }
@@ -1179,7 +1283,7 @@ impl Cluster {
                     cl.parked.remove(&task.entry.id);
                     return;
                 }
-                match cl.decide(&rt2, task.function, &task.res, &task.strategy) {
+                match cl.decide(&rt2, task.function, &task.res, &task.strategy, &task.args) {
                     Decision::RunLocal => {
                         cl.infeasible.fetch_sub(1, Ordering::Relaxed);
                         cl.parked.remove(&task.entry.id);
@@ -1210,6 +1314,10 @@ impl Cluster {
     /// transfer, and an object fetched earlier and still held here is not fetched again.
     pub(crate) fn fetch_into(self: &Arc<Self>, rt: &Runtime, e: Arc<Entry>, owner: u128) {
         let id = e.id.0;
+        // A copy kept here (this node computed the value): read in place, pinned while the entry lives.
+        if let Ok(bytes) = rt.objects.store().get_bytes(e.id) {
+            return e.complete(Ok(bytes));
+        }
         let cl = self.clone();
         // A copy that failed is not shared: this fetch tries again.
         let copy = self
@@ -1405,7 +1513,7 @@ impl Cluster {
         if r.left == 0 {
             return false;
         }
-        let target = match self.decide(rt, r.function, &r.res, &r.strategy) {
+        let target = match self.decide(rt, r.function, &r.res, &r.strategy, &r.args) {
             Decision::RunLocal => NodeId(rt.node),
             Decision::Spill(n) | Decision::RunInBundle { node: n, .. } => n,
             Decision::Wait | Decision::Infeasible(_) => {

@@ -115,6 +115,9 @@ pub(crate) struct Entry {
     /// Set when the value came from another node's task and nests refs that node owns: that node keeps them alive
     /// until this lease is dropped by this entry and by every ref read out of the value.
     lease: OnceLock<Arc<Lease>>,
+    /// For a large value computed on another node, in its owner's table: that node, which keeps a secondary copy in
+    /// its store (so the policy may run readers there) until this entry drops and tells it to free the copy.
+    copy: OnceLock<u128>,
 }
 
 /// Refs lent by another node inside one result: the lender keeps their objects until the last holder of this lease
@@ -141,7 +144,18 @@ impl Entry {
             families: AtomicUsize::new(0),
             contained: Mutex::new(Vec::new()),
             lease: OnceLock::new(),
+            copy: OnceLock::new(),
         })
+    }
+
+    /// Records that `node` keeps a secondary copy of this value (it computed it), to be freed when this entry goes.
+    pub(crate) fn set_copy(&self, node: u128) {
+        let _ = self.copy.set(node);
+    }
+
+    /// The other node known to hold a copy of this value, if any.
+    pub(crate) fn copy_holder(&self) -> Option<u128> {
+        self.copy.get().copied()
     }
 
     /// Keeps `refs` (nested in this object's value) alive as long as this object.
@@ -263,6 +277,10 @@ impl Drop for Entry {
         // The last holder is gone (refs, in-flight tasks, senders): the store may reuse the memory.
         if let Slot::Stored { store, .. } = &*self.slot.get_mut() {
             store.free(self.id);
+        }
+        // Nobody can name the object any more: the node that kept a copy of it may drop it.
+        if let Some(node) = self.copy.get() {
+            crate::runtime::free_copy(*node, self.id);
         }
     }
 }

@@ -217,6 +217,9 @@ pub(crate) enum Done {
         cluster: Arc<Cluster>,
         owner: NodeId,
         call: u64,
+        /// The result's object id, for a task: a large result is then also kept here as a secondary copy (the
+        /// owner learns so from `OK_KEPT`), so tasks that read it can run here without moving it.
+        keep: Option<ObjectId>,
     },
 }
 
@@ -238,7 +241,8 @@ impl Done {
                 cluster,
                 owner,
                 call,
-            } => cluster.send_result_holding(owner, call, result, nested),
+                keep,
+            } => cluster.send_result_holding(owner, call, result, nested, keep),
         }
     }
 }
@@ -250,6 +254,25 @@ pub(crate) fn release_lent(node: u128, call: u64) {
     {
         cl.release(node, call);
     }
+}
+
+/// Tells `node` to drop its secondary copy of `id` (from `Entry`'s drop: the owner no longer names the object).
+pub(crate) fn free_copy(node: u128, id: ObjectId) {
+    if let Ok(rt) = current()
+        && let Some(cl) = rt.cluster.get()
+    {
+        cl.free_copy(node, id);
+    }
+}
+
+/// A task owned here on its way to a node.
+struct NewTask {
+    task: u128,
+    function: &'static str,
+    sig: u64,
+    attempts: u32,
+    args: Vec<Arg>,
+    entry: Arc<Entry>,
 }
 
 /// A ref read out of a value on this node: its own object if this node owns it, else one fetched from its owner.
@@ -378,49 +401,126 @@ impl Runtime {
         } else {
             1
         };
-        if let Some(cl) = self.cluster.get() {
-            let fid = crate::cluster::function_id(function, sig);
-            let decision = match self.pg_target(&opts.strategy)? {
-                Some((node, _)) if node == self.node => Decision::RunLocal,
-                Some((node, _)) => Decision::Spill(NodeId(node)),
-                None => cl.decide(self, fid, &opts.resources, &opts.strategy),
-            };
-            if !matches!(decision, Decision::RunLocal) {
-                let spec = TaskW {
-                    task,
-                    function: function.to_string(),
-                    sig,
-                    owner: self.node,
-                    name: opts.name.clone().unwrap_or_else(|| function.to_string()),
-                    attempts,
-                    args: Cluster::wire_args(&args, self.node),
-                };
-                let out = Outgoing {
-                    spec,
-                    args,
-                    entry,
-                    retries: opts.max_retries,
-                    function: fid,
-                    res: opts.resources.clone(),
-                    strategy: opts.strategy.clone(),
-                };
-                match decision {
-                    Decision::Spill(n) | Decision::RunInBundle { node: n, .. }
-                        if n.0 != self.node =>
-                    {
-                        cl.submit_remote(self, n, out);
-                    }
-                    Decision::Infeasible(why) => cl.park_until_feasible(self, out, why.to_string()),
-                    _ => cl.park_until_feasible(self, out, "every fitting node is busy".into()),
-                }
+        let t = NewTask {
+            task,
+            function,
+            sig,
+            attempts,
+            args,
+            entry,
+        };
+        let Some(cl) = self.cluster.get() else {
+            self.run_task_here(t, opts)?;
+            return Ok(ObjectRef::from_inner(inner));
+        };
+        let pg = self.pg_target(&opts.strategy)?;
+        if pg.is_none() && opts.strategy == crate::options::Strategy::Default {
+            // Locality needs each large argument's size and holders, which a ref still being computed does not
+            // have yet: wait for it, then place (as Ray's owner resolves a task's dependencies before it asks for a
+            // node). Refs owned elsewhere are not waited for: only their owner would know.
+            let pending = self.pending_owned_args(&t.args);
+            if !pending.is_empty() {
+                self.place_when_ready(cl, t, opts.clone(), pending);
                 return Ok(ObjectRef::from_inner(inner));
             }
         }
-        let f = registry::function(function, sig)?;
-        let name = opts.name.clone().unwrap_or_else(|| function.to_string());
-        let key = CancelKey::Local(entry.id);
-        self.dispatch(f, name, args, attempts, Done::Entry(entry), Some(key));
+        self.place_task(cl, pg, t, opts)?;
         Ok(ObjectRef::from_inner(inner))
+    }
+
+    /// The entries of ref arguments owned here whose values are still being computed.
+    fn pending_owned_args(&self, args: &[Arg]) -> Vec<Arc<Entry>> {
+        args.iter()
+            .filter_map(|a| match &a.0 {
+                ArgKind::Ref(r)
+                    if (r.owner == self.node || r.owner == 0) && !r.entry.is_ready() =>
+                {
+                    Some(r.entry.clone())
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Places `t` once `pending` (its arguments owned here) are known. Cancellable meanwhile: it waits as a parked
+    /// task of the cluster.
+    fn place_when_ready(
+        self: &Arc<Self>,
+        cl: &Arc<Cluster>,
+        t: NewTask,
+        opts: TaskOptions,
+        pending: Vec<Arc<Entry>>,
+    ) {
+        let (rt, cl) = (self.clone(), cl.clone());
+        let id = t.entry.id;
+        cl.hold_parked(id);
+        self.tokio.spawn(async move {
+            for e in pending {
+                // A failed argument is reported by the task itself when it resolves its arguments.
+                let _ = e.wait_async().await;
+            }
+            if !cl.take_parked(id) {
+                return; // Cancelled while it waited.
+            }
+            let entry = t.entry.clone();
+            if let Err(e) = rt.place_task(&cl, None, t, &opts) {
+                entry.complete(Err(e));
+            }
+        });
+    }
+
+    /// Decides where `t` runs (in the bundle `pg` names, if any) and sends it there, or runs it here.
+    fn place_task(
+        self: &Arc<Self>,
+        cl: &Arc<Cluster>,
+        pg: Option<(u128, u128)>,
+        t: NewTask,
+        opts: &TaskOptions,
+    ) -> Result<()> {
+        let fid = crate::cluster::function_id(t.function, t.sig);
+        let decision = match pg {
+            Some((node, _)) if node == self.node => Decision::RunLocal,
+            Some((node, _)) => Decision::Spill(NodeId(node)),
+            None => cl.decide(self, fid, &opts.resources, &opts.strategy, &t.args),
+        };
+        if matches!(decision, Decision::RunLocal) {
+            return self.run_task_here(t, opts);
+        }
+        let spec = TaskW {
+            task: t.task,
+            function: t.function.to_string(),
+            sig: t.sig,
+            owner: self.node,
+            name: opts.name.clone().unwrap_or_else(|| t.function.to_string()),
+            attempts: t.attempts,
+            args: Cluster::wire_args(&t.args, self.node),
+        };
+        let out = Outgoing {
+            spec,
+            args: t.args,
+            entry: t.entry,
+            retries: opts.max_retries,
+            function: fid,
+            res: opts.resources.clone(),
+            strategy: opts.strategy.clone(),
+        };
+        match decision {
+            Decision::Spill(n) | Decision::RunInBundle { node: n, .. } if n.0 != self.node => {
+                cl.submit_remote(self, n, out);
+            }
+            Decision::Infeasible(why) => cl.park_until_feasible(self, out, why.to_string()),
+            _ => cl.park_until_feasible(self, out, "every fitting node is busy".into()),
+        }
+        Ok(())
+    }
+
+    /// Runs a task owned here on this node's pool.
+    fn run_task_here(self: &Arc<Self>, t: NewTask, opts: &TaskOptions) -> Result<()> {
+        let f = registry::function(t.function, t.sig)?;
+        let name = opts.name.clone().unwrap_or_else(|| t.function.to_string());
+        let key = CancelKey::Local(t.entry.id);
+        self.dispatch(f, name, t.args, t.attempts, Done::Entry(t.entry), Some(key));
+        Ok(())
     }
 
     /// Runs a task for another node (or a parked one) on this node's pool.
@@ -555,7 +655,7 @@ impl Runtime {
                 Some((node, _)) => (node != self.node).then_some(NodeId(node)),
                 None => {
                     let fid = crate::cluster::function_id(class, sig);
-                    match cl.decide(self, fid, &opts.resources, &opts.strategy) {
+                    match cl.decide(self, fid, &opts.resources, &opts.strategy, &args) {
                         Decision::RunLocal => None,
                         Decision::Spill(n) | Decision::RunInBundle { node: n, .. } => Some(n),
                         Decision::Wait => {

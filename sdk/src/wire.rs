@@ -56,11 +56,16 @@ pub(crate) mod kind {
     pub const STREAMED: u16 = 32;
     /// Stream: a fetched value; the header is the requester's fetch number (8 bytes).
     pub const OBJECT_STREAM: u16 = 33;
+    /// Result item: like `OK`, and the executor keeps a secondary copy of the (large) value in its store until told
+    /// `FREE_COPY`, so the owner may place tasks that read the value there.
+    pub const OK_KEPT: u16 = 34;
+    /// Result-batch item, owner to executor: the object is gone; drop its secondary copy (body: the id).
+    pub const FREE_COPY: u16 = 35;
     /// Result-batch item, borrower to owner: this node now holds a ref to object `body` (16 bytes), read out of a
     /// value; keep the object until the matching `UNBORROW`.
-    pub const BORROW: u16 = 34;
+    pub const BORROW: u16 = 36;
     /// Result-batch item, borrower to owner: one ref announced with `BORROW` is gone.
-    pub const UNBORROW: u16 = 35;
+    pub const UNBORROW: u16 = 37;
 }
 
 /// A task to run.

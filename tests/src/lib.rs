@@ -232,3 +232,34 @@ impl Keeper {
         0
     }
 }
+
+/// Sums a vector and names the node it ran on (a reader of a large argument, for locality tests).
+#[oxray::remote]
+pub fn sum_where(v: Vec<f32>) -> (f64, String) {
+    (
+        v.iter().map(|x| *x as f64).sum(),
+        oxray::node_state().map(|s| s.node.id).unwrap_or_default(),
+    )
+}
+
+/// An actor built from a (large) vector: where it is placed shows whether creation honours locality.
+#[derive(Debug)]
+pub struct Holder {
+    len: usize,
+}
+
+#[oxray::actor]
+impl Holder {
+    /// Keeps only the length of `v`.
+    pub fn new(v: Vec<f32>) -> Self {
+        Holder { len: v.len() }
+    }
+    /// The vector's length.
+    pub fn size(&self) -> usize {
+        self.len
+    }
+    /// The node hosting this actor.
+    pub fn node(&self) -> String {
+        oxray::node_state().map(|s| s.node.id).unwrap_or_default()
+    }
+}
