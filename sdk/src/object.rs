@@ -442,15 +442,21 @@ impl RefInner {
     }
 
     /// A ref to object `id` of node `owner`, fetched when first used.
-    /// The caller has announced the borrow to `owner`; dropping the ref announces its end.
-    pub(crate) fn remote(id: ObjectId, owner: u128) -> Arc<RefInner> {
+    /// Read out of a value lent by another node, the ref holds that value's leases, which keep the object; else
+    /// `announced` says the caller has announced the borrow to `owner`, and dropping the ref announces its end.
+    pub(crate) fn remote(
+        id: ObjectId,
+        owner: u128,
+        leases: Vec<Arc<Lease>>,
+        announced: bool,
+    ) -> Arc<RefInner> {
         Arc::new(RefInner {
             entry: Entry::new(id),
             owner,
             table: None,
             unfetched: AtomicBool::new(true),
-            _leases: current_leases(),
-            borrowed_from: Some(owner),
+            _leases: leases,
+            borrowed_from: announced.then_some(owner),
         })
     }
 

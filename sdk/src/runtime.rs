@@ -294,11 +294,17 @@ pub(crate) fn borrow_ref(id: u128, owner: u128) -> Result<Arc<RefInner>> {
             ObjectId(id)
         )));
     };
+    // A ref read out of a lent value holds the value's leases, and the lender keeps the object while they live:
+    // nothing to announce (a result of 10,000 refs would otherwise cost 20,000 notices).
+    let leases = crate::object::current_leases();
+    if !leases.is_empty() {
+        return Ok(RefInner::remote(ObjectId(id), owner, leases, false));
+    }
     // Announced before the ref exists, on the same ordered sender as this node's results to that owner: when the
     // ref came in a call's argument, the owner registers the borrow before the call's result lets it drop the
     // argument. (A ref passed on by a third node races its own release; see ARCHITECTURE.md.)
     cl.borrow(owner, ObjectId(id));
-    Ok(RefInner::remote(ObjectId(id), owner))
+    Ok(RefInner::remote(ObjectId(id), owner, Vec::new(), true))
 }
 
 /// A ref borrowed from `owner` is gone (see [`borrow_ref`]).
