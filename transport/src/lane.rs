@@ -423,46 +423,21 @@ async fn read_responses(
 
 // ----- server side -----
 
-/// Where a lane request's reply goes: the lane's writer, carrying what identifies the request.
+/// Where a lane request's reply goes: the lane's writer, with the request it answers.
 pub(crate) struct LaneReply {
     tx: flume::Sender<Outgoing>,
     me: NodeId,
-    request_id: u64,
-    requester: u128,
-    trace_id: u128,
-    span_id: u64,
+    req: Header,
     hold: Hold,
 }
 
 impl LaneReply {
-    pub(crate) fn new(tx: flume::Sender<Outgoing>, me: NodeId, req: &Header, hold: Hold) -> Self {
-        LaneReply {
-            tx,
-            me,
-            request_id: req.request_id,
-            requester: req.source,
-            trace_id: req.trace_id,
-            span_id: req.span_id,
-            hold,
-        }
+    pub(crate) fn new(tx: flume::Sender<Outgoing>, me: NodeId, req: Header, hold: Hold) -> Self {
+        LaneReply { tx, me, req, hold }
     }
 
     pub(crate) fn send(self, reply: Reply) {
-        let (frame, kind, body) = match reply {
-            Reply::Ok { kind, body } => (FrameType::Response, kind, body),
-            Reply::Err { code, text } => (FrameType::Error, code as u16, Bytes::from(text)),
-        };
-        let header = Header {
-            frame: frame as u8,
-            kind,
-            request_id: self.request_id,
-            source: self.me.0,
-            dest: self.requester,
-            budget_us: 0,
-            trace_id: self.trace_id,
-            span_id: self.span_id,
-            payload_len: 0,
-        };
+        let (header, body) = reply.answer(self.me, &self.req);
         // A lane whose writer is gone has lost its connection: the requester learns that on its side.
         let _ = self.tx.send(Outgoing {
             header,
@@ -476,7 +451,7 @@ impl LaneReply {
     }
 }
 
-/// An error frame on a lane (request id 0 for a complaint about the lane itself).
+/// An error frame on a lane: the answer to request `request_id` of `to` (0 for a complaint about the lane itself).
 pub(crate) fn error_frame(
     me: NodeId,
     to: NodeId,
@@ -484,19 +459,21 @@ pub(crate) fn error_frame(
     code: ErrorCode,
     why: String,
 ) -> Outgoing {
+    let req = Header {
+        frame: FrameType::Request as u8,
+        kind: 0,
+        request_id,
+        source: to.0,
+        dest: me.0,
+        budget_us: 0,
+        trace_id: 0,
+        span_id: 0,
+        payload_len: 0,
+    };
+    let (header, body) = Reply::Err { code, text: why }.answer(me, &req);
     Outgoing {
-        header: Header {
-            frame: FrameType::Error as u8,
-            kind: code as u16,
-            request_id,
-            source: me.0,
-            dest: to.0,
-            budget_us: 0,
-            trace_id: 0,
-            span_id: 0,
-            payload_len: 0,
-        },
-        body: Bytes::from(why),
+        header,
+        body,
         _hold: None,
     }
 }

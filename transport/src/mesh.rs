@@ -1011,21 +1011,7 @@ impl Inner {
 
     /// Sends a reply frame on a request's stream.
     async fn respond(&self, send: &mut quinn::SendStream, req: &Header, reply: Reply) {
-        let (frame, kind, body) = match reply {
-            Reply::Ok { kind, body } => (FrameType::Response, kind, body),
-            Reply::Err { code, text } => (FrameType::Error, code as u16, Bytes::from(text)),
-        };
-        let header = Header {
-            frame: frame as u8,
-            kind,
-            request_id: req.request_id,
-            source: self.node_id.0,
-            dest: req.source,
-            budget_us: 0,
-            trace_id: req.trace_id,
-            span_id: req.span_id,
-            payload_len: 0,
-        };
+        let (header, body) = reply.answer(self.node_id, req);
         if let Err(e) = write_frame(send, &header, body, None).await {
             debug!(node = %self.node_id, cause = %e, "reply not delivered");
         }
@@ -1249,7 +1235,7 @@ impl Inner {
                     _permit: permit,
                     _active: ActiveOwned::new(self.clone()),
                 };
-                let reply = LaneReply::new(tx.clone(), self.node_id, &header, hold);
+                let reply = LaneReply::new(tx.clone(), self.node_id, header, hold);
                 self.handler.on_request(
                     Message::from_frame(header, buf, HEADER_LEN, received),
                     Responder::lane(reply),

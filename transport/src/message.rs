@@ -12,7 +12,7 @@ use rkyv::util::AlignedVec;
 use tokio::sync::oneshot;
 
 use crate::error::TransportError;
-use crate::frame::{ErrorCode, Header, TraceContext};
+use crate::frame::{ErrorCode, FrameType, Header, TraceContext};
 use crate::{Body, NodeId};
 
 /// A received envelope: header fields plus a body that is 16-byte aligned.
@@ -142,6 +142,28 @@ impl Message {
 pub(crate) enum Reply {
     Ok { kind: u16, body: Body },
     Err { code: ErrorCode, text: String },
+}
+
+impl Reply {
+    /// The frame that answers `req` from node `me`, on a request's own stream or on a lane.
+    pub(crate) fn answer(self, me: NodeId, req: &Header) -> (Header, Body) {
+        let (frame, kind, body) = match self {
+            Reply::Ok { kind, body } => (FrameType::Response, kind, body),
+            Reply::Err { code, text } => (FrameType::Error, code as u16, Bytes::from(text)),
+        };
+        let header = Header {
+            frame: frame as u8,
+            kind,
+            request_id: req.request_id,
+            source: me.0,
+            dest: req.source,
+            budget_us: 0,
+            trace_id: req.trace_id,
+            span_id: req.span_id,
+            payload_len: 0,
+        };
+        (header, body)
+    }
 }
 
 /// The way to answer one request. Answer exactly once with [`Responder::send`] or [`Responder::error`]; it may

@@ -312,3 +312,46 @@ async fn bad_frames_on_a_lane_end_that_lane_only() {
         .await
         .unwrap();
 }
+
+#[tokio::test]
+async fn a_lane_stops_reading_at_its_bound_of_unanswered_requests() {
+    // The node answers at most 4 requests of one lane at a time; the rest wait in QUIC's buffers, unread.
+    let ca = ClusterCa::generate().unwrap();
+    let b = node(
+        &ca,
+        Limits {
+            max_inflight_per_peer: 4,
+            ..Limits::default()
+        },
+    )
+    .await;
+    let (me, _ep, conn) = raw_conn(&ca, &b).await;
+    let dest = b.mesh.node_id();
+    let (mut s, mut r) = raw_lane(&conn, me, dest).await;
+    for id in 1..=10u64 {
+        let mut h = request_header(me, dest);
+        h.kind = SLOW;
+        h.request_id = id;
+        s.write_all(&frame::encode_head(&h, 0)).await.unwrap();
+    }
+    // SLOW answers after 300 ms: well before that, only the first 4 have reached the handler.
+    tokio::time::sleep(std::time::Duration::from_millis(150)).await;
+    let requests = || {
+        b.handler
+            .requests
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    assert_eq!(requests(), 4);
+    // As replies are written, reading resumes, and every request is answered.
+    let mut ids = Vec::new();
+    for _ in 0..10 {
+        let (h, _) = tokio::time::timeout(3 * SECOND, read_lane_frame(&mut r))
+            .await
+            .expect("every request is answered");
+        assert_eq!(h.frame_type(), Some(FrameType::Response));
+        ids.push(h.request_id);
+    }
+    ids.sort_unstable();
+    assert_eq!(ids, (1..=10).collect::<Vec<_>>());
+    assert_eq!(requests(), 10);
+}
