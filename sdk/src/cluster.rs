@@ -1434,6 +1434,32 @@ impl Cluster {
         entry: Arc<Entry>,
         retries: u32,
     ) {
+        // A handle that did not create the actor learns of a restart from the directory, when its next call finds
+        // the old node dead (the creator's handles are moved by `restart_actor` itself).
+        let home = actor.node();
+        let home_dead = self.node_known_dead(home.0);
+        let spent = || actor.restart.as_ref().map(|r| r.lock().left == 0);
+        if home_dead && spent() == Some(true) {
+            // Nothing will bring it back: fail now rather than wait on a node that is gone.
+            return entry.complete(Err(Error::ActorDied {
+                actor: short(actor.id),
+                reason: format!("its node {home} died and it has no restarts left"),
+            }));
+        }
+        if home_dead && actor.restart.is_none() {
+            let cl = self.clone();
+            let actor = actor.clone();
+            rt.tokio.spawn(async move {
+                match cl.follow_restart(&actor, home).await {
+                    Ok(()) => match crate::runtime::current() {
+                        Ok(rt) => cl.call_remote(&rt, &actor, method, args, entry, retries),
+                        Err(e) => entry.complete(Err(e)),
+                    },
+                    Err(e) => entry.complete(Err(e)),
+                }
+            });
+            return;
+        }
         let route = actor.route();
         let call = CallW {
             actor: actor.id,
@@ -1499,6 +1525,47 @@ impl Cluster {
         }
     }
 
+    /// Waits (bounded) until the directory names a live new home for `actor`, whose node `dead` died, and moves the
+    /// handle family there. Fails with `ActorDied` if the actor cannot restart or no new home is recorded in time.
+    async fn follow_restart(
+        self: &Arc<Self>,
+        actor: &Arc<RemoteActor>,
+        dead: NodeId,
+    ) -> Result<()> {
+        let died = |reason: String| Error::ActorDied {
+            actor: short(actor.id),
+            reason,
+        };
+        let deadline = Instant::now() + crate::runtime::RESTART_LOOKUP_WAIT;
+        loop {
+            // Another call of this family may have followed it already.
+            if actor.node() != dead {
+                return Ok(());
+            }
+            let rt = crate::runtime::current()?;
+            match crate::control::actor_home(&rt, actor.id).await? {
+                None => return Err(died(format!("its node {dead} died"))),
+                Some((node, _, _)) if node != dead.0 && !self.node_known_dead(node) => {
+                    actor.moved_from(dead, NodeId(node));
+                    return Ok(());
+                }
+                Some((_, restarts, max)) if restarts >= max => {
+                    return Err(died(format!(
+                        "its node {dead} died and it has no restarts left"
+                    )));
+                }
+                Some(_) => {}
+            }
+            if Instant::now() >= deadline {
+                return Err(died(format!(
+                    "its node {dead} died and no restarted incarnation was recorded within {:?}",
+                    crate::runtime::RESTART_LOOKUP_WAIT
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Remembers an actor this process created with `max_restarts`, to restart it if its node dies.
     pub(crate) fn watch_restartable(&self, actor: &Arc<RemoteActor>) {
         self.restartable.insert(actor.id, Arc::downgrade(actor));
@@ -1526,9 +1593,7 @@ impl Cluster {
         tracing::warn!(actor = %short(actor.id), node = %target, restart = r.done, "actor's node died; restarting it");
         let created = self.create_remote(rt, target, r.spec.clone(), r.args.clone());
         actor.moved(target, created);
-        if let Some(name) = r.spec.name.clone() {
-            crate::control::actor_moved(rt, &name, actor.id, target.0, r.done);
-        }
+        crate::control::actor_moved(rt, actor.id, target.0, r.done);
         true
     }
 

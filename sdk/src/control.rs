@@ -38,6 +38,60 @@ fn tables(rt: &Runtime) -> Result<Tables> {
         .ok_or_else(|| Error::Cluster("this node has no GCS client".into()))
 }
 
+fn actor_info(
+    rt: &Runtime,
+    name: Option<&str>,
+    actor: u128,
+    class: &str,
+    node: u128,
+    max_restarts: u32,
+) -> ActorInfo {
+    ActorInfo {
+        actor,
+        class: class.to_string(),
+        name: name.map(str::to_string),
+        namespace: NAMESPACE.to_string(),
+        node: Some(NodeId(node)),
+        owner: NodeId(rt.node),
+        state: ActorState::Alive,
+        restarts: 0,
+        max_restarts: i32::try_from(max_restarts).unwrap_or(i32::MAX),
+        detached: false,
+        death_cause: None,
+    }
+}
+
+/// Records an unnamed actor that can restart in the directory, so handles held on other nodes can find its next
+/// incarnation (a named one is recorded by [`register_named`]).
+pub(crate) fn register_restartable(
+    rt: &Arc<Runtime>,
+    actor: u128,
+    class: &str,
+    node: u128,
+    max_restarts: u32,
+) -> Result<()> {
+    let t = tables(rt)?;
+    let info = actor_info(rt, None, actor, class, node, max_restarts);
+    block_on_io(&rt.tokio, async move {
+        t.actors.put(&hex_id(actor), &info).await.map_err(gcs_err)?;
+        Ok(())
+    })
+}
+
+/// Where the directory says an actor lives now: (node, restarts so far, most restarts), or `None` if the actor was
+/// never recorded (it cannot restart, so its node's death was its own).
+pub(crate) async fn actor_home(rt: &Runtime, actor: u128) -> Result<Option<(u128, u32, u32)>> {
+    let t = tables(rt)?;
+    let info = t.actors.get(&hex_id(actor)).await.map_err(gcs_err)?;
+    Ok(info.map(|i| {
+        (
+            i.value.node.map(|n| n.0).unwrap_or(0),
+            i.value.restarts,
+            u32::try_from(i.value.max_restarts).unwrap_or(u32::MAX),
+        )
+    }))
+}
+
 /// Binds `name` to an actor and records the actor in the directory. Fails if the name is taken.
 pub(crate) fn register_named(
     rt: &Arc<Runtime>,
@@ -48,19 +102,7 @@ pub(crate) fn register_named(
     max_restarts: u32,
 ) -> Result<()> {
     let t = tables(rt)?;
-    let info = ActorInfo {
-        actor,
-        class: class.to_string(),
-        name: Some(name.to_string()),
-        namespace: NAMESPACE.to_string(),
-        node: Some(NodeId(node)),
-        owner: NodeId(rt.node),
-        state: ActorState::Alive,
-        restarts: 0,
-        max_restarts: i32::try_from(max_restarts).unwrap_or(i32::MAX),
-        detached: false,
-        death_cause: None,
-    };
+    let info = actor_info(rt, Some(name), actor, class, node, max_restarts);
     let name = name.to_string();
     block_on_io(&rt.tokio, async move {
         t.actors.put(&hex_id(actor), &info).await.map_err(gcs_err)?;
@@ -103,10 +145,11 @@ pub(crate) fn lookup_named(rt: &Arc<Runtime>, name: &str) -> Result<NamedEntry> 
     })
 }
 
-/// Records in the directory that a restarted actor now lives on `node`, so name lookups find it there.
-pub(crate) fn actor_moved(rt: &Arc<Runtime>, name: &str, actor: u128, node: u128, restarts: u32) {
+/// Records in the directory that a restarted actor now lives on `node`, so name lookups and handles held on other
+/// nodes find it there.
+pub(crate) fn actor_moved(rt: &Arc<Runtime>, actor: u128, node: u128, restarts: u32) {
     let Ok(t) = tables(rt) else { return };
-    let name = name.to_string();
+    let name = crate::runtime::short(actor);
     rt.tokio.spawn(async move {
         let key = hex_id(actor);
         match t.actors.get(&key).await {

@@ -690,6 +690,8 @@ impl Runtime {
             if let Some(n) = target {
                 if let Some(name) = &opts.name {
                     crate::control::register_named(self, name, id, class, n.0, opts.max_restarts)?;
+                } else if opts.max_restarts > 0 {
+                    crate::control::register_restartable(self, id, class, n.0, opts.max_restarts)?;
                 }
                 let spec = CreateW {
                     actor: id,
@@ -938,7 +940,7 @@ impl Runtime {
 
 /// How long a name lookup waits for the directory to name a restarted actor's new node, once the node it names
 /// is known dead (the creator re-places the actor when it learns of the death, then records the move).
-const RESTART_LOOKUP_WAIT: Duration = Duration::from_secs(10);
+pub(crate) const RESTART_LOOKUP_WAIT: Duration = Duration::from_secs(10);
 
 /// An actor's `max_concurrency` as it travels: at least 1.
 fn concurrency(opts: &ActorOptions) -> u32 {
@@ -1372,6 +1374,20 @@ impl RemoteActor {
             caller: rand_u128(),
             seq: 0,
         };
+    }
+
+    /// Moves the handle family to the incarnation on `node` (which exists: the directory recorded it) unless it has
+    /// already left `dead`.
+    pub(crate) fn moved_from(&self, dead: NodeId, node: NodeId) {
+        let mut at = self.at.lock();
+        if at.node == dead {
+            *at = Incarnation {
+                node,
+                created: Entry::ready(ObjectId::random(), Bytes::new()),
+                caller: rand_u128(),
+                seq: 0,
+            };
+        }
     }
 
     /// Retries a call gets after a restart (0 when the actor cannot restart).

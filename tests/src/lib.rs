@@ -93,6 +93,27 @@ impl Recorder {
     }
 }
 
+/// An actor that keeps the `Recorder` handle it was created with and calls through it: a handle that outlives a
+/// restart of the actor it names.
+#[derive(Debug)]
+pub struct Relay {
+    rec: oxray::ActorHandle<Recorder>,
+}
+
+#[oxray::actor]
+impl Relay {
+    /// A relay to `rec`.
+    pub fn new(rec: oxray::ActorHandle<Recorder>) -> Self {
+        Relay { rec }
+    }
+    /// Records `v` through the kept handle: (values held, the recorder's node), or the error as text.
+    pub fn relay(&mut self, v: u64) -> Result<(usize, String), String> {
+        let n = self.rec.record(v).get().map_err(|e| e.to_string())?;
+        let at = self.rec.node().get().map_err(|e| e.to_string())?;
+        Ok((n, at))
+    }
+}
+
 /// Puts `n` values on the node it runs on and returns refs to them (owned by that node).
 #[oxray::remote]
 pub fn make_refs(n: u64) -> Vec<oxray::ObjectRef<u64>> {
