@@ -112,6 +112,11 @@ pub(crate) fn decode(body: &Bytes) -> Result<Vec<Item>, String> {
 /// Told of each item that could not be delivered, with the reason.
 pub(crate) type OnFail = Arc<dyn Fn(Item, &TransportError) + Send + Sync>;
 
+/// Asked to learn a peer's address when the mesh knows none (a node that joined a moment ago, named in a handle
+/// or a ref before this node's membership view caught up); the send is tried once more after it.
+pub(crate) type Resolve =
+    Arc<dyn Fn() -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> + Send + Sync>;
+
 /// The queue of items for one peer, drained by one sender task.
 pub(crate) struct Outbox {
     tx: flume::Sender<Item>,
@@ -126,6 +131,7 @@ impl Outbox {
         to: NodeId,
         kind: u16,
         on_fail: OnFail,
+        resolve: Resolve,
     ) -> Outbox {
         // Bounded, so a peer that stops reading pushes back on the submitters instead of growing memory.
         let (tx, rx) = flume::bounded::<Item>(1 << 16);
@@ -144,7 +150,12 @@ impl Outbox {
                     }
                 }
                 let body = encode(&batch);
-                if let Err(e) = mesh.send(to, kind, body).await {
+                let mut sent = mesh.send(to, kind, body.clone()).await;
+                if let Err(TransportError::PeerUnknown(_)) = sent {
+                    resolve().await;
+                    sent = mesh.send(to, kind, body).await;
+                }
+                if let Err(e) = sent {
                     tracing::warn!(peer = %to, cause = %e, items = batch.len(), "batch not delivered");
                     for i in batch.drain(..) {
                         on_fail(i, &e);

@@ -9,7 +9,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
@@ -37,6 +37,23 @@ use crate::wire::{self, ArgW, CallW, CreateW, Load, Member, TaskW, kind};
 const TASK_DEADLINE: Duration = Duration::from_secs(7 * 24 * 3600);
 /// Control requests (membership, names, status) are small and answered at once.
 const CONTROL_DEADLINE: Duration = Duration::from_secs(5);
+/// Longest a result waits for the acks of this node's pending borrows (an owner that is alive answers within a
+/// round trip; one that died is handled by `node_died`).
+const BORROW_ACK_WAIT: Duration = Duration::from_secs(10);
+
+/// For tests only: `OXRAY_TEST_BORROW_DELAY_MS` holds back every `BORROW` notice this long, to widen the race
+/// the ack closes. Off (zero) unless set.
+fn test_borrow_delay() -> Duration {
+    static DELAY: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
+    *DELAY.get_or_init(|| {
+        Duration::from_millis(
+            std::env::var("OXRAY_TEST_BORROW_DELAY_MS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0),
+        )
+    })
+}
 
 /// How this node takes part in the cluster.
 #[derive(Debug, Clone)]
@@ -146,6 +163,11 @@ pub(crate) struct Cluster {
     /// Objects of this process that other nodes borrow, by (borrower, object): how many refs the borrower
     /// announced, and a ref that keeps the object in this owner's table until they are all gone.
     borrowers: DashMap<(u128, ObjectId), (usize, Arc<RefInner>)>,
+    /// This node's `BORROW`s not yet acknowledged, by token: (owner, completes on the ack). A result waits for
+    /// those of other owners than its own (see `send_result_holding`).
+    borrow_acks: DashMap<u64, (u128, Arc<Entry>)>,
+    /// `borrow_acks.len()`, read without locking on every result.
+    borrow_acks_pending: AtomicUsize,
     /// Actors this process created with `max_restarts`, by id.
     restartable: DashMap<u128, Weak<RemoteActor>>,
     /// Tasks of this process waiting for a node that fits (`park_until_feasible`), or for their arguments before
@@ -334,6 +356,8 @@ impl Cluster {
             head_seen: Mutex::new(Instant::now()),
             lent: DashMap::new(),
             borrowers: DashMap::new(),
+            borrow_acks: DashMap::new(),
+            borrow_acks_pending: AtomicUsize::new(0),
             restartable: DashMap::new(),
             parked: DashMap::new(),
             fetching: DashMap::new(),
@@ -772,18 +796,30 @@ impl Cluster {
     /// The sender in `map` for `node`, started with `on_fail` if there is none yet (a racing starter's sender is
     /// dropped, and its task ends with it).
     fn outbox(
-        &self,
+        self: &Arc<Self>,
         map: &DashMap<NodeId, Arc<Outbox>>,
         node: NodeId,
         k: u16,
         on_fail: batch::OnFail,
     ) -> Arc<Outbox> {
+        // An unknown peer: one heartbeat brings the head's member list (and every address in it) at once, instead
+        // of failing the batch until the next periodic one.
+        let weak = Arc::downgrade(self);
+        let resolve: batch::Resolve = Arc::new(move || {
+            let weak = weak.clone();
+            Box::pin(async move {
+                if let (Some(cl), Ok(rt)) = (weak.upgrade(), crate::runtime::current()) {
+                    cl.heartbeat(&rt).await;
+                }
+            })
+        });
         let out = Arc::new(Outbox::start(
             &self.tokio,
             self.mesh.clone(),
             node,
             k,
             on_fail,
+            resolve,
         ));
         map.entry(node).or_insert(out).clone()
     }
@@ -925,6 +961,16 @@ impl Cluster {
                 self.call_remote(&rt, &actor, method, args, entry, retries);
             }
         }
+        // A dead owner acks no borrow: results waiting for one go now.
+        let unacked: Vec<u64> = self
+            .borrow_acks
+            .iter()
+            .filter(|b| b.value().0 == node.0)
+            .map(|b| *b.key())
+            .collect();
+        for token in unacked {
+            self.borrow_acked(token, Err(Error::OwnerDied(format!("node {node} died"))));
+        }
         // Nobody on a dead node will read what was lent to it, or borrowed, or send what was fetched from it.
         self.lent.retain(|(owner, _), _| *owner != node.0);
         self.borrowers
@@ -968,7 +1014,19 @@ impl Cluster {
             (Ok(b), Some(id)) if keep_copy(id, b) => kind::OK_KEPT,
             _ => kind::OK,
         };
-        self.send_result_kind(owner, call, result, ok)
+        // Refs this call borrowed must be registered with their owners before the caller hears back and drops its
+        // own (see `borrow`). A superset is awaited: every pending ack of this node.
+        let acks = self.borrows_unacked();
+        if acks.is_empty() {
+            return self.send_result_kind(owner, call, result, ok);
+        }
+        let cl = self.clone();
+        self.tokio.spawn(async move {
+            for a in acks {
+                let _ = tokio::time::timeout(BORROW_ACK_WAIT, a.wait_async()).await;
+            }
+            cl.send_result_kind(owner, call, result, ok);
+        });
     }
 
     /// Cancels a task of this process that was sent to another node: its ref fails with `Cancelled` now, and the
@@ -1001,13 +1059,52 @@ impl Cluster {
         true
     }
 
-    /// Tells `owner` that this node now holds a ref to its object `id` (read out of a value).
+    /// Tells `owner` that this node now holds a ref to its object `id` (read out of a value), asking for an ack.
+    ///
+    /// Why the ack: whoever sent this node the value holding the ref (the owner itself, or a third node A) lets
+    /// go of its own ref once this node answers it. That release and this `BORROW` may reach the owner in either
+    /// order: A's travels on another path, and even the owner's own answer is not ordered behind this notice (each
+    /// one-way batch rides its own QUIC stream). So this node's results wait for the acks of its pending borrows
+    /// (`send_result_holding`): the sender hears back only once the owner knows of this borrow.
     pub(crate) fn borrow(self: &Arc<Self>, owner: u128, id: ObjectId) {
-        let _ = self.results_to(NodeId(owner)).push(Item {
+        let token = self.next_call.fetch_add(1, Ordering::Relaxed);
+        self.borrow_acks
+            .insert(token, (owner, Entry::new(ObjectId(u128::from(token)))));
+        self.borrow_acks_pending.fetch_add(1, Ordering::AcqRel);
+        let item = Item {
             kind: kind::BORROW,
-            call: 0,
+            call: token,
             body: Bytes::copy_from_slice(&id.0.to_le_bytes()),
-        });
+        };
+        let delay = test_borrow_delay();
+        if delay.is_zero() {
+            let _ = self.results_to(NodeId(owner)).push(item);
+        } else {
+            let cl = self.clone();
+            self.tokio.spawn(async move {
+                tokio::time::sleep(delay).await;
+                let _ = cl.results_to(NodeId(owner)).push(item);
+            });
+        }
+    }
+
+    /// The owner registered the borrow with this token (or died).
+    fn borrow_acked(&self, token: u64, result: Result<Bytes>) {
+        if let Some((_, (_, e))) = self.borrow_acks.remove(&token) {
+            self.borrow_acks_pending.fetch_sub(1, Ordering::AcqRel);
+            e.complete(result);
+        }
+    }
+
+    /// Acks a result must wait for before it goes out (empty almost always: checked without a lock).
+    fn borrows_unacked(&self) -> Vec<Arc<Entry>> {
+        if self.borrow_acks_pending.load(Ordering::Acquire) == 0 {
+            return Vec::new();
+        }
+        self.borrow_acks
+            .iter()
+            .map(|b| b.value().1.clone())
+            .collect()
     }
 
     /// Tells `owner` that one ref announced with [`Cluster::borrow`] is gone.
@@ -1020,12 +1117,21 @@ impl Cluster {
     }
 
     /// A borrower's `BORROW` or `UNBORROW` of an object this process owns.
-    fn on_borrow(&self, from: NodeId, k: u16, body: &[u8]) {
+    fn on_borrow(self: &Arc<Self>, from: NodeId, k: u16, call: u64, body: &[u8]) {
         let Some(id) = wire::id_from(body).map(ObjectId) else {
             return tracing::warn!(%from, "malformed borrow notice dropped");
         };
         let key = (from.0, id);
         if k == kind::BORROW {
+            // The ack is sent as soon as this notice is handled: the registration below runs first, on this
+            // thread, and an object already gone is reported lost by the borrower's fetch.
+            if call != 0 {
+                let _ = self.results_to(from).push(Item {
+                    kind: kind::BORROW_ACK,
+                    call,
+                    body: Bytes::new(),
+                });
+            }
             if let Some(mut b) = self.borrowers.get_mut(&key) {
                 b.0 += 1;
                 return;
@@ -1095,7 +1201,7 @@ impl Cluster {
     }
 
     /// Completes the calls whose results arrived (and drops lent refs the sender released).
-    fn on_results(&self, from: NodeId, body: Bytes) {
+    fn on_results(self: &Arc<Self>, from: NodeId, body: Bytes) {
         let items = match batch::decode(&body) {
             Ok(i) => i,
             Err(e) => return tracing::warn!(cause = %e, "malformed result batch dropped"),
@@ -1106,7 +1212,11 @@ impl Cluster {
                 continue;
             }
             if item.kind == kind::BORROW || item.kind == kind::UNBORROW {
-                self.on_borrow(from, item.kind, &item.body);
+                self.on_borrow(from, item.kind, item.call, &item.body);
+                continue;
+            }
+            if item.kind == kind::BORROW_ACK {
+                self.borrow_acked(item.call, Ok(Bytes::new()));
                 continue;
             }
             if item.kind == kind::FREE_COPY {

@@ -312,9 +312,8 @@ pub(crate) fn borrow_ref(id: u128, owner: u128) -> Result<Arc<RefInner>> {
     if !leases.is_empty() {
         return Ok(RefInner::remote(ObjectId(id), owner, leases, false));
     }
-    // Announced before the ref exists, on the same ordered sender as this node's results to that owner: when the
-    // ref came in a call's argument, the owner registers the borrow before the call's result lets it drop the
-    // argument. (A ref passed on by a third node races its own release; see ARCHITECTURE.md.)
+    // Announced before the ref exists; the call's result waits for the owner's ack, so whoever sent the value
+    // (the owner, or a third node passing the ref on) drops its own ref only once the borrow is registered.
     cl.borrow(owner, ObjectId(id));
     Ok(RefInner::remote(ObjectId(id), owner, Vec::new(), true))
 }

@@ -62,10 +62,12 @@ pub(crate) mod kind {
     /// Result-batch item, owner to executor: the object is gone; drop its secondary copy (body: the id).
     pub const FREE_COPY: u16 = 35;
     /// Result-batch item, borrower to owner: this node now holds a ref to object `body` (16 bytes), read out of a
-    /// value; keep the object until the matching `UNBORROW`.
+    /// value; keep the object until the matching `UNBORROW`. A nonzero `call` asks for a `BORROW_ACK` with it.
     pub const BORROW: u16 = 36;
     /// Result-batch item, borrower to owner: one ref announced with `BORROW` is gone.
     pub const UNBORROW: u16 = 37;
+    /// Result-batch item, owner to borrower: the `BORROW` whose `call` this carries is registered.
+    pub const BORROW_ACK: u16 = 38;
 }
 
 /// A task to run.

@@ -254,6 +254,12 @@ impl Keeper {
     }
 }
 
+/// Hands refs it was given on to a keeper (on another node), then lets go of them: the owner → A → B chain.
+#[oxray::remote]
+pub fn pass_on(refs: Vec<oxray::ObjectRef<Vec<u64>>>, keeper: oxray::ActorHandle<Keeper>) -> usize {
+    keeper.keep(refs).get().expect("keeper call")
+}
+
 /// Sums a vector and names the node it ran on (a reader of a large argument, for locality tests).
 #[oxray::remote]
 pub fn sum_where(v: Vec<f32>) -> (f64, String) {

@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use oxray::ObjectRef;
+use oxray::{ActorOptions, ObjectRef, Strategy, TaskOptions};
 use oxray_tests::harness::TestCluster;
 use oxray_tests::*;
 
@@ -92,4 +92,48 @@ fn a_dead_borrower_lets_go_of_what_it_borrowed() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+#[test]
+fn a_ref_passed_on_by_a_third_node_outlives_that_node_letting_go() {
+    // Every BORROW notice is held back 800 ms (inherited by the node processes): without the ack, the middle
+    // node's release reaches the owner long before the keeper's borrow does, and the owner frees the objects.
+    // SAFETY: set before any thread of this test process reads the environment (nextest runs one test per process).
+    unsafe { std::env::set_var("OXRAY_TEST_BORROW_DELAY_MS", "800") };
+    link();
+    let mut cluster = TestCluster::start(NODE, 0, &["--dead-after-ms", "5000"]);
+    let a = cluster.add_node(1, &[]);
+    let b = cluster.add_node(1, &[]);
+    oxray::connect(&cluster.address, &cluster.token).expect("driver connects");
+    let node = |i: usize| u128::from_str_radix(cluster.node_id(i), 16).unwrap();
+    let keeper = Keeper::remote_with(&ActorOptions::new().strategy(Strategy::NodeAffinity {
+        node: node(b),
+        soft: false,
+    }))
+    .unwrap();
+    let refs: Vec<ObjectRef<Vec<u64>>> = (1..=5u64)
+        .map(|i| oxray::put(&vec![i; 3]).unwrap())
+        .collect();
+    let ids: Vec<String> = refs.iter().map(|r| r.id().to_string()).collect();
+    let passed = pass_on::remote_with(
+        &TaskOptions::new().strategy(Strategy::NodeAffinity {
+            node: node(a),
+            soft: false,
+        }),
+        refs.clone(),
+        keeper.clone(),
+    )
+    .unwrap();
+    // The driver keeps nothing but the call's own argument, which goes with the call's result.
+    drop(refs);
+    assert_eq!(passed.get_timeout(Duration::from_secs(30)).unwrap(), 5);
+    drop(passed);
+    // Long enough for every held-back notice to land, and for a wrongly freed object to be gone.
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(
+        held(&ids),
+        ids.len(),
+        "the owner freed objects the keeper holds"
+    );
+    assert_eq!(keeper.total().get().unwrap(), Ok(3 * 15));
 }
