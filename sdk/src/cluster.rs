@@ -40,6 +40,8 @@ const CONTROL_DEADLINE: Duration = Duration::from_secs(5);
 /// Longest a result waits for the acks of this node's pending borrows (an owner that is alive answers within a
 /// round trip; one that died is handled by `node_died`).
 const BORROW_ACK_WAIT: Duration = Duration::from_secs(10);
+/// Most `UNBORROW`s remembered ahead of their `BORROW` (see `Cluster::early_unborrows`).
+const MAX_EARLY_UNBORROWS: usize = 100_000;
 
 /// For tests only: `OXRAY_TEST_BORROW_DELAY_MS` holds back every `BORROW` notice this long, to widen the race
 /// the ack closes. Off (zero) unless set.
@@ -166,6 +168,9 @@ pub(crate) struct Cluster {
     /// This node's `BORROW`s not yet acknowledged, by token: (owner, completes on the ack). A result waits for
     /// those of other owners than its own (see `send_result_holding`).
     borrow_acks: DashMap<u64, (u128, Arc<Entry>)>,
+    /// `UNBORROW`s that arrived before their `BORROW` (notices are not ordered with each other), by (borrower,
+    /// object): the `BORROW` they cancel registers nothing.
+    early_unborrows: DashMap<(u128, ObjectId), usize>,
     /// `borrow_acks.len()`, read without locking on every result.
     borrow_acks_pending: AtomicUsize,
     /// Actors this process created with `max_restarts`, by id.
@@ -357,6 +362,7 @@ impl Cluster {
             lent: DashMap::new(),
             borrowers: DashMap::new(),
             borrow_acks: DashMap::new(),
+            early_unborrows: DashMap::new(),
             borrow_acks_pending: AtomicUsize::new(0),
             restartable: DashMap::new(),
             parked: DashMap::new(),
@@ -975,6 +981,8 @@ impl Cluster {
         self.lent.retain(|(owner, _), _| *owner != node.0);
         self.borrowers
             .retain(|(borrower, _), _| *borrower != node.0);
+        self.early_unborrows
+            .retain(|(borrower, _), _| *borrower != node.0);
         self.fetching.retain(|_, (owner, entry)| {
             if *owner == node.0 {
                 entry.complete(Err(Error::OwnerDied(format!(
@@ -1132,6 +1140,15 @@ impl Cluster {
                     body: Bytes::new(),
                 });
             }
+            let mut early = false;
+            self.early_unborrows.remove_if_mut(&key, |_, n| {
+                early = true;
+                *n -= 1;
+                *n == 0
+            });
+            if early {
+                return;
+            }
             if let Some(mut b) = self.borrowers.get_mut(&key) {
                 b.0 += 1;
                 return;
@@ -1147,11 +1164,22 @@ impl Cluster {
             }
         } else {
             // Dropped outside the map's lock: freeing the object takes the table's.
+            let mut known = false;
             let gone = self.borrowers.remove_if_mut(&key, |_, b| {
+                known = true;
                 b.0 = b.0.saturating_sub(1);
                 b.0 == 0
             });
             drop(gone);
+            if !known {
+                // Its BORROW is still on the way: remembered (forgotten with the borrower, and bounded against a
+                // peer that sends releases of nothing) so that BORROW registers nothing.
+                if self.early_unborrows.len() < MAX_EARLY_UNBORROWS {
+                    *self.early_unborrows.entry(key).or_insert(0) += 1;
+                } else {
+                    tracing::warn!(%from, "too many releases ahead of their borrow notices; one dropped");
+                }
+            }
         }
     }
 

@@ -137,3 +137,28 @@ fn a_ref_passed_on_by_a_third_node_outlives_that_node_letting_go() {
     );
     assert_eq!(keeper.total().get().unwrap(), Ok(3 * 15));
 }
+
+#[test]
+fn a_release_that_overtakes_its_borrow_notice_frees_the_object() {
+    // BORROW notices held back 800 ms: the borrower's UNBORROW reaches the owner first.
+    // SAFETY: set before any thread of this test process reads the environment (nextest runs one test per process).
+    unsafe { std::env::set_var("OXRAY_TEST_BORROW_DELAY_MS", "800") };
+    link();
+    let mut cluster = TestCluster::start(NODE, 0, &["--dead-after-ms", "5000"]);
+    let _worker = cluster.add_node(1, &[]);
+    oxray::connect(&cluster.address, &cluster.token).expect("driver connects");
+    let refs: Vec<ObjectRef<u64>> = (1..=4u64).map(|i| oxray::put(&i).unwrap()).collect();
+    let ids: Vec<String> = refs.iter().map(|r| r.id().to_string()).collect();
+    // Read and dropped within one task: its release leaves at once, its borrow notice 800 ms later.
+    assert_eq!(sum_refs::remote(refs.clone()).unwrap().get().unwrap(), 10);
+    drop(refs);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while held(&ids) > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "{} objects still held: a late borrow notice outlived its release",
+            held(&ids)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
