@@ -73,6 +73,27 @@ fn a_large_value_is_pulled_intact_by_the_driver_and_by_a_task() {
     let (c_after, failed, ..) = stats_on(&c_id);
     assert_eq!(c_after, c_before + 1, "C did not pull it");
     assert_eq!(failed, 0);
+
+    // Both pulled copies were reported to the owner, which has them freed once the object is gone.
+    let stored = || -> (usize, usize) {
+        let s = oxray::node::cluster_state(&cluster.address, &cluster.token).unwrap();
+        let on_c = s.nodes.iter().filter(|n| n.node.id == c_id);
+        (
+            oxray::node_state().unwrap().node.store.objects,
+            on_c.map(|n| n.node.store.objects).sum(),
+        )
+    };
+    assert_eq!(stored(), (1, 1), "a pulled copy is not in its node's store");
+    drop(blob);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while stored() != (0, 0) {
+        assert!(
+            Instant::now() < deadline,
+            "copies left (driver, C) after the object went: {:?}",
+            stored()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// B owns a blob; D pulls it (and tells B it holds a copy); D is killed. Returns the cluster, the blob's ref and
