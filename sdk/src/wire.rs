@@ -214,3 +214,21 @@ pub(crate) fn id_from(body: &[u8]) -> Option<u128> {
     let b: [u8; 16] = body.get(..16)?.try_into().ok()?;
     Some(u128::from_le_bytes(b))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn located_round_trips_and_rejects_malformed_bodies() {
+        let body = located(64 << 20, &[7, u128::MAX, 1]);
+        assert_eq!(
+            parse_located(&body),
+            Some((64 << 20, vec![7, u128::MAX, 1]))
+        );
+        // No holder, a torn holder, a torn size.
+        assert_eq!(parse_located(&located(5, &[])), None);
+        assert_eq!(parse_located(&body[..body.len() - 1]), None);
+        assert_eq!(parse_located(&body[..7]), None);
+    }
+}
