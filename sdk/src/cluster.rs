@@ -1419,27 +1419,36 @@ impl Cluster {
             .filter(|h| **h == owner && **h != me)
             .map(|h| NodeId(*h))
             .collect();
-        match self
-            .transfer
-            .pull_with_fallback(id, size, &copies, &fallback)
-            .await
-        {
-            Ok(()) => {
-                let bytes = self
-                    .transfer
-                    .store()
-                    .get_bytes(id)
-                    .map_err(crate::object::store_error)?;
-                // The owner names this copy to later fetchers and has it freed with the object.
-                self.hold_copy(owner, id);
-                Ok(bytes)
+        let mut again = true;
+        loop {
+            match self
+                .transfer
+                .pull_with_fallback(id, size, &copies, &fallback)
+                .await
+            {
+                Ok(()) => match self.transfer.store().get_bytes(id) {
+                    Ok(bytes) => {
+                        // The owner names this copy to later fetchers and has it freed with the object.
+                        self.hold_copy(owner, id);
+                        return Ok(bytes);
+                    }
+                    // A secondary copy not pinned yet may be dropped under memory pressure: pull it once more.
+                    Err(oxray_objstore::ObjectStoreError::NotFound(_)) if again => again = false,
+                    Err(e) => return Err(crate::object::store_error(e)),
+                },
+                Err(PullError::ObjectLost { tried, .. }) if !self.node_alive(owner) => {
+                    return Err(Error::OwnerDied(format!(
+                        "{id} (no copy left; tried {tried:?})"
+                    )));
+                }
+                Err(e @ PullError::ObjectLost { .. }) => {
+                    return Err(Error::ObjectLost(e.to_string()));
+                }
+                Err(e @ PullError::StoreFull { .. }) => {
+                    return Err(Error::ObjectStoreFull(e.to_string()));
+                }
+                Err(e) => return Err(Error::Cluster(e.to_string())),
             }
-            Err(PullError::ObjectLost { tried, .. }) if !self.node_alive(owner) => Err(
-                Error::OwnerDied(format!("{id} (no copy left; tried {tried:?})")),
-            ),
-            Err(e @ PullError::ObjectLost { .. }) => Err(Error::ObjectLost(e.to_string())),
-            Err(e @ PullError::StoreFull { .. }) => Err(Error::ObjectStoreFull(e.to_string())),
-            Err(e) => Err(Error::Cluster(e.to_string())),
         }
     }
 
