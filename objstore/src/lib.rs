@@ -76,7 +76,7 @@ pub use store::{
     Object, ObjectBuffer, ObjectGuard, ObjectInfo, ObjectStore, ObjectWriter, StoreStats,
     archived_len,
 };
-pub use transfer::{Transfer, TransferConfig, TransferHandler};
+pub use transfer::{Transfer, TransferConfig, TransferHandler, TransferStats};
 
 /// Re-exported so users name the same node id the transport authenticates.
 pub use oxray_transport::NodeId;

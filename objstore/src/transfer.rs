@@ -55,6 +55,7 @@
 //! ```
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
@@ -135,6 +136,29 @@ impl Default for TransferConfig {
             pull: PullConfig::default(),
         }
     }
+}
+
+/// What one node's transfer driver has done since it started (for status reports and tests).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TransferStats {
+    /// Pulls that ended with the object in the store.
+    pub pulled: u64,
+    /// Bytes of those objects.
+    pub pulled_bytes: u64,
+    /// Pulls that failed for good (lost, no room, refused).
+    pub failed: u64,
+    /// Fetches started, one per source tried: more than `pulled + failed` means some pull moved to another copy.
+    pub fetches: u64,
+    /// Pulls not finished yet.
+    pub active: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    pulled: AtomicU64,
+    pulled_bytes: AtomicU64,
+    failed: AtomicU64,
+    fetches: AtomicU64,
 }
 
 /// Why a transfer request could not be served (sent to the peer as the error text; never a panic).
@@ -337,6 +361,7 @@ struct Inner {
     fetches: Mutex<HashMap<u64, AbortHandle>>,
     /// Wakes the timer task when the core's next deadline may have moved (and when the driver is dropped).
     timer: Arc<Notify>,
+    counters: Counters,
 }
 
 impl Drop for Inner {
@@ -377,6 +402,7 @@ impl Transfer {
                 landings: DashMap::new(),
                 fetches: Mutex::new(HashMap::new()),
                 timer: Arc::new(Notify::new()),
+                counters: Counters::default(),
             }),
         }
     }
@@ -397,6 +423,18 @@ impl Transfer {
         &self.inner.store
     }
 
+    /// What this driver has done so far.
+    pub fn stats(&self) -> TransferStats {
+        let c = &self.inner.counters;
+        TransferStats {
+            pulled: c.pulled.load(Ordering::Relaxed),
+            pulled_bytes: c.pulled_bytes.load(Ordering::Relaxed),
+            failed: c.failed.load(Ordering::Relaxed),
+            fetches: c.fetches.load(Ordering::Relaxed),
+            active: self.inner.core.lock().active() as u64,
+        }
+    }
+
     /// Whether a message of this kind belongs to the transfer protocol.
     pub fn handles(kind: u16) -> bool {
         matches!(kind, kind::PULL | kind::CHUNK)
@@ -405,6 +443,19 @@ impl Transfer {
     /// Makes object `id` (`size` bytes, copies on `sources`) local, pulling it if needed; returns once it is in the
     /// store as a secondary copy, or with the reason it never will be. Concurrent calls for one object share one pull.
     pub async fn pull(&self, id: ObjectId, size: u64, sources: &[NodeId]) -> Result<(), PullError> {
+        self.pull_with_fallback(id, size, sources, &[]).await
+    }
+
+    /// Like [`Transfer::pull`], but `fallback` is asked only once every copy in `sources` has failed (the core
+    /// spreads pulls over `sources`, never over `fallback`). For a copy that should not carry the load while others
+    /// can, such as an owner's, which every large result of its tasks lands on.
+    pub async fn pull_with_fallback(
+        &self,
+        id: ObjectId,
+        size: u64,
+        sources: &[NodeId],
+        fallback: &[NodeId],
+    ) -> Result<(), PullError> {
         if self.inner.store.contains(id) {
             return Ok(());
         }
@@ -417,6 +468,8 @@ impl Transfer {
         }
         self.with_core(|core, now| {
             core.request(id, size, sources, now);
+            // Appended unrotated, before any fetch can start (room is reserved first, outside this lock).
+            core.add_sources(id, fallback);
         });
         match rx.await {
             Ok(result) => result,
@@ -606,6 +659,7 @@ impl Transfer {
             PullAction::Fetch {
                 id, source, fetch, ..
             } => {
+                self.inner.counters.fetches.fetch_add(1, Ordering::Relaxed);
                 let this = self.clone();
                 let task = tokio::spawn(async move {
                     let ok = this.fetch(id, source, fetch).await;
@@ -629,10 +683,15 @@ impl Transfer {
                 }
             }
             PullAction::Complete { id } => {
-                self.inner.landings.remove(&id);
+                if let Some((_, landing)) = self.inner.landings.remove(&id) {
+                    let c = &self.inner.counters;
+                    c.pulled.fetch_add(1, Ordering::Relaxed);
+                    c.pulled_bytes.fetch_add(landing.len, Ordering::Relaxed);
+                }
                 self.wake(id, Ok(()));
             }
             PullAction::Fail { id, error } => {
+                self.inner.counters.failed.fetch_add(1, Ordering::Relaxed);
                 self.inner.landings.remove(&id);
                 self.wake(id, Err(error));
             }

@@ -247,6 +247,51 @@ async fn concurrent_pulls_of_one_object_are_deduplicated() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fallback_copy_is_asked_only_once_the_others_failed() {
+    let ca = ClusterCa::generate().expect("ca");
+    let a = node(&ca, 64 * MIB, Mode::Honest).await;
+    let owner = node(&ca, 64 * MIB, Mode::Honest).await;
+    let copy = node(&ca, 64 * MIB, Mode::Honest).await;
+    let empty = node(&ca, 64 * MIB, Mode::Honest).await;
+    connect(&[&a, &owner, &copy, &empty]);
+    let sources = [copy.mesh.node_id()];
+    let fallback = [owner.mesh.node_id()];
+
+    // Every object, whatever its id's rotation, comes from the copy while it works.
+    for i in 0..4u8 {
+        let id = ObjectId::random();
+        let data = payload(3 * MIB, i);
+        let size = seed(&[&owner, &copy], id, &data);
+        a.transfer
+            .pull_with_fallback(id, size, &sources, &fallback)
+            .await
+            .expect("pull");
+        assert_intact(&a, id, &data);
+    }
+    assert_eq!(owner.counts.pulls_served.load(Ordering::Relaxed), 0);
+    assert_eq!(copy.counts.pulls_served.load(Ordering::Relaxed), 4);
+
+    // A source without the object fails (twice, its attempts), then the fallback serves it.
+    let id = ObjectId::random();
+    let data = payload(3 * MIB, 9);
+    let size = seed(&[&owner], id, &data);
+    a.transfer
+        .pull_with_fallback(id, size, &[empty.mesh.node_id()], &fallback)
+        .await
+        .expect("pull from the fallback");
+    assert_intact(&a, id, &data);
+    assert_eq!(owner.counts.pulls_served.load(Ordering::Relaxed), 1);
+    let stats = a.transfer.stats();
+    assert_eq!((stats.pulled, stats.failed, stats.active), (5, 0, 0));
+    assert_eq!(stats.pulled_bytes, 5 * size);
+    assert_eq!(
+        stats.fetches,
+        4 + 3,
+        "two attempts on the empty source, one on the fallback"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn source_killed_mid_transfer_fails_over_to_another_copy() {
     let ca = ClusterCa::generate().expect("ca");
     let a = node(&ca, 256 * MIB, Mode::Honest).await;

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use dashmap::DashMap;
+use oxray_objstore::{ObjectStore, PullError, Transfer, TransferConfig};
 use oxray_scheduler::{
     ClusterView, Decision, FailureConfig, FailureDetector, NodeInfo, Quantity, ResourceKind,
     ResourceSet, TaskArg, TaskRequest, ViewDelta,
@@ -26,7 +27,7 @@ use rand::SeedableRng;
 use crate::arg::{Arg, ArgKind};
 use crate::batch::{self, Item, Outbox};
 use crate::error::{Error, Result};
-use crate::object::{Entry, ObjectId, RefInner};
+use crate::object::{Entry, ObjectId, RefInner, Serve};
 use crate::options::{Resources, Strategy};
 use crate::registry;
 use crate::runtime::{Done, RemoteActor, Runtime, short};
@@ -178,9 +179,12 @@ pub(crate) struct Cluster {
     /// Tasks of this process waiting for a node that fits (`park_until_feasible`), or for their arguments before
     /// they are placed (`Runtime::place_when_ready`), by return object.
     parked: DashMap<ObjectId, ()>,
-    /// Fetches in flight, by fetch number: the owner asked and the entry to complete (large values arrive as
-    /// streams).
+    /// Fetches waiting for their owner's answer, by fetch number: the owner asked and the entry to complete (failed
+    /// at once if the owner is declared dead, rather than when the request gives up).
     fetching: DashMap<u64, (u128, Arc<Entry>)>,
+    /// Moves large values between stores: pulls them here from the nodes holding copies, and serves this store's
+    /// objects to other nodes' pulls.
+    pub(crate) transfer: Transfer,
     /// Objects fetched from their owners and still held here, by id (to share one copy between borrowers).
     fetched: DashMap<u128, Weak<Entry>>,
     /// Size of `fetched` at which its dead entries are next swept out.
@@ -294,8 +298,8 @@ fn keep_copy(id: ObjectId, value: &Bytes) -> bool {
 
 /// The large by-reference arguments among `args` (at most the policy's `MAX_ARGS_CONSIDERED`), with their sizes and
 /// the nodes known to hold them, for the policy's locality score. What this node knows, honestly:
-/// - a ref it owns whose value is known: the value is here (its store or its table), and on the node that computed it
-///   if that node said it kept a copy (`OK_KEPT`);
+/// - a ref it owns whose value is known: the value is here (its store or its table), on the node that computed it
+///   if that node said it kept a copy (`OK_KEPT`), and on nodes that pulled it (`HOLD_COPY`);
 /// - a borrowed ref whose value was fetched here: here, and on its owner (which keeps the primary copy).
 ///
 /// Not counted: values still being computed (the owner waits for its own before placing, see
@@ -316,8 +320,8 @@ fn arg_locations(rt: &Runtime, args: &[Arg]) -> Vec<TaskArg> {
         let owner = if r.owner == 0 { rt.node } else { r.owner };
         if owner != rt.node {
             nodes.push(NodeId(owner));
-        } else if let Some(c) = r.entry.copy_holder() {
-            nodes.push(NodeId(c));
+        } else {
+            nodes.extend(r.entry.copy_holders().into_iter().map(NodeId));
         }
         out.push(TaskArg::new(r.entry.id.0, size as u64, nodes));
     }
@@ -331,8 +335,14 @@ impl Cluster {
         settings: NodeSettings,
         is_head: bool,
         tokio: tokio::runtime::Handle,
+        store: ObjectStore,
     ) -> Arc<Self> {
         let addr = mesh.local_addr();
+        let transfer = Transfer::new(store, TransferConfig::default());
+        {
+            let _enter = tokio.enter();
+            transfer.attach(mesh.clone());
+        }
         let head_state = is_head.then(|| HeadState {
             members: Mutex::new(BTreeMap::new()),
             detector: Mutex::new(FailureDetector::new(FailureConfig {
@@ -367,6 +377,7 @@ impl Cluster {
             restartable: DashMap::new(),
             parked: DashMap::new(),
             fetching: DashMap::new(),
+            transfer,
             fetched: DashMap::new(),
             fetched_sweep_at: std::sync::atomic::AtomicUsize::new(4096),
         })
@@ -977,7 +988,7 @@ impl Cluster {
         for token in unacked {
             self.borrow_acked(token, Err(Error::OwnerDied(format!("node {node} died"))));
         }
-        // Nobody on a dead node will read what was lent to it, or borrowed, or send what was fetched from it.
+        // Nobody on a dead node will read what was lent to it, or borrowed, or answer a fetch.
         self.lent.retain(|(owner, _), _| *owner != node.0);
         self.borrowers
             .retain(|(borrower, _), _| *borrower != node.0);
@@ -997,6 +1008,8 @@ impl Cluster {
     /// A member (any node, drivers included) was declared dead: its work is failed or re-placed above, and the
     /// actors it created here stop unless detached.
     fn member_died(self: &Arc<Self>, node: NodeId) {
+        // Pulls from its copies (drivers hold copies too) move to other copies now, not at their stall timeout.
+        self.transfer.on_peer_lost(node);
         if let Ok(rt) = crate::runtime::current() {
             rt.owner_died(node.0);
         }
@@ -1247,6 +1260,10 @@ impl Cluster {
                 self.borrow_acked(item.call, Ok(Bytes::new()));
                 continue;
             }
+            if item.kind == kind::HOLD_COPY {
+                self.on_hold_copy(from, &item.body);
+                continue;
+            }
             if item.kind == kind::FREE_COPY {
                 // Only a secondary copy: an object this node owns is in its table, and its owner frees it.
                 if let Some(id) = wire::id_from(&item.body).map(ObjectId)
@@ -1273,7 +1290,7 @@ impl Cluster {
                     Pending::Task { node, task } => (node, &task.entry),
                     Pending::Call { node, entry, .. } => (node, entry),
                 };
-                entry.set_copy(node.0);
+                entry.add_copy(node.0);
             }
             if k == kind::OK_LENT {
                 let (node, entry) = match &p {
@@ -1480,19 +1497,32 @@ impl Cluster {
                 .store((self.fetched.len() * 2).max(4096), Ordering::Relaxed);
         }
         self.fetched.insert(id, Arc::downgrade(&e));
-        // Registered before asking: a large value arrives as a stream, possibly before the reply that says so.
         let fetch = self.next_call.fetch_add(1, Ordering::Relaxed);
         self.fetching.insert(fetch, (owner, e.clone()));
-        let mut body = id.to_le_bytes().to_vec();
-        body.extend_from_slice(&fetch.to_le_bytes());
+        let me = rt.node;
         rt.tokio.spawn(async move {
             let r = match cl
                 .mesh
-                .request(NodeId(owner), kind::FETCH, Bytes::from(body), TASK_DEADLINE)
+                .request(
+                    NodeId(owner),
+                    kind::FETCH,
+                    Bytes::copy_from_slice(&id.to_le_bytes()),
+                    TASK_DEADLINE,
+                )
                 .await
             {
-                // The value follows as an OBJECT_STREAM, which completes the entry.
-                Ok(msg) if msg.kind() == kind::STREAMED => return,
+                Ok(msg) if msg.kind() == kind::LOCATED => {
+                    cl.fetching.remove(&fetch);
+                    match wire::parse_located(msg.body()) {
+                        Some((size, holders)) => {
+                            cl.pull(ObjectId(id), owner, me, size, &holders).await
+                        }
+                        None => Err(Error::Cluster(format!(
+                            "malformed location reply for {}",
+                            ObjectId(id)
+                        ))),
+                    }
+                }
                 Ok(msg) => reply_bytes(msg),
                 Err(e) if !cl.node_alive(owner) => {
                     Err(Error::OwnerDied(format!("{} ({e})", ObjectId(id))))
@@ -1504,33 +1534,105 @@ impl Cluster {
         });
     }
 
-    /// Answers a fetch: small values in the reply, large ones streamed into an aligned buffer on the requester
-    /// (replies are bounded by the transport's message limit; streams are not).
-    fn serve_fetch(
+    /// Pulls a large value (`size` bytes, copies on `holders`, the owner last) into this node's store with the
+    /// transfer driver, and returns it read in place (pinned for as long as the caller holds the bytes).
+    ///
+    /// Copies other than the owner's are tried first: every large result of the owner's tasks already lands on the
+    /// owner (often the driver), so readers spread over the other copies and fall back on the owner's.
+    async fn pull(
         self: &Arc<Self>,
-        reply: Responder,
-        to: NodeId,
-        fetch: Option<u64>,
-        value: Bytes,
-    ) {
-        let Some(fetch) = fetch.filter(|_| value.len() > batch::MAX_BYTES) else {
-            return reply.send(kind::OK, value);
-        };
-        reply.send(kind::STREAMED, Bytes::new());
-        let mesh = self.mesh.clone();
-        self.tokio.spawn(async move {
-            if let Err(e) = mesh
-                .send_stream(
-                    to,
-                    kind::OBJECT_STREAM,
-                    Bytes::copy_from_slice(&fetch.to_le_bytes()),
-                    value,
-                )
+        id: ObjectId,
+        owner: u128,
+        me: u128,
+        size: u64,
+        holders: &[u128],
+    ) -> Result<Bytes> {
+        let copies: Vec<NodeId> = holders
+            .iter()
+            .filter(|h| **h != owner && **h != me)
+            .map(|h| NodeId(*h))
+            .collect();
+        let fallback: Vec<NodeId> = holders
+            .iter()
+            .filter(|h| **h == owner && **h != me)
+            .map(|h| NodeId(*h))
+            .collect();
+        let mut again = true;
+        loop {
+            match self
+                .transfer
+                .pull_with_fallback(id, size, &copies, &fallback)
                 .await
             {
-                tracing::warn!(peer = %to, cause = %e, "object stream not delivered");
+                Ok(()) => match self.transfer.store().get_bytes(id) {
+                    Ok(bytes) => {
+                        // The owner names this copy to later fetchers and has it freed with the object.
+                        self.hold_copy(owner, id);
+                        return Ok(bytes);
+                    }
+                    // A secondary copy not pinned yet may be dropped under memory pressure: pull it once more.
+                    Err(oxray_objstore::ObjectStoreError::NotFound(_)) if again => again = false,
+                    Err(e) => return Err(crate::object::store_error(e)),
+                },
+                Err(PullError::ObjectLost { tried, .. }) if !self.node_alive(owner) => {
+                    return Err(Error::OwnerDied(format!(
+                        "{id} (no copy left; tried {tried:?})"
+                    )));
+                }
+                Err(e @ PullError::ObjectLost { .. }) => {
+                    return Err(Error::ObjectLost(e.to_string()));
+                }
+                Err(e @ PullError::StoreFull { .. }) => {
+                    return Err(Error::ObjectStoreFull(e.to_string()));
+                }
+                Err(e) => return Err(Error::Cluster(e.to_string())),
             }
+        }
+    }
+
+    /// Tells `owner` that this node now holds a secondary copy of its object `id`.
+    fn hold_copy(self: &Arc<Self>, owner: u128, id: ObjectId) {
+        let _ = self.results_to(NodeId(owner)).push(Item {
+            kind: kind::HOLD_COPY,
+            call: 0,
+            body: Bytes::copy_from_slice(&id.0.to_le_bytes()),
         });
+    }
+
+    /// A fetcher's `HOLD_COPY`: recorded on the entry, or, for an object already gone, freed at once.
+    fn on_hold_copy(self: &Arc<Self>, from: NodeId, body: &[u8]) {
+        let Some(id) = wire::id_from(body).map(ObjectId) else {
+            return tracing::warn!(%from, "malformed copy notice dropped");
+        };
+        let Ok(rt) = crate::runtime::current() else {
+            return;
+        };
+        match rt.objects.lookup(id) {
+            Some(entry) => entry.add_copy(from.0),
+            None => self.free_copy(from.0, id),
+        }
+    }
+
+    /// Answers a fetch of a known value: small values in the reply; for large ones, where to pull them from (this
+    /// node last, the other live copies first).
+    fn answer_fetch(&self, reply: Responder, entry: &Entry, to: NodeId, me: u128) {
+        match entry.serve(batch::MAX_BYTES) {
+            None => reply_err(
+                reply,
+                &Error::Cluster(format!("{} is not known yet", entry.id)),
+            ),
+            Some(Err(e)) => reply_err(reply, &e),
+            Some(Ok(Serve::Inline(b))) => reply.send(kind::OK, b),
+            Some(Ok(Serve::Stored(size))) => {
+                let mut holders: Vec<u128> = entry
+                    .copy_holders()
+                    .into_iter()
+                    .filter(|n| *n != to.0 && !self.node_known_dead(*n))
+                    .collect();
+                holders.push(me);
+                reply.send(kind::LOCATED, Bytes::from(wire::located(size, &holders)));
+            }
+        }
     }
 
     /// Turns wire arguments into local ones, starting fetches for refs owned elsewhere.
@@ -1874,6 +1976,9 @@ impl Handler for NodeHandler {
             reply.error("node is not in cluster mode");
             return;
         };
+        if Transfer::handles(msg.kind()) {
+            return cl.transfer.on_request(msg, reply);
+        }
         match msg.kind() {
             kind::CREATE_ACTOR => {
                 let spec = match msg.archived::<CreateW>() {
@@ -1890,26 +1995,17 @@ impl Handler for NodeHandler {
                 let Some(id) = wire::id_from(msg.body()) else {
                     return reply.error("bad object id");
                 };
-                // The requester's fetch number, for a value too large for a reply (sent as a stream instead).
-                let fetch = msg
-                    .body()
-                    .get(16..24)
-                    .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")));
                 let to = msg.source();
                 match rt.objects.lookup(ObjectId(id)) {
                     None => reply_err(reply, &Error::ObjectLost(ObjectId(id).to_string())),
-                    Some(entry) => match entry.try_value() {
-                        Some(Ok(b)) => cl.serve_fetch(reply, to, fetch, b),
-                        Some(Err(e)) => reply_err(reply, &e),
-                        None => {
-                            rt.tokio.spawn(async move {
-                                match entry.wait_async().await {
-                                    Ok(b) => cl.serve_fetch(reply, to, fetch, b),
-                                    Err(e) => reply_err(reply, &e),
-                                }
-                            });
-                        }
-                    },
+                    Some(entry) if entry.is_ready() => cl.answer_fetch(reply, &entry, to, rt.node),
+                    Some(entry) => {
+                        let me = rt.node;
+                        rt.tokio.spawn(async move {
+                            entry.wait_known().await;
+                            cl.answer_fetch(reply, &entry, to, me);
+                        });
+                    }
                 }
             }
             kind::NODE_STATE => {
@@ -2033,25 +2129,8 @@ impl Handler for NodeHandler {
         let Some(cl) = self.rt().and_then(|rt| rt.cluster.get().cloned()) else {
             return incoming.error("node is not in cluster mode");
         };
-        if header.kind() == kind::OBJECT_STREAM && header.body().len() >= 8 {
-            let b = header.body();
-            let fetch = u64::from_le_bytes(b[..8].try_into().expect("8 bytes"));
-            let Some((_, (_, entry))) = cl.fetching.remove(&fetch) else {
-                return incoming.error("no such fetch");
-            };
-            cl.tokio.clone().spawn(async move {
-                match incoming.read_all().await {
-                    Ok(body) => {
-                        entry.complete(Ok(body));
-                        incoming.reply(kind::OK, Bytes::new());
-                    }
-                    Err(e) => {
-                        entry.complete(Err(Error::Cluster(format!("object transfer failed: {e}"))));
-                        incoming.error(format!("read failed: {e}"));
-                    }
-                }
-            });
-            return;
+        if Transfer::handles(header.kind()) {
+            return cl.transfer.on_stream(header, incoming);
         }
         if header.kind() != kind::RESULT_STREAM || header.body().len() < 10 {
             return incoming.error("unexpected stream");
@@ -2076,5 +2155,8 @@ impl Handler for NodeHandler {
 
     fn on_peer_lost(&self, node: NodeId) {
         tracing::debug!(peer = %node, "connection lost");
+        if let Some(cl) = self.rt().and_then(|rt| rt.cluster.get().cloned()) {
+            cl.transfer.on_peer_lost(node);
+        }
     }
 }

@@ -511,7 +511,14 @@ pub fn start_head(opts: HeadOptions) -> Result<ClusterAddress> {
     handler.serve_gcs(service);
     let _ = rt.gcs_server.set(server);
     let _ = rt.gcs.set(oxray_gcs::tables::Tables::new(client));
-    let cluster = Cluster::new(mesh, node, opts.settings.clone(), true, rt.tokio.clone());
+    let cluster = Cluster::new(
+        mesh,
+        node,
+        opts.settings.clone(),
+        true,
+        rt.tokio.clone(),
+        rt.objects.store().clone(),
+    );
     let _ = rt.cluster.set(cluster.clone());
     handler.attach(&rt);
     let (cl, rt2) = (cluster.clone(), rt.clone());
@@ -840,7 +847,14 @@ fn join_inner(
         }
     };
     spawn_table_refresh(&rt, mesh.clone(), head, table);
-    let cluster = Cluster::new(mesh, head, settings, false, rt.tokio.clone());
+    let cluster = Cluster::new(
+        mesh,
+        head,
+        settings,
+        false,
+        rt.tokio.clone(),
+        rt.objects.store().clone(),
+    );
     let _ = rt.cluster.set(cluster.clone());
     handler.attach(&rt);
     let rt2 = rt.clone();

@@ -115,9 +115,21 @@ pub(crate) struct Entry {
     /// Set when the value came from another node's task and nests refs that node owns: that node keeps them alive
     /// until this lease is dropped by this entry and by every ref read out of the value.
     lease: OnceLock<Arc<Lease>>,
-    /// For a large value computed on another node, in its owner's table: that node, which keeps a secondary copy in
-    /// its store (so the policy may run readers there) until this entry drops and tells it to free the copy.
-    copy: OnceLock<u128>,
+    /// For a large value in its owner's table: the other nodes that keep a secondary copy in their stores (the node
+    /// that computed it, and nodes that pulled it), so the policy may run readers there and fetchers may pull from
+    /// them. Each is told to free its copy when this entry drops.
+    copies: Mutex<Vec<u128>>,
+    /// Set when a large value held inline here was also put in the store so that pullers can be served from it: the
+    /// store copy goes with the entry.
+    serving_copy: AtomicBool,
+}
+
+/// How an owner answers a fetch of a known value.
+pub(crate) enum Serve {
+    /// Small enough to ride in the reply.
+    Inline(Bytes),
+    /// In this node's store under the object's id, this many bytes: the fetcher pulls it.
+    Stored(u64),
 }
 
 /// Refs lent by another node inside one result: the lender keeps their objects until the last holder of this lease
@@ -144,18 +156,23 @@ impl Entry {
             families: AtomicUsize::new(0),
             contained: Mutex::new(Vec::new()),
             lease: OnceLock::new(),
-            copy: OnceLock::new(),
+            copies: Mutex::new(Vec::new()),
+            serving_copy: AtomicBool::new(false),
         })
     }
 
-    /// Records that `node` keeps a secondary copy of this value (it computed it), to be freed when this entry goes.
-    pub(crate) fn set_copy(&self, node: u128) {
-        let _ = self.copy.set(node);
+    /// Records that `node` keeps a secondary copy of this value (it computed or pulled it), to be freed when this
+    /// entry goes.
+    pub(crate) fn add_copy(&self, node: u128) {
+        let mut copies = self.copies.lock();
+        if !copies.contains(&node) {
+            copies.push(node);
+        }
     }
 
-    /// The other node known to hold a copy of this value, if any.
-    pub(crate) fn copy_holder(&self) -> Option<u128> {
-        self.copy.get().copied()
+    /// The other nodes known to hold a copy of this value, the one that computed it first.
+    pub(crate) fn copy_holders(&self) -> Vec<u128> {
+        self.copies.lock().clone()
     }
 
     /// Keeps `refs` (nested in this object's value) alive as long as this object.
@@ -220,6 +237,37 @@ impl Entry {
         self.notify.notify_waiters();
     }
 
+    /// How to answer a fetch of this value (`None` while pending). Values above `max_inline` bytes are answered
+    /// from the store without reading them (a spilled one is restored only when a puller asks for its chunks).
+    pub(crate) fn serve(&self, max_inline: usize) -> Option<Result<Serve>> {
+        let slot = self.slot.lock();
+        match &*slot {
+            Slot::Pending => None,
+            Slot::Failed(e) => Some(Err(e.clone())),
+            Slot::Stored { len, .. } if *len > max_inline => Some(Ok(Serve::Stored(*len as u64))),
+            Slot::Ready(b) if b.len() > max_inline => {
+                // Only with an inline threshold above the reply size: pullers read from the store, so it goes there.
+                let Some(store) = self.store.get() else {
+                    return Some(Err(Error::ObjectLost(self.id.to_string())));
+                };
+                if !store.contains(self.id) {
+                    let bytes = match store.put_secondary(self.id, b.clone()) {
+                        Err(ObjectStoreError::Misaligned { .. }) => {
+                            store.put_secondary(self.id, value::aligned_copy(b))
+                        }
+                        r => r,
+                    };
+                    if let Err(e) = bytes {
+                        return Some(Err(store_error(e)));
+                    }
+                    self.serving_copy.store(true, Ordering::Relaxed);
+                }
+                Some(Ok(Serve::Stored(b.len() as u64)))
+            }
+            slot => slot.value(self.id).map(|v| v.map(Serve::Inline)),
+        }
+    }
+
     /// The value if it is known now.
     pub(crate) fn try_value(&self) -> Option<Result<Bytes>> {
         self.slot.lock().value(self.id)
@@ -260,6 +308,17 @@ impl Entry {
         }
     }
 
+    /// Waits, without blocking a thread, until the object is known (without reading its value).
+    pub(crate) async fn wait_known(&self) {
+        loop {
+            let notified = self.notify.notified();
+            if self.is_ready() {
+                return;
+            }
+            notified.await;
+        }
+    }
+
     /// Waits without blocking a thread.
     pub(crate) async fn wait_async(&self) -> Result<Bytes> {
         loop {
@@ -278,9 +337,14 @@ impl Drop for Entry {
         if let Slot::Stored { store, .. } = &*self.slot.get_mut() {
             store.free(self.id);
         }
-        // Nobody can name the object any more: the node that kept a copy of it may drop it.
-        if let Some(node) = self.copy.get() {
-            crate::runtime::free_copy(*node, self.id);
+        if *self.serving_copy.get_mut()
+            && let Some(store) = self.store.get()
+        {
+            store.free(self.id);
+        }
+        // Nobody can name the object any more: the nodes that kept copies of it may drop them.
+        for node in self.copies.get_mut().drain(..) {
+            crate::runtime::free_copy(node, self.id);
         }
     }
 }

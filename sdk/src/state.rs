@@ -34,6 +34,24 @@ pub struct NodeSummary {
     /// The node's object store.
     #[serde(default)]
     pub store: StoreSummary,
+    /// Objects pulled into this node's store from other nodes.
+    #[serde(default)]
+    pub transfer: TransferSummary,
+}
+
+/// What a node's transfer driver has pulled from other nodes since it started.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct TransferSummary {
+    /// Objects pulled into this node's store.
+    pub pulled: u64,
+    /// Bytes of those objects.
+    pub pulled_bytes: u64,
+    /// Pulls that failed for good (no copy left, or no room).
+    pub failed: u64,
+    /// Copies asked, one per source tried: above `pulled + failed` when a pull moved on from a copy that failed.
+    pub fetches: u64,
+    /// Pulls in progress.
+    pub active: u64,
 }
 
 /// A node's object store: what it holds against its limit.
@@ -156,6 +174,11 @@ pub(crate) fn snapshot(rt: &Runtime, address: Option<String>) -> NodeState {
         })
         .collect();
     let stats = store.stats();
+    let transfer = rt
+        .cluster
+        .get()
+        .map(|c| c.transfer.stats())
+        .unwrap_or_default();
     let actors: Vec<ActorSummary> = rt
         .actors
         .iter()
@@ -212,6 +235,13 @@ pub(crate) fn snapshot(rt: &Runtime, address: Option<String>) -> NodeState {
                 limit: stats.limit,
                 spilled: stats.spilled,
                 pinned: stats.pinned,
+            },
+            transfer: TransferSummary {
+                pulled: transfer.pulled,
+                pulled_bytes: transfer.pulled_bytes,
+                failed: transfer.failed,
+                fetches: transfer.fetches,
+                active: transfer.active,
             },
         },
         actors,

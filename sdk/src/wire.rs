@@ -18,7 +18,8 @@ pub(crate) mod kind {
     pub const CREATE_ACTOR: u16 = 11;
     /// An actor call (`CallW`), as an item of a `CALLS` batch.
     pub const ACTOR_CALL: u16 = 12;
-    /// Send me the value of an object you own (body: the id as 16 little-endian bytes, then my fetch number as 8).
+    /// Send me the value of an object you own (body: the id as 16 little-endian bytes). Answered with `OK` (the
+    /// value, if small), `LOCATED` (where to pull a large one from) or `ERR`.
     pub const FETCH: u16 = 13;
     /// Kill an actor hosted here (one-way; body: the id).
     pub const KILL_ACTOR: u16 = 14;
@@ -52,10 +53,6 @@ pub(crate) mod kind {
     pub const REREGISTER: u16 = 30;
     /// Heartbeat reply: the head declared you dead; your work is gone.
     pub const DECLARED_DEAD: u16 = 31;
-    /// Fetch reply: the value is large and follows as an `OBJECT_STREAM`.
-    pub const STREAMED: u16 = 32;
-    /// Stream: a fetched value; the header is the requester's fetch number (8 bytes).
-    pub const OBJECT_STREAM: u16 = 33;
     /// Result item: like `OK`, and the executor keeps a secondary copy of the (large) value in its store until told
     /// `FREE_COPY`, so the owner may place tasks that read the value there.
     pub const OK_KEPT: u16 = 34;
@@ -66,8 +63,14 @@ pub(crate) mod kind {
     pub const BORROW: u16 = 36;
     /// Result-batch item, borrower to owner: one ref announced with `BORROW` is gone.
     pub const UNBORROW: u16 = 37;
+    /// Fetch reply for a value too large to ride in it: a `Located` body; the requester pulls it with the
+    /// objstore's `Transfer` from the nodes named.
+    pub const LOCATED: u16 = 38;
+    /// Result-batch item, fetcher to owner: this node pulled object `body` (16 bytes) into its store as a secondary
+    /// copy; name it to later fetchers, and send `FREE_COPY` when the object goes.
+    pub const HOLD_COPY: u16 = 39;
     /// Result-batch item, owner to borrower: the `BORROW` whose `call` this carries is registered.
-    pub const BORROW_ACK: u16 = 38;
+    pub const BORROW_ACK: u16 = 40;
 }
 
 /// A task to run.
@@ -187,7 +190,47 @@ pub(crate) fn id_bytes(id: u128) -> bytes::Bytes {
     bytes::Bytes::copy_from_slice(&id.to_le_bytes())
 }
 
+/// Body of a `LOCATED` reply: the value's size (8 little-endian bytes), then the nodes holding copies (16 bytes
+/// each), the owner last.
+pub(crate) fn located(size: u64, holders: &[u128]) -> Vec<u8> {
+    let mut b = Vec::with_capacity(8 + 16 * holders.len());
+    b.extend_from_slice(&size.to_le_bytes());
+    for h in holders {
+        b.extend_from_slice(&h.to_le_bytes());
+    }
+    b
+}
+
+/// Reads a `LOCATED` body; `None` if malformed.
+pub(crate) fn parse_located(body: &[u8]) -> Option<(u64, Vec<u128>)> {
+    let size = u64::from_le_bytes(body.get(..8)?.try_into().ok()?);
+    let rest = &body[8..];
+    if rest.is_empty() || !rest.len().is_multiple_of(16) {
+        return None;
+    }
+    let holders = rest.chunks_exact(16).filter_map(id_from).collect();
+    Some((size, holders))
+}
+
 pub(crate) fn id_from(body: &[u8]) -> Option<u128> {
     let b: [u8; 16] = body.get(..16)?.try_into().ok()?;
     Some(u128::from_le_bytes(b))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn located_round_trips_and_rejects_malformed_bodies() {
+        let body = located(64 << 20, &[7, u128::MAX, 1]);
+        assert_eq!(
+            parse_located(&body),
+            Some((64 << 20, vec![7, u128::MAX, 1]))
+        );
+        // No holder, a torn holder, a torn size.
+        assert_eq!(parse_located(&located(5, &[])), None);
+        assert_eq!(parse_located(&body[..body.len() - 1]), None);
+        assert_eq!(parse_located(&body[..7]), None);
+    }
 }

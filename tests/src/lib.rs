@@ -290,3 +290,49 @@ impl Holder {
         oxray::node_state().map(|s| s.node.id).unwrap_or_default()
     }
 }
+
+/// A checksum of bytes (FNV-1a over 8-byte words, then the tail): cheap enough for tens of MiB.
+pub fn checksum(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut words = bytes.chunks_exact(8);
+    for w in &mut words {
+        h = (h ^ u64::from_le_bytes(w.try_into().expect("8 bytes"))).wrapping_mul(0x100_0000_01b3);
+    }
+    for b in words.remainder() {
+        h = (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3);
+    }
+    h
+}
+
+/// Puts `len` bytes (a pattern from `seed`) on the node it runs on, which owns them; returns the ref and the bytes'
+/// checksum.
+#[oxray::remote]
+pub fn make_blob(len: u64, seed: u64) -> (oxray::ObjectRef<Vec<u8>>, u64) {
+    let mut x = seed | 1;
+    let bytes: Vec<u8> = (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    let sum = checksum(&bytes);
+    (oxray::put(&bytes).expect("put"), sum)
+}
+
+/// The checksum of a blob (read wherever this runs), and the node it ran on.
+#[oxray::remote]
+pub fn blob_sum(blob: Vec<u8>) -> (u64, String) {
+    (
+        checksum(&blob),
+        oxray::node_state().map(|s| s.node.id).unwrap_or_default(),
+    )
+}
+
+/// The transfer counters of the node this runs on: (pulled, failed, fetches, active).
+#[oxray::remote]
+pub fn transfer_stats() -> (u64, u64, u64, u64) {
+    let t = oxray::node_state().expect("node state").node.transfer;
+    (t.pulled, t.failed, t.fetches, t.active)
+}
