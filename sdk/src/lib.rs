@@ -59,6 +59,7 @@ mod concurrent;
 mod control;
 mod error;
 pub mod node;
+mod node_queue;
 mod object;
 mod options;
 pub mod pg;

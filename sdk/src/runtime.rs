@@ -18,20 +18,27 @@ use parking_lot::{Mutex, RwLock};
 use crate::arg::{Arg, ArgKind};
 use crate::cluster::{Cluster, Outgoing};
 use crate::error::{Error, Result};
+use crate::node_queue::{NodeQueue, TaskJob};
 use crate::object::{Entry, ObjectId, ObjectRef, ObjectTable, RefInner, rand_u128};
 use crate::options::{ActorOptions, TaskOptions};
 use crate::pool::WorkerPool;
 use crate::registry::{self, ActorClassEntry, Args, FunctionEntry};
 use crate::value::{self, Value};
 use crate::wire::{self, CreateW, TaskW, kind};
-use oxray_scheduler::Decision;
+use oxray_scheduler::{Decision, ResourceSet};
 use oxray_transport::NodeId;
 
 /// How a runtime is configured.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// CPU slots for tasks on this node (default: the machine's cores).
+    /// CPUs this node offers tasks (default: the machine's cores). A task holds its `num_cpus` (fractions
+    /// allowed) while it runs, so at most this many CPUs' worth of tasks run at once.
     pub num_cpus: usize,
+    /// GPUs this node offers tasks (default: none).
+    pub num_gpus: f64,
+    /// Custom resources this node offers tasks, e.g. `{"disk": 1.0}` (default: none). A task that needs one waits
+    /// until enough of it is free.
+    pub resources: std::collections::BTreeMap<String, f64>,
     /// Upper bound on worker threads, counting those blocked in `get`.
     pub max_worker_threads: usize,
     /// This node's object store: where values of 100 KiB and more live (memory limit, spill directory).
@@ -45,6 +52,8 @@ impl Default for Config {
             .unwrap_or(1);
         Config {
             num_cpus: cpus,
+            num_gpus: 0.0,
+            resources: std::collections::BTreeMap::new(),
             // Threads blocked in `get` hold no CPU slot, so deep task graphs need many: a thread costs little
             // memory until it runs (its stack is reserved, not touched), and the cap only guards against runaways.
             max_worker_threads: (cpus * 64).max(1024),
@@ -71,13 +80,16 @@ pub(crate) struct Runtime {
     pub(crate) node: u128,
     pub(crate) objects: Arc<ObjectTable>,
     pub(crate) pool: Arc<WorkerPool>,
+    /// Decides when a task placed here starts: it holds its resources while it runs (see `node_queue`).
+    pub(crate) local: Arc<NodeQueue>,
     /// Actors hosted by this process, by id.
     pub(crate) actors: DashMap<u128, Arc<ActorHost>>,
     /// Named actors known to this process (the GCS holds the cluster-wide directory in cluster mode).
     pub(crate) named: DashMap<String, ActorCore>,
     /// Cancellation flags of tasks queued or running here, by return object (tasks this process owns) or by
     /// (owner, call) (tasks sent by other nodes).
-    pub(crate) cancels: DashMap<CancelKey, Arc<AtomicBool>>,
+    /// The flag's task id is the one `local` knows it by.
+    pub(crate) cancels: DashMap<CancelKey, (Arc<AtomicBool>, u128)>,
     /// Cancels of remote tasks that arrived before the task, with when they arrived.
     early_cancels: Mutex<std::collections::HashMap<CancelKey, Instant>>,
     /// `early_cancels.len()`, read without the lock on every task dispatch.
@@ -138,12 +150,16 @@ pub(crate) fn install_as(config: Config, node: Option<u128>) -> Result<Arc<Runti
             (rt.handle().clone(), Some(Arc::new(rt)))
         }
     };
+    let pool = WorkerPool::unslotted("oxray", config.num_cpus, config.max_worker_threads);
+    let total =
+        crate::cluster::resource_set(config.num_cpus as f64, config.num_gpus, &config.resources);
     let rt = Arc::new(Runtime {
         node: node.unwrap_or_else(rand_u128),
         objects: Arc::new(ObjectTable::new(oxray_objstore::ObjectStore::new(
             config.object_store.clone(),
         ))),
-        pool: WorkerPool::new("oxray", config.num_cpus, config.max_worker_threads),
+        local: NodeQueue::new(total, pool.clone()),
+        pool,
         actors: DashMap::new(),
         named: DashMap::new(),
         cancels: DashMap::new(),
@@ -327,13 +343,13 @@ pub(crate) fn start_fetch(entry: &Arc<Entry>, owner: u128) {
     }
 }
 
-/// Waits for an object from any thread; a pool worker gives its CPU slot back while it waits.
+/// Waits for an object from any thread; a pool worker lends its CPU to the node's queue while it waits.
 pub(crate) fn wait_blocking(entry: &Arc<Entry>, deadline: Option<Instant>) -> Result<Bytes> {
     if let Some(v) = entry.try_value() {
         return v;
     }
     match current() {
-        Ok(rt) => rt.pool.blocking(|| entry.wait_blocking(deadline)),
+        Ok(rt) => rt.local.blocking(|| entry.wait_blocking(deadline)),
         Err(_) => entry.wait_blocking(deadline),
     }
 }
@@ -500,7 +516,12 @@ impl Runtime {
             name: opts.name.clone().unwrap_or_else(|| t.function.to_string()),
             attempts: t.attempts,
             args: Cluster::wire_args(&t.args, self.node),
-        };
+            cpu: 0,
+            gpu: 0,
+            memory: 0,
+            custom: Vec::new(),
+        }
+        .with_demand(&crate::cluster::demand(&opts.resources));
         let out = Outgoing {
             spec,
             args: t.args,
@@ -525,7 +546,16 @@ impl Runtime {
         let f = registry::function(t.function, t.sig)?;
         let name = opts.name.clone().unwrap_or_else(|| t.function.to_string());
         let key = CancelKey::Local(t.entry.id);
-        self.dispatch(f, name, t.args, t.attempts, Done::Entry(t.entry), Some(key));
+        let demand = crate::cluster::demand(&opts.resources);
+        self.dispatch(
+            f,
+            name,
+            t.args,
+            t.attempts,
+            Done::Entry(t.entry),
+            Some(key),
+            demand,
+        );
         Ok(())
     }
 
@@ -536,6 +566,7 @@ impl Runtime {
         args: Vec<Arg>,
         attempts: u32,
         done: Done,
+        demand: ResourceSet,
     ) {
         let f = match f {
             Ok(f) => f,
@@ -546,10 +577,11 @@ impl Runtime {
             Done::Remote { owner, call, .. } => Some(CancelKey::Remote(owner.0, *call)),
             Done::Entry(_) => None,
         };
-        self.dispatch(f, f.name.to_string(), args, attempts, done, key);
+        self.dispatch(f, f.name.to_string(), args, attempts, done, key, demand);
     }
 
-    /// Queues a task on this node's pool once its ref arguments are ready.
+    /// Queues a task on this node once its ref arguments are ready; it starts when `demand` is free here.
+    #[allow(clippy::too_many_arguments)]
     fn dispatch(
         self: &Arc<Self>,
         f: &'static FunctionEntry,
@@ -558,6 +590,7 @@ impl Runtime {
         attempts: u32,
         done: Done,
         cancel: Option<CancelKey>,
+        demand: ResourceSet,
     ) {
         let rt = self.clone();
         let task = rand_u128();
@@ -574,7 +607,7 @@ impl Runtime {
                 && self.early_cancel_count.load(Ordering::Acquire) > 0
                 && self.take_early_cancel(&key);
             let flag = Arc::new(AtomicBool::new(early));
-            self.cancels.insert(key, flag.clone());
+            self.cancels.insert(key, (flag.clone(), task));
             (key, flag)
         });
         // Arguments that are refs still being computed are awaited here, off the pool: a task holds a worker thread
@@ -587,13 +620,15 @@ impl Runtime {
                 _ => None,
             })
             .collect();
-        let pool = self.pool.clone();
-        let job: Box<dyn FnOnce() + Send> = Box::new(move || {
+        let local = self.local.clone();
+        let job: TaskJob = Box::new(move |refused: Option<Error>| {
             let cancelled = flag
                 .as_ref()
                 .is_some_and(|(_, f)| f.load(Ordering::Acquire));
             let (result, nested) = if cancelled {
                 (Err(Error::Cancelled), Vec::new())
+            } else if let Some(e) = refused {
+                (Err(e), Vec::new())
             } else {
                 if let Some(mut t) = rt.tasks.get_mut(&task) {
                     t.state = "RUNNING";
@@ -610,14 +645,14 @@ impl Runtime {
             done.complete_holding(result, nested);
         });
         if waiting.is_empty() {
-            return pool.submit(job);
+            return local.submit(task, demand, job);
         }
         self.tokio.spawn(async move {
             for e in waiting {
                 // A failed argument is reported by the task itself when it resolves its arguments.
                 let _ = e.wait_async().await;
             }
-            pool.submit(job);
+            local.submit(task, demand, job);
         });
     }
 
@@ -889,11 +924,15 @@ impl Runtime {
     /// A task that has not started never runs; a running one finishes, but its result is discarded (threads cannot
     /// be interrupted safely).
     pub(crate) fn cancel(&self, id: ObjectId) -> bool {
-        if let Some(flag) = self.cancels.get(&CancelKey::Local(id)) {
+        if let Some(c) = self.cancels.get(&CancelKey::Local(id)) {
+            let (flag, task) = (c.0.clone(), c.1);
+            drop(c);
             flag.store(true, Ordering::Release);
             if let Some(e) = self.objects.lookup(id) {
                 e.complete(Err(Error::Cancelled));
             }
+            // A task still waiting for resources need not wait for them only to be skipped.
+            self.local.cancel(task);
             return true;
         }
         self.cluster.get().is_some_and(|cl| cl.cancel(id))
@@ -903,8 +942,11 @@ impl Runtime {
     /// before its task is remembered for a while (they travel in separate messages).
     pub(crate) fn cancel_remote(&self, owner: u128, call: u64) {
         let key = CancelKey::Remote(owner, call);
-        if let Some(flag) = self.cancels.get(&key) {
+        if let Some(c) = self.cancels.get(&key) {
+            let (flag, task) = (c.0.clone(), c.1);
+            drop(c);
             flag.store(true, Ordering::Release);
+            self.local.cancel(task);
             return;
         }
         let now = Instant::now();
@@ -1541,31 +1583,35 @@ pub(crate) fn wait_indices(
 ) -> (Vec<usize>, Vec<usize>) {
     let deadline = timeout.map(|t| Instant::now() + t);
     let want = num_returns.min(entries.len());
-    let rt = current().ok();
     let mut ready: Vec<bool> = entries.iter().map(|e| e.is_ready()).collect();
+    let satisfied = |ready: &[bool]| ready.iter().filter(|r| **r).count() >= want;
     // A bounded back-off poll: it keeps entries free of multi-object waiter lists, and costs at most 2 ms of
     // extra latency per round.
-    let mut sleep = Duration::from_micros(20);
-    loop {
-        for (i, e) in entries.iter().enumerate() {
-            if !ready[i] && e.is_ready() {
-                ready[i] = true;
+    let poll = |ready: &mut Vec<bool>| {
+        let mut sleep = Duration::from_micros(20);
+        loop {
+            for (i, e) in entries.iter().enumerate() {
+                if !ready[i] && e.is_ready() {
+                    ready[i] = true;
+                }
             }
+            if satisfied(ready) {
+                break;
+            }
+            if let Some(d) = deadline
+                && Instant::now() >= d
+            {
+                break;
+            }
+            std::thread::sleep(sleep);
+            sleep = (sleep * 2).min(Duration::from_millis(2));
         }
-        if ready.iter().filter(|r| **r).count() >= want {
-            break;
-        }
-        if let Some(d) = deadline
-            && Instant::now() >= d
-        {
-            break;
-        }
-        let nap = || std::thread::sleep(sleep);
-        match &rt {
-            Some(rt) => rt.pool.blocking(nap),
-            None => nap(),
-        }
-        sleep = (sleep * 2).min(Duration::from_millis(2));
+    };
+    let no_wait = satisfied(&ready) || timeout.is_some_and(|t| t.is_zero());
+    match current() {
+        // The CPU is lent once for the whole wait, not per nap: each lend and take-back goes through the queue.
+        Ok(rt) if !no_wait => rt.local.blocking(|| poll(&mut ready)),
+        _ => poll(&mut ready),
     }
     let mut r = Vec::new();
     let mut n = Vec::new();
