@@ -258,6 +258,18 @@ pub(crate) fn resource_set(cpus: f64, gpus: f64, custom: &BTreeMap<String, f64>)
     set
 }
 
+/// The bundle a placement-group strategy runs a task in ("any bundle" is bundle 0, as `PlacementGroup::node_of`
+/// places it).
+pub(crate) fn bundle_of(s: &Strategy) -> Option<oxray_scheduler::BundleKey> {
+    match s {
+        Strategy::PlacementGroup { group, bundle } => Some(oxray_scheduler::BundleKey {
+            pg: oxray_scheduler::PlacementGroupId(*group),
+            index: u32::try_from(bundle.unwrap_or(0)).unwrap_or(u32::MAX),
+        }),
+        _ => None,
+    }
+}
+
 pub(crate) fn demand(r: &Resources) -> ResourceSet {
     let mut set = resource_set(r.num_cpus, r.num_gpus, &r.custom);
     if r.memory > 0 {
@@ -876,7 +888,7 @@ impl Cluster {
                 match self.decide(&rt, task.function, &task.res, &strategy, &task.args) {
                     Decision::RunLocal => {
                         let f = spec_function(&task.spec);
-                        let need = demand(&task.res);
+                        let need = (demand(&task.res), bundle_of(&task.strategy));
                         rt.run_here(
                             f,
                             task.args,
@@ -1315,7 +1327,7 @@ impl Cluster {
                         cl.infeasible.fetch_sub(1, Ordering::Relaxed);
                         cl.parked.remove(&task.entry.id);
                         let f = spec_function(&task.spec);
-                        let need = demand(&task.res);
+                        let need = (demand(&task.res), bundle_of(&task.strategy));
                         rt2.run_here(
                             f,
                             task.args,

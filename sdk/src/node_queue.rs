@@ -15,8 +15,8 @@ use std::sync::Arc;
 
 use oxray_scheduler::view::IdBuild;
 use oxray_scheduler::{
-    Dispatch, LocalError, LocalQueue, LocalQueueConfig, LocalTask, Quantity, ResourceKind,
-    ResourceSet, TaskId, Unblock,
+    BundleKey, Dispatch, LocalError, LocalQueue, LocalQueueConfig, LocalTask, Quantity,
+    ResourceKind, ResourceSet, TaskId, Unblock,
 };
 use parking_lot::{Condvar, Mutex};
 
@@ -118,11 +118,18 @@ impl NodeQueue {
     }
 
     /// Queues `job` until `demand` is free here; a demand this node can never meet fails the task at once.
-    pub(crate) fn submit(self: &Arc<Self>, id: u128, mut demand: ResourceSet, job: TaskJob) {
+    /// In a placement group's `bundle`, the task draws on what the bundle reserved instead of the node's free pool.
+    pub(crate) fn submit(
+        self: &Arc<Self>,
+        id: u128,
+        mut demand: ResourceSet,
+        bundle: Option<BundleKey>,
+        job: TaskJob,
+    ) {
         let id = TaskId(id);
         // Nodes declare no memory, so there is nothing to hold it against here; placement checks it.
         let _ = demand.set(ResourceKind::Memory, Quantity::ZERO);
-        if !self.total.fits(&demand) {
+        if bundle.is_none() && !self.total.fits(&demand) {
             let why = format!(
                 "the task needs {demand:?} and this node offers {:?} in total",
                 self.total
@@ -130,7 +137,11 @@ impl NodeQueue {
             return job(Some(Error::Infeasible(why)));
         }
         let mut g = self.inner.lock();
-        match g.queue.enqueue(LocalTask::new(id, demand)) {
+        match g.queue.enqueue(LocalTask {
+            id,
+            resources: demand,
+            bundle,
+        }) {
             Ok(()) => {
                 g.jobs.insert(id, job);
                 let out = Self::drain_locked(&mut g);
@@ -140,6 +151,13 @@ impl NodeQueue {
             Err(e) => {
                 drop(g);
                 let why = match e {
+                    LocalError::NeverFits => {
+                        "the task needs more than its placement-group bundle reserved".to_string()
+                    }
+                    LocalError::UnknownBundle(_) => {
+                        "its placement-group bundle is not held on this node (the group was removed?)"
+                            .to_string()
+                    }
                     LocalError::QueueFull(n) => format!(
                         "this node already has {n} tasks waiting for resources; wait for some results before \
                          submitting more"
@@ -165,6 +183,57 @@ impl NodeQueue {
             self.pool.submit(Box::new(move || job(None)));
         }
         self.start(out);
+    }
+
+    /// Reserves a placement group's bundles, all or none. CPUs held by actors (`keep_cpu`, accounted outside the
+    /// queue) are not free for bundles.
+    pub(crate) fn hold_bundles(
+        &self,
+        bundles: &[(BundleKey, ResourceSet)],
+        keep_cpu: Quantity,
+    ) -> Result<(), String> {
+        let mut g = self.inner.lock();
+        let need = bundles
+            .iter()
+            .filter(|(k, _)| g.queue.bundle_state(*k).is_none())
+            .fold(Quantity::ZERO, |sum, (_, r)| {
+                sum.checked_add(r.cpu())
+                    .unwrap_or(Quantity::from_raw(u64::MAX))
+            });
+        let free = g.queue.available().cpu().saturating_sub(keep_cpu);
+        if need > free {
+            return Err(format!(
+                "{free} CPUs are free here, the bundles need {need}"
+            ));
+        }
+        g.queue
+            .prepare_bundles(bundles)
+            .map_err(|e| e.to_string())?;
+        for (k, _) in bundles {
+            let _ = g.queue.commit_bundle(*k);
+        }
+        Ok(())
+    }
+
+    /// Gives a bundle's reservation back. Its running tasks finish; its queued ones fail.
+    pub(crate) fn release_bundle(self: &Arc<Self>, key: BundleKey) {
+        let mut g = self.inner.lock();
+        let Some(rel) = g.queue.release_bundle(key) else {
+            return;
+        };
+        let dropped: Vec<TaskJob> = rel
+            .dropped
+            .iter()
+            .filter_map(|id| g.jobs.remove(id))
+            .collect();
+        let out = Self::drain_locked(&mut g);
+        drop(g);
+        self.start(out);
+        for job in dropped {
+            job(Some(Error::Infeasible(
+                "its placement group was removed before the task started".into(),
+            )));
+        }
     }
 
     fn drain_locked(g: &mut Inner) -> Vec<Out> {

@@ -25,7 +25,7 @@ use crate::pool::WorkerPool;
 use crate::registry::{self, ActorClassEntry, Args, FunctionEntry};
 use crate::value::{self, Value};
 use crate::wire::{self, CreateW, TaskW, kind};
-use oxray_scheduler::{Decision, ResourceSet};
+use oxray_scheduler::{BundleKey, Decision, PlacementGroupId, Quantity, ResourceSet};
 use oxray_transport::NodeId;
 
 /// How a runtime is configured.
@@ -100,9 +100,8 @@ pub(crate) struct Runtime {
     pub(crate) pgs: DashMap<u128, crate::pg::PlacementGroup>,
     /// Bundles reserved on this node: (group, bundle index) → thousandths of a CPU held.
     pub(crate) bundles: DashMap<(u128, u32), u64>,
-    /// CPUs this node offers (what bundles and actors are checked against).
-    pub(crate) total_cpus: f64,
-    /// CPUs (in thousandths) held by the actors hosted here: not available to tasks or to new actors.
+    /// CPUs (in thousandths) held by the actors hosted here, outside `local`'s accounting: placement and bundles
+    /// count them as taken, while tasks already placed here do not wait for them.
     pub(crate) held_milli_cpus: Arc<AtomicU64>,
     /// The GCS's tables (named actors, the actor directory, the user KV), through a client.
     pub(crate) gcs: OnceLock<oxray_gcs::tables::Tables>,
@@ -170,7 +169,6 @@ pub(crate) fn install_as(config: Config, node: Option<u128>) -> Result<Arc<Runti
         held_milli_cpus: Arc::new(AtomicU64::new(0)),
         pgs: DashMap::new(),
         bundles: DashMap::new(),
-        total_cpus: config.num_cpus as f64,
         gcs: OnceLock::new(),
         gcs_server: OnceLock::new(),
         gcs_tempdir: OnceLock::new(),
@@ -520,8 +518,11 @@ impl Runtime {
             gpu: 0,
             memory: 0,
             custom: Vec::new(),
+            pg: 0,
+            bundle: 0,
         }
-        .with_demand(&crate::cluster::demand(&opts.resources));
+        .with_demand(&crate::cluster::demand(&opts.resources))
+        .in_bundle(crate::cluster::bundle_of(&opts.strategy));
         let out = Outgoing {
             spec,
             args: t.args,
@@ -547,6 +548,7 @@ impl Runtime {
         let name = opts.name.clone().unwrap_or_else(|| t.function.to_string());
         let key = CancelKey::Local(t.entry.id);
         let demand = crate::cluster::demand(&opts.resources);
+        let bundle = crate::cluster::bundle_of(&opts.strategy);
         self.dispatch(
             f,
             name,
@@ -554,7 +556,7 @@ impl Runtime {
             t.attempts,
             Done::Entry(t.entry),
             Some(key),
-            demand,
+            (demand, bundle),
         );
         Ok(())
     }
@@ -566,7 +568,7 @@ impl Runtime {
         args: Vec<Arg>,
         attempts: u32,
         done: Done,
-        demand: ResourceSet,
+        demand: (ResourceSet, Option<BundleKey>),
     ) {
         let f = match f {
             Ok(f) => f,
@@ -580,7 +582,8 @@ impl Runtime {
         self.dispatch(f, f.name.to_string(), args, attempts, done, key, demand);
     }
 
-    /// Queues a task on this node once its ref arguments are ready; it starts when `demand` is free here.
+    /// Queues a task on this node once its ref arguments are ready; it starts when `demand` is free here (in its
+    /// placement-group bundle, if it names one).
     #[allow(clippy::too_many_arguments)]
     fn dispatch(
         self: &Arc<Self>,
@@ -590,7 +593,7 @@ impl Runtime {
         attempts: u32,
         done: Done,
         cancel: Option<CancelKey>,
-        demand: ResourceSet,
+        (demand, bundle): (ResourceSet, Option<BundleKey>),
     ) {
         let rt = self.clone();
         let task = rand_u128();
@@ -645,14 +648,14 @@ impl Runtime {
             done.complete_holding(result, nested);
         });
         if waiting.is_empty() {
-            return local.submit(task, demand, job);
+            return local.submit(task, demand, bundle, job);
         }
         self.tokio.spawn(async move {
             for e in waiting {
                 // A failed argument is reported by the task itself when it resolves its arguments.
                 let _ = e.wait_async().await;
             }
-            local.submit(task, demand, job);
+            local.submit(task, demand, bundle, job);
         });
     }
 
@@ -826,30 +829,28 @@ impl Runtime {
         }
     }
 
-    /// Holds a placement group's bundles on this node, all or none.
+    /// Holds a placement group's bundles on this node, all or none: the node's queue reserves them, and tasks in
+    /// them draw on the reservation.
     pub(crate) fn hold_bundles(&self, hold: &crate::pg::BundleHold) -> Result<()> {
-        let need: u64 = hold
+        let bundles: Vec<(BundleKey, ResourceSet)> = hold
             .bundles
             .iter()
-            .map(|(_, c)| (c.max(0.0) * 1000.0).round() as u64)
-            .sum();
-        let total = (self.total_cpus * 1000.0).round() as u64;
-        let held = &self.held_milli_cpus;
-        let mut cur = held.load(Ordering::Acquire);
-        loop {
-            if cur + need > total {
-                return Err(Error::Infeasible(format!(
-                    "node {} has {:.3} CPUs free, the bundles need {:.3}",
-                    short(self.node),
-                    total.saturating_sub(cur) as f64 / 1000.0,
-                    need as f64 / 1000.0
-                )));
-            }
-            match held.compare_exchange(cur, cur + need, Ordering::AcqRel, Ordering::Acquire) {
-                Ok(_) => break,
-                Err(now) => cur = now,
-            }
-        }
+            .map(|(i, c)| {
+                let key = BundleKey {
+                    pg: PlacementGroupId(hold.pg),
+                    index: *i,
+                };
+                (
+                    key,
+                    crate::cluster::resource_set(*c, 0.0, &Default::default()),
+                )
+            })
+            .collect();
+        let actors = self.held_milli_cpus.load(Ordering::Acquire);
+        let actors = Quantity::from_raw(actors.saturating_mul(Quantity::whole(1).raw() / 1000));
+        self.local
+            .hold_bundles(&bundles, actors)
+            .map_err(|why| Error::Infeasible(format!("node {}: {why}", short(self.node))))?;
         for (i, c) in &hold.bundles {
             self.bundles
                 .insert((hold.pg, *i), (c.max(0.0) * 1000.0).round() as u64);
@@ -860,9 +861,11 @@ impl Runtime {
     /// Releases bundles and kills the actors placed in their group on this node.
     pub(crate) fn release_bundles(&self, hold: &crate::pg::BundleHold) -> Result<()> {
         for (i, _) in &hold.bundles {
-            if let Some((_, milli)) = self.bundles.remove(&(hold.pg, *i)) {
-                self.held_milli_cpus.fetch_sub(milli, Ordering::AcqRel);
-            }
+            self.bundles.remove(&(hold.pg, *i));
+            self.local.release_bundle(BundleKey {
+                pg: PlacementGroupId(hold.pg),
+                index: *i,
+            });
         }
         for a in self.actors.iter() {
             if a.pg == Some(hold.pg) {

@@ -84,9 +84,21 @@ pub(crate) struct TaskW {
     pub gpu: u64,
     pub memory: u64,
     pub custom: Vec<(String, u64)>,
+    /// The placement group whose bundle `bundle` the task runs in (0: none).
+    pub pg: u128,
+    pub bundle: u32,
 }
 
 impl TaskW {
+    /// Sets the bundle fields.
+    pub(crate) fn in_bundle(mut self, b: Option<oxray_scheduler::BundleKey>) -> Self {
+        if let Some(b) = b {
+            self.pg = b.pg.0;
+            self.bundle = b.index;
+        }
+        self
+    }
+
     /// Sets the resource fields from a demand.
     pub(crate) fn with_demand(mut self, d: &oxray_scheduler::ResourceSet) -> Self {
         use oxray_scheduler::ResourceKind;
@@ -104,10 +116,16 @@ impl TaskW {
     }
 }
 
-/// The demand a received task carries (names are validated: they come from the network).
+/// The demand a received task carries, and its bundle (names are validated: they come from the network).
 pub(crate) fn demand_of(
     t: &ArchivedTaskW,
-) -> Result<oxray_scheduler::ResourceSet, crate::error::Error> {
+) -> Result<
+    (
+        oxray_scheduler::ResourceSet,
+        Option<oxray_scheduler::BundleKey>,
+    ),
+    crate::error::Error,
+> {
     use oxray_scheduler::{Quantity, ResourceKind, ResourceSet};
     let mut d = ResourceSet::new()
         .with(ResourceKind::Cpu, Quantity::from_raw(t.cpu.to_native()))
@@ -124,7 +142,11 @@ pub(crate) fn demand_of(
         d.set(kind, Quantity::from_raw(c.1.to_native()))
             .map_err(bad)?;
     }
-    Ok(d)
+    let bundle = (t.pg.to_native() != 0).then(|| oxray_scheduler::BundleKey {
+        pg: oxray_scheduler::PlacementGroupId(t.pg.to_native()),
+        index: t.bundle.to_native(),
+    });
+    Ok((d, bundle))
 }
 
 /// One argument on the wire.

@@ -1,16 +1,20 @@
 //! The node admits a task only when the resources it asks for are free here (not just when placement guessed so):
 //! custom resources, fractional CPUs, and a worker blocked in `get` lending its CPU to nested tasks.
 //!
-//! Every test starts the same runtime (2 CPUs and one "slot"), so they also pass when a runner shares one process.
+//! Every test starts the same runtime (2 CPUs and one "slot") and takes `SERIAL`, so they also pass when a runner
+//! shares one process between them.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use oxray::{Error, ObjectRef, TaskOptions};
+use oxray::pg::{PlacementStrategy, placement_group, remove_placement_group};
+use oxray::{Error, ObjectRef, Strategy, TaskOptions};
 
 /// Tasks running now and the most seen at once, per test (tests may share a process).
-static LIVE: [AtomicUsize; 3] = [const { AtomicUsize::new(0) }; 3];
-static PEAK: [AtomicUsize; 3] = [const { AtomicUsize::new(0) }; 3];
+static LIVE: [AtomicUsize; 4] = [const { AtomicUsize::new(0) }; 4];
+static PEAK: [AtomicUsize; 4] = [const { AtomicUsize::new(0) }; 4];
+/// Each test needs the node to itself.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 #[oxray::remote]
 fn occupy(counter: usize, ms: u64) -> u32 {
@@ -33,7 +37,8 @@ fn tree(depth: u32) -> u64 {
     a.get().unwrap() + b.get().unwrap()
 }
 
-fn init() {
+fn init() -> std::sync::MutexGuard<'static, ()> {
+    let serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     oxray::init_with(oxray::Config {
         num_cpus: 2,
         resources: [("slot".to_string(), 1.0)].into_iter().collect(),
@@ -41,6 +46,7 @@ fn init() {
         ..Default::default()
     })
     .unwrap();
+    serial
 }
 
 fn run_all(refs: Vec<ObjectRef<u32>>) -> u32 {
@@ -51,7 +57,7 @@ fn run_all(refs: Vec<ObjectRef<u32>>) -> u32 {
 
 #[test]
 fn a_custom_resource_of_one_runs_its_tasks_one_at_a_time() {
-    init();
+    let _serial = init();
     let opts = TaskOptions::new().num_cpus(0.5).resource("slot", 1.0);
     let refs = (0..4)
         .map(|_| occupy::remote_with(&opts, 0, 60).unwrap())
@@ -72,7 +78,7 @@ fn a_custom_resource_of_one_runs_its_tasks_one_at_a_time() {
 
 #[test]
 fn half_cpu_tasks_run_two_per_cpu() {
-    init();
+    let _serial = init();
     let opts = TaskOptions::new().num_cpus(0.5);
     let refs = (0..8)
         .map(|_| occupy::remote_with(&opts, 1, 300).unwrap())
@@ -84,7 +90,7 @@ fn half_cpu_tasks_run_two_per_cpu() {
 
 #[test]
 fn nested_tasks_on_a_full_node_complete() {
-    init();
+    let _serial = init();
     // 2^6 leaves under 63 waiting parents, on 2 CPUs.
     let r = tree::remote(6).unwrap();
     assert_eq!(r.get_timeout(Duration::from_secs(30)).unwrap(), 64);
@@ -94,4 +100,43 @@ fn nested_tasks_on_a_full_node_complete() {
         .collect();
     assert_eq!(run_all(refs), 6);
     assert!(PEAK[2].load(Ordering::SeqCst) <= 2);
+}
+
+#[test]
+fn tasks_in_a_bundle_share_what_it_reserved() {
+    let _serial = init();
+    let one_cpu = oxray::Resources {
+        num_cpus: 1.0,
+        ..Default::default()
+    };
+    let pg = placement_group(vec![one_cpu], PlacementStrategy::Pack).unwrap();
+    assert!(pg.wait(Duration::from_secs(10)));
+    let in_bundle = TaskOptions::new().strategy(Strategy::PlacementGroup {
+        group: pg.id(),
+        bundle: Some(0),
+    });
+    // The node's other CPU is busy for a while: tasks in the bundle run on what it reserved all the same.
+    let outside = occupy::remote_with(&TaskOptions::new(), 0, 2_000).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    let refs = (0..4)
+        .map(|_| occupy::remote_with(&in_bundle, 3, 60).unwrap())
+        .collect();
+    assert_eq!(run_all(refs), 4);
+    let (_, busy) = oxray::wait(std::slice::from_ref(&outside), 1, Some(Duration::ZERO));
+    assert_eq!(
+        busy.len(),
+        1,
+        "tasks in the bundle waited for the node's free CPU"
+    );
+    // The bundle holds 1 CPU: its tasks ran one at a time.
+    assert_eq!(PEAK[3].load(Ordering::SeqCst), 1, "bundle tasks overlapped");
+    match occupy::remote_with(&in_bundle.clone().num_cpus(2.0), 3, 1)
+        .unwrap()
+        .get_timeout(Duration::from_secs(10))
+    {
+        Err(Error::Infeasible(_)) => {}
+        other => panic!("a task bigger than its bundle: {other:?}"),
+    }
+    assert_eq!(outside.get().unwrap(), 1);
+    remove_placement_group(&pg).unwrap();
 }
