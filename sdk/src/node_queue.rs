@@ -33,6 +33,17 @@ const MAX_QUEUED: usize = 1_000_000;
 thread_local! {
     /// The task this pool thread runs, and the queue it belongs to (a process may hold two runtimes in tests).
     static CURRENT: Cell<Option<(*const NodeQueue, TaskId)>> = const { Cell::new(None) };
+    /// This thread is inside `blocking` already: a nested wait lends nothing more.
+    static BLOCKED: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Clears `BLOCKED` however the wait ends.
+struct Unmark;
+
+impl Drop for Unmark {
+    fn drop(&mut self) {
+        BLOCKED.with(|b| b.set(false));
+    }
 }
 
 /// A worker whose resume the queue deferred sleeps on this until `poll_dispatch` resumes it.
@@ -48,6 +59,8 @@ struct Inner {
     jobs: HashMap<TaskId, TaskJob, IdBuild>,
     /// Blocked workers the queue has not resumed yet.
     waking: HashMap<TaskId, Arc<Wake>, IdBuild>,
+    /// Bundles held here.
+    bundles: usize,
 }
 
 /// What the node's tasks hold, for placement and status.
@@ -67,6 +80,8 @@ pub(crate) struct NodeQueue {
 struct Finish<'a> {
     q: &'a Arc<NodeQueue>,
     id: TaskId,
+    /// The task this worker runs next, if the release let one start.
+    next: &'a mut Option<(TaskId, TaskJob)>,
 }
 
 impl Drop for Finish<'_> {
@@ -75,8 +90,16 @@ impl Drop for Finish<'_> {
         let mut g = self.q.inner.lock();
         // A task cancelled while queued ran without resources: nothing to give back.
         let _ = g.queue.finish(self.id);
-        let out = NodeQueue::drain_locked(&mut g);
+        let mut out = NodeQueue::drain_locked(&mut g);
         drop(g);
+        // This worker is about to be free: it runs the next task itself. Through the pool, another thread would be
+        // woken for it (a context switch per task on a busy node). Not while unwinding: the task would be lost.
+        if !std::thread::panicking()
+            && let Some(i) = out.iter().position(|o| matches!(o, Out::Start(..)))
+            && let Out::Start(id, job) = out.swap_remove(i)
+        {
+            *self.next = Some((id, job));
+        }
         self.q.start(out);
     }
 }
@@ -97,6 +120,7 @@ impl NodeQueue {
                 queue: LocalQueue::new(total.clone(), config),
                 jobs: HashMap::default(),
                 waking: HashMap::default(),
+                bundles: 0,
             }),
             total,
             pool,
@@ -137,6 +161,13 @@ impl NodeQueue {
             return job(Some(Error::Infeasible(why)));
         }
         let mut g = self.inner.lock();
+        // Every input is followed by a drain, so nothing queued could start before this one came; if it does not
+        // fit what is free either, a drain would only rescan the queue's window for nothing. That rescan per
+        // submission was most of the cost of submitting thousands of tasks to a busy node.
+        let may_start = match bundle {
+            None => g.queue.available().fits(&demand),
+            Some(k) => g.queue.bundle_available(k).is_none_or(|a| a.fits(&demand)),
+        };
         match g.queue.enqueue(LocalTask {
             id,
             resources: demand,
@@ -144,6 +175,9 @@ impl NodeQueue {
         }) {
             Ok(()) => {
                 g.jobs.insert(id, job);
+                if !may_start {
+                    return;
+                }
                 let out = Self::drain_locked(&mut g);
                 drop(g);
                 self.start(out);
@@ -210,6 +244,9 @@ impl NodeQueue {
             .prepare_bundles(bundles)
             .map_err(|e| e.to_string())?;
         for (k, _) in bundles {
+            if g.queue.bundle_state(*k) == Some(false) {
+                g.bundles += 1;
+            }
             let _ = g.queue.commit_bundle(*k);
         }
         Ok(())
@@ -221,6 +258,7 @@ impl NodeQueue {
         let Some(rel) = g.queue.release_bundle(key) else {
             return;
         };
+        g.bundles = g.bundles.saturating_sub(1);
         let dropped: Vec<TaskJob> = rel
             .dropped
             .iter()
@@ -241,7 +279,17 @@ impl NodeQueue {
         while let Some(d) = g.queue.poll_dispatch() {
             match d {
                 Dispatch::Start(id) => match g.jobs.remove(&id) {
-                    Some(job) => out.push(Out::Start(id, job)),
+                    Some(job) => {
+                        out.push(Out::Start(id, job));
+                        // The poll that finds nothing to start scans the queue's window (64 tasks deep): with a long
+                        // queue on a full node that failed scan, after every finish, was most of a task's cost. With
+                        // nothing free, no bundle and no worker waiting to resume, only a task that needs nothing could
+                        // start, and it started when it was queued (unless it sits deeper than the window; the next
+                        // input finds it).
+                        if g.waking.is_empty() && g.bundles == 0 && g.queue.available().is_empty() {
+                            break;
+                        }
+                    }
                     // Unreachable by construction; never leak the resources it holds.
                     None => {
                         let _ = g.queue.finish(id);
@@ -262,11 +310,7 @@ impl NodeQueue {
             match o {
                 Out::Start(id, job) => {
                     let q = self.clone();
-                    self.pool.submit(Box::new(move || {
-                        CURRENT.with(|c| c.set(Some((Arc::as_ptr(&q), id))));
-                        let _finish = Finish { q: &q, id };
-                        job(None);
-                    }));
+                    self.pool.submit(Box::new(move || q.run(id, job)));
                 }
                 Out::Resume(w) => {
                     *w.ready.lock() = true;
@@ -276,8 +320,33 @@ impl NodeQueue {
         }
     }
 
+    /// Runs a started task on this pool thread, then each task its release starts.
+    fn run(self: &Arc<Self>, mut id: TaskId, mut job: TaskJob) {
+        loop {
+            let mut next = None;
+            {
+                CURRENT.with(|c| c.set(Some((Arc::as_ptr(self), id))));
+                let _finish = Finish {
+                    q: self,
+                    id,
+                    next: &mut next,
+                };
+                job(None);
+            }
+            match next {
+                Some((i, j)) => (id, job) = (i, j),
+                None => return,
+            }
+        }
+    }
+
     /// Runs `wait` with the calling worker's CPU lent to the queue, if the caller runs one of this queue's tasks.
     pub(crate) fn blocking<R>(self: &Arc<Self>, wait: impl FnOnce() -> R) -> R {
+        if BLOCKED.with(|b| b.get()) {
+            return wait();
+        }
+        BLOCKED.with(|b| b.set(true));
+        let _unmark = Unmark;
         let me = Arc::as_ptr(self);
         let id = match CURRENT.with(|c| c.get()) {
             Some((q, id)) if std::ptr::eq(q, me) => id,

@@ -2,8 +2,8 @@
 //! submission takes (local execution now; a remote node when the cluster layer places it elsewhere).
 //!
 //! One `Runtime` per process, installed by `init`/`connect` and reached through [`current`]. The hot path (submit →
-//! execute → complete) takes no global lock: the object table is a `DashMap`, the pool has one short mutex, and an
-//! actor's mailbox is a `flume` channel.
+//! execute → complete) takes no global lock: the object table is a `DashMap`, the node's queue and the pool have one
+//! short mutex each, and an actor's mailbox is a `flume` channel.
 
 use std::any::Any;
 use std::panic::AssertUnwindSafe;
@@ -349,6 +349,27 @@ pub(crate) fn wait_blocking(entry: &Arc<Entry>, deadline: Option<Instant>) -> Re
     match current() {
         Ok(rt) => rt.local.blocking(|| entry.wait_blocking(deadline)),
         Err(_) => entry.wait_blocking(deadline),
+    }
+}
+
+/// Waits for `entries` in order, up to the first that fails, with a pool worker's CPU lent once for the whole wait:
+/// lending and taking it back per entry goes through the node's queue each time, and a worker that takes its CPU back
+/// over-commits the node, which holds new tasks back until repaid.
+pub(crate) fn wait_in_order<'a>(entries: impl Iterator<Item = &'a Arc<Entry>>) {
+    let mut pending = entries.filter(|e| !e.is_ready()).peekable();
+    if pending.peek().is_none() {
+        return;
+    }
+    let wait = || {
+        for e in pending {
+            if e.wait_blocking(None).is_err() {
+                break;
+            }
+        }
+    };
+    match current() {
+        Ok(rt) => rt.local.blocking(wait),
+        Err(_) => wait(),
     }
 }
 
