@@ -253,11 +253,30 @@ fn held_cpus(rt: &Runtime) -> f64 {
     rt.held_milli_cpus.load(Ordering::Relaxed) as f64 / 1000.0
 }
 
+/// What this node has free now, from the same accounting that admits its tasks (`Runtime::local`), and how many
+/// ready tasks wait there. Actors and bundles hold their CPUs outside that queue, so they are taken off here.
+fn local_free(settings: &NodeSettings, rt: &Runtime) -> (ResourceSet, u32) {
+    let load = rt.local.load();
+    let used = rt
+        .local
+        .total()
+        .cpu()
+        .saturating_sub(load.available.cpu())
+        .as_f64();
+    let free = (settings.num_cpus - used - held_cpus(rt)).max(0.0);
+    let mut available = load.available;
+    let _ = available.set(
+        ResourceKind::Cpu,
+        Quantity::from_f64(free).unwrap_or_default(),
+    );
+    (available, load.queued.try_into().unwrap_or(u32::MAX))
+}
+
 pub(crate) fn function_id(name: &str, sig: u64) -> u64 {
     value::fnv1a(name.as_bytes()) ^ sig
 }
 
-fn resource_set(cpus: f64, gpus: f64, custom: &BTreeMap<String, f64>) -> ResourceSet {
+pub(crate) fn resource_set(cpus: f64, gpus: f64, custom: &BTreeMap<String, f64>) -> ResourceSet {
     let mut set = ResourceSet::new();
     let q = |x: f64| Quantity::from_f64(x.max(0.0)).unwrap_or_default();
     let _ = set.set(ResourceKind::Cpu, q(cpus));
@@ -268,6 +287,18 @@ fn resource_set(cpus: f64, gpus: f64, custom: &BTreeMap<String, f64>) -> Resourc
         }
     }
     set
+}
+
+/// The bundle a placement-group strategy runs a task in ("any bundle" is bundle 0, as `PlacementGroup::node_of`
+/// places it).
+pub(crate) fn bundle_of(s: &Strategy) -> Option<oxray_scheduler::BundleKey> {
+    match s {
+        Strategy::PlacementGroup { group, bundle } => Some(oxray_scheduler::BundleKey {
+            pg: oxray_scheduler::PlacementGroupId(*group),
+            index: u32::try_from(bundle.unwrap_or(0)).unwrap_or(u32::MAX),
+        }),
+        _ => None,
+    }
 }
 
 pub(crate) fn demand(r: &Resources) -> ResourceSet {
@@ -388,7 +419,7 @@ impl Cluster {
     }
 
     fn me(&self, rt: &Runtime) -> Member {
-        let (queued, running) = rt.pool.load();
+        let (free, queued) = local_free(&self.settings, rt);
         Member {
             id: rt.node,
             addr: self.addr.to_string(),
@@ -400,8 +431,8 @@ impl Cluster {
                 .map(|(n, s)| function_id(n, *s))
                 .collect(),
             alive: true,
-            free_cpus: (self.settings.num_cpus - running as f64 - held_cpus(rt)).max(0.0),
-            queued: queued as u32,
+            free_cpus: free.cpu().as_f64(),
+            queued,
             is_head: self.is_head(),
         }
     }
@@ -656,10 +687,8 @@ impl Cluster {
             Strategy::PlacementGroup { .. } => oxray_scheduler::Strategy::Default,
         };
         let mut view = self.view.lock();
-        let (queued, running) = rt.pool.load();
-        let free = (self.settings.num_cpus - running as f64 - held_cpus(rt)).max(0.0);
-        let available = resource_set(free, self.settings.num_gpus, &self.settings.resources);
-        view.update_local(NodeId(rt.node), &available, queued as u32);
+        let (available, queued) = local_free(&self.settings, rt);
+        view.update_local(NodeId(rt.node), &available, queued);
         let mut d = oxray_scheduler::decide(&view, NodeId(rt.node), &req, &mut *self.rng.lock());
         if matches!(d, Decision::Wait) && matches!(strategy, Strategy::Default | Strategy::Spread) {
             // Every fitting node is busy: queue the task at the least-loaded one rather than hold it here. Nodes
@@ -722,10 +751,8 @@ impl Cluster {
         spec: &oxray_scheduler::PlacementGroupSpec,
     ) -> std::result::Result<Vec<NodeId>, oxray_scheduler::PlanError> {
         let mut view = self.view.lock();
-        let (queued, running) = rt.pool.load();
-        let free = (self.settings.num_cpus - running as f64 - held_cpus(rt)).max(0.0);
-        let available = resource_set(free, self.settings.num_gpus, &self.settings.resources);
-        view.update_local(NodeId(rt.node), &available, queued as u32);
+        let (available, queued) = local_free(&self.settings, rt);
+        view.update_local(NodeId(rt.node), &available, queued);
         oxray_scheduler::pg::plan(&view, spec, &mut *self.rng.lock())
     }
 
@@ -742,10 +769,8 @@ impl Cluster {
         }
         let mut view = {
             let mut v = self.view.lock();
-            let (queued, running) = rt.pool.load();
-            let free = (self.settings.num_cpus - running as f64 - held_cpus(rt)).max(0.0);
-            let available = resource_set(free, self.settings.num_gpus, &self.settings.resources);
-            v.update_local(NodeId(rt.node), &available, queued as u32);
+            let (available, queued) = local_free(&self.settings, rt);
+            v.update_local(NodeId(rt.node), &available, queued);
             v.clone()
         };
         let drop: Vec<ViewDelta> = view
@@ -916,7 +941,14 @@ impl Cluster {
                 match self.decide(&rt, task.function, &task.res, &strategy, &task.args) {
                     Decision::RunLocal => {
                         let f = spec_function(&task.spec);
-                        rt.run_here(f, task.args, task.spec.attempts, Done::Entry(task.entry));
+                        let need = (demand(&task.res), bundle_of(&task.strategy));
+                        rt.run_here(
+                            f,
+                            task.args,
+                            task.spec.attempts,
+                            Done::Entry(task.entry),
+                            need,
+                        );
                     }
                     Decision::Spill(n) | Decision::RunInBundle { node: n, .. } if n != node => {
                         self.submit_remote(&rt, n, *task)
@@ -1366,7 +1398,14 @@ impl Cluster {
                         call: item.call,
                         keep: Some(ObjectId::for_task_return(spec.task.to_native(), 0)),
                     };
-                    rt.run_here(f, args, spec.attempts.to_native(), done);
+                    let need = match wire::demand_of(spec) {
+                        Ok(r) => r,
+                        Err(e) => {
+                            done.complete(Err(e));
+                            continue;
+                        }
+                    };
+                    rt.run_here(f, args, spec.attempts.to_native(), done, need);
                 }
                 kind::ACTOR_CALL => {
                     let call = match rkyv::access::<wire::ArchivedCallW, rkyv::rancor::Error>(
@@ -1443,7 +1482,14 @@ impl Cluster {
                         cl.infeasible.fetch_sub(1, Ordering::Relaxed);
                         cl.parked.remove(&task.entry.id);
                         let f = spec_function(&task.spec);
-                        rt2.run_here(f, task.args, task.spec.attempts, Done::Entry(task.entry));
+                        let need = (demand(&task.res), bundle_of(&task.strategy));
+                        rt2.run_here(
+                            f,
+                            task.args,
+                            task.spec.attempts,
+                            Done::Entry(task.entry),
+                            need,
+                        );
                         return;
                     }
                     Decision::Spill(n) | Decision::RunInBundle { node: n, .. } => {

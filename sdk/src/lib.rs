@@ -59,6 +59,7 @@ mod concurrent;
 mod control;
 mod error;
 pub mod node;
+mod node_queue;
 mod object;
 mod options;
 pub mod pg;
@@ -141,6 +142,7 @@ pub fn put<T: Value>(value: &T) -> Result<ObjectRef<T>> {
 /// # Ok::<(), oxray::Error>(())
 /// ```
 pub fn get_all<T: Value>(refs: &[ObjectRef<T>]) -> Result<Vec<T>> {
+    runtime::wait_in_order(refs.iter().map(|r| r.inner.used()));
     refs.iter().map(ObjectRef::get).collect()
 }
 

@@ -735,7 +735,10 @@ async fn claim_replica_slot(
 
 fn config_for(settings: &NodeSettings) -> Config {
     Config {
-        num_cpus: settings.num_cpus.ceil().max(1.0) as usize,
+        // What the node's queue admits tasks by: a driver offers none, so it runs only tasks that need no CPU.
+        num_cpus: settings.num_cpus.max(0.0).ceil() as usize,
+        num_gpus: settings.num_gpus,
+        resources: settings.resources.clone(),
         ..Config::default()
     }
 }

@@ -4,7 +4,9 @@
 //! the pool starts another thread if work is queued and no thread is idle, so nested tasks cannot deadlock the pool.
 //! Threads are bounded by `max_threads`: past it, queued work waits for a thread, and nothing grows without limit.
 //!
-//! This is not a scheduler: which tasks come here is decided by the caller.
+//! This is not a scheduler: which tasks come here, and when, is decided by the caller. The node runtime makes one
+//! with [`WorkerPool::unslotted`]: its `LocalQueue` decides what may run at once (resources, not slots), and the
+//! pool only supplies threads.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -34,6 +36,8 @@ pub(crate) struct WorkerPool {
     state: Mutex<State>,
     cv: Condvar,
     slots: usize,
+    /// Threads kept alive when idle; those above it retire.
+    warm: usize,
     max_threads: usize,
     name: String,
 }
@@ -43,7 +47,19 @@ thread_local! {
 }
 
 impl WorkerPool {
+    #[cfg(test)]
     pub(crate) fn new(name: &str, slots: usize, max_threads: usize) -> Arc<Self> {
+        Self::with_warm(name, slots, slots, max_threads)
+    }
+
+    /// A pool that runs every job it is given as soon as a thread is free (up to `max_threads`), keeping `warm`
+    /// threads when idle: for a caller that already limits what runs at once.
+    pub(crate) fn unslotted(name: &str, warm: usize, max_threads: usize) -> Arc<Self> {
+        let max = max_threads.max(warm.max(1));
+        Self::with_warm(name, max, warm, max)
+    }
+
+    fn with_warm(name: &str, slots: usize, warm: usize, max_threads: usize) -> Arc<Self> {
         Arc::new(WorkerPool {
             state: Mutex::new(State {
                 queue: VecDeque::new(),
@@ -55,19 +71,10 @@ impl WorkerPool {
             }),
             cv: Condvar::new(),
             slots: slots.max(1),
+            warm: warm.max(1),
             max_threads: max_threads.max(slots.max(1)),
             name: name.to_string(),
         })
-    }
-
-    pub(crate) fn slots(&self) -> usize {
-        self.slots
-    }
-
-    /// (queued, running) for status reports.
-    pub(crate) fn load(&self) -> (usize, usize) {
-        let s = self.state.lock();
-        (s.queue.len(), s.running)
     }
 
     pub(crate) fn submit(self: &Arc<Self>, job: Job) {
@@ -128,8 +135,8 @@ impl WorkerPool {
             s.idle += 1;
             let timed_out = self.cv.wait_for(&mut s, IDLE_RETIRE).timed_out();
             s.idle -= 1;
-            // Threads started while others were blocked in `get` leave once the burst is over; `slots` stay warm.
-            if timed_out && s.threads > self.slots && s.queue.is_empty() {
+            // Threads started while others were blocked in `get` leave once the burst is over; `warm` stay.
+            if timed_out && s.threads > self.warm && s.queue.is_empty() {
                 break;
             }
         }

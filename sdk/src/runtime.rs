@@ -2,8 +2,8 @@
 //! submission takes (local execution now; a remote node when the cluster layer places it elsewhere).
 //!
 //! One `Runtime` per process, installed by `init`/`connect` and reached through [`current`]. The hot path (submit →
-//! execute → complete) takes no global lock: the object table is a `DashMap`, the pool has one short mutex, and an
-//! actor's mailbox is a `flume` channel.
+//! execute → complete) takes no global lock: the object table is a `DashMap`, the node's queue and the pool have one
+//! short mutex each, and an actor's mailbox is a `flume` channel.
 
 use std::any::Any;
 use std::panic::AssertUnwindSafe;
@@ -18,20 +18,27 @@ use parking_lot::{Mutex, RwLock};
 use crate::arg::{Arg, ArgKind};
 use crate::cluster::{Cluster, Outgoing};
 use crate::error::{Error, Result};
+use crate::node_queue::{NodeQueue, TaskJob};
 use crate::object::{Entry, ObjectId, ObjectRef, ObjectTable, RefInner, rand_u128};
 use crate::options::{ActorOptions, TaskOptions};
 use crate::pool::WorkerPool;
 use crate::registry::{self, ActorClassEntry, Args, FunctionEntry};
 use crate::value::{self, Value};
 use crate::wire::{self, CreateW, TaskW, kind};
-use oxray_scheduler::Decision;
+use oxray_scheduler::{BundleKey, Decision, PlacementGroupId, Quantity, ResourceSet};
 use oxray_transport::NodeId;
 
 /// How a runtime is configured.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// CPU slots for tasks on this node (default: the machine's cores).
+    /// CPUs this node offers tasks (default: the machine's cores). A task holds its `num_cpus` (fractions
+    /// allowed) while it runs, so at most this many CPUs' worth of tasks run at once.
     pub num_cpus: usize,
+    /// GPUs this node offers tasks (default: none).
+    pub num_gpus: f64,
+    /// Custom resources this node offers tasks, e.g. `{"disk": 1.0}` (default: none). A task that needs one waits
+    /// until enough of it is free.
+    pub resources: std::collections::BTreeMap<String, f64>,
     /// Upper bound on worker threads, counting those blocked in `get`.
     pub max_worker_threads: usize,
     /// This node's object store: where values of 100 KiB and more live (memory limit, spill directory).
@@ -48,6 +55,8 @@ impl Default for Config {
             .unwrap_or(1);
         Config {
             num_cpus: cpus,
+            num_gpus: 0.0,
+            resources: std::collections::BTreeMap::new(),
             // Threads blocked in `get` hold no CPU slot, so deep task graphs need many: a thread costs little
             // memory until it runs (its stack is reserved, not touched), and the cap only guards against runaways.
             max_worker_threads: (cpus * 64).max(1024),
@@ -83,13 +92,16 @@ pub(crate) struct Runtime {
     pub(crate) node: u128,
     pub(crate) objects: Arc<ObjectTable>,
     pub(crate) pool: Arc<WorkerPool>,
+    /// Decides when a task placed here starts: it holds its resources while it runs (see `node_queue`).
+    pub(crate) local: Arc<NodeQueue>,
     /// Actors hosted by this process, by id.
     pub(crate) actors: DashMap<u128, Arc<ActorHost>>,
     /// Named actors known to this process (the GCS holds the cluster-wide directory in cluster mode).
     pub(crate) named: DashMap<String, ActorCore>,
     /// Cancellation flags of tasks queued or running here, by return object (tasks this process owns) or by
     /// (owner, call) (tasks sent by other nodes).
-    pub(crate) cancels: DashMap<CancelKey, Arc<AtomicBool>>,
+    /// The flag's task id is the one `local` knows it by.
+    pub(crate) cancels: DashMap<CancelKey, (Arc<AtomicBool>, u128)>,
     /// Cancels of remote tasks that arrived before the task, with when they arrived.
     early_cancels: Mutex<std::collections::HashMap<CancelKey, Instant>>,
     /// `early_cancels.len()`, read without the lock on every task dispatch.
@@ -100,9 +112,8 @@ pub(crate) struct Runtime {
     pub(crate) pgs: DashMap<u128, crate::pg::PlacementGroup>,
     /// Bundles reserved on this node: (group, bundle index) → thousandths of a CPU held.
     pub(crate) bundles: DashMap<(u128, u32), u64>,
-    /// CPUs this node offers (what bundles and actors are checked against).
-    pub(crate) total_cpus: f64,
-    /// CPUs (in thousandths) held by the actors hosted here: not available to tasks or to new actors.
+    /// CPUs (in thousandths) held by the actors hosted here, outside `local`'s accounting: placement and bundles
+    /// count them as taken, while tasks already placed here do not wait for them.
     pub(crate) held_milli_cpus: Arc<AtomicU64>,
     /// The GCS's tables (named actors, the actor directory, the user KV), through a client.
     pub(crate) gcs: OnceLock<oxray_gcs::tables::Tables>,
@@ -150,12 +161,16 @@ pub(crate) fn install_as(config: Config, node: Option<u128>) -> Result<Arc<Runti
             (rt.handle().clone(), Some(Arc::new(rt)))
         }
     };
+    let pool = WorkerPool::unslotted("oxray", config.num_cpus, config.max_worker_threads);
+    let total =
+        crate::cluster::resource_set(config.num_cpus as f64, config.num_gpus, &config.resources);
     let rt = Arc::new(Runtime {
         node: node.unwrap_or_else(rand_u128),
         objects: Arc::new(ObjectTable::new(oxray_objstore::ObjectStore::new(
             config.object_store.clone(),
         ))),
-        pool: WorkerPool::new("oxray", config.num_cpus, config.max_worker_threads),
+        local: NodeQueue::new(total, pool.clone()),
+        pool,
         actors: DashMap::new(),
         named: DashMap::new(),
         cancels: DashMap::new(),
@@ -166,7 +181,6 @@ pub(crate) fn install_as(config: Config, node: Option<u128>) -> Result<Arc<Runti
         held_milli_cpus: Arc::new(AtomicU64::new(0)),
         pgs: DashMap::new(),
         bundles: DashMap::new(),
-        total_cpus: config.num_cpus as f64,
         gcs: OnceLock::new(),
         gcs_server: OnceLock::new(),
         gcs_tempdir: OnceLock::new(),
@@ -338,14 +352,35 @@ pub(crate) fn start_fetch(entry: &Arc<Entry>, owner: u128) {
     }
 }
 
-/// Waits for an object from any thread; a pool worker gives its CPU slot back while it waits.
+/// Waits for an object from any thread; a pool worker lends its CPU to the node's queue while it waits.
 pub(crate) fn wait_blocking(entry: &Arc<Entry>, deadline: Option<Instant>) -> Result<Bytes> {
     if let Some(v) = entry.try_value() {
         return v;
     }
     match current() {
-        Ok(rt) => rt.pool.blocking(|| entry.wait_blocking(deadline)),
+        Ok(rt) => rt.local.blocking(|| entry.wait_blocking(deadline)),
         Err(_) => entry.wait_blocking(deadline),
+    }
+}
+
+/// Waits for `entries` in order, up to the first that fails, with a pool worker's CPU lent once for the whole wait:
+/// lending and taking it back per entry goes through the node's queue each time, and a worker that takes its CPU back
+/// over-commits the node, which holds new tasks back until repaid.
+pub(crate) fn wait_in_order<'a>(entries: impl Iterator<Item = &'a Arc<Entry>>) {
+    let mut pending = entries.filter(|e| !e.is_ready()).peekable();
+    if pending.peek().is_none() {
+        return;
+    }
+    let wait = || {
+        for e in pending {
+            if e.wait_blocking(None).is_err() {
+                break;
+            }
+        }
+    };
+    match current() {
+        Ok(rt) => rt.local.blocking(wait),
+        Err(_) => wait(),
     }
 }
 
@@ -511,7 +546,15 @@ impl Runtime {
             name: opts.name.clone().unwrap_or_else(|| t.function.to_string()),
             attempts: t.attempts,
             args: Cluster::wire_args(&t.args, self.node),
-        };
+            cpu: 0,
+            gpu: 0,
+            memory: 0,
+            custom: Vec::new(),
+            pg: 0,
+            bundle: 0,
+        }
+        .with_demand(&crate::cluster::demand(&opts.resources))
+        .in_bundle(crate::cluster::bundle_of(&opts.strategy));
         let out = Outgoing {
             spec,
             args: t.args,
@@ -536,7 +579,17 @@ impl Runtime {
         let f = registry::function(t.function, t.sig)?;
         let name = opts.name.clone().unwrap_or_else(|| t.function.to_string());
         let key = CancelKey::Local(t.entry.id);
-        self.dispatch(f, name, t.args, t.attempts, Done::Entry(t.entry), Some(key));
+        let demand = crate::cluster::demand(&opts.resources);
+        let bundle = crate::cluster::bundle_of(&opts.strategy);
+        self.dispatch(
+            f,
+            name,
+            t.args,
+            t.attempts,
+            Done::Entry(t.entry),
+            Some(key),
+            (demand, bundle),
+        );
         Ok(())
     }
 
@@ -547,6 +600,7 @@ impl Runtime {
         args: Vec<Arg>,
         attempts: u32,
         done: Done,
+        demand: (ResourceSet, Option<BundleKey>),
     ) {
         let f = match f {
             Ok(f) => f,
@@ -557,10 +611,12 @@ impl Runtime {
             Done::Remote { owner, call, .. } => Some(CancelKey::Remote(owner.0, *call)),
             Done::Entry(_) => None,
         };
-        self.dispatch(f, f.name.to_string(), args, attempts, done, key);
+        self.dispatch(f, f.name.to_string(), args, attempts, done, key, demand);
     }
 
-    /// Queues a task on this node's pool once its ref arguments are ready.
+    /// Queues a task on this node once its ref arguments are ready; it starts when `demand` is free here (in its
+    /// placement-group bundle, if it names one).
+    #[allow(clippy::too_many_arguments)]
     fn dispatch(
         self: &Arc<Self>,
         f: &'static FunctionEntry,
@@ -569,6 +625,7 @@ impl Runtime {
         attempts: u32,
         done: Done,
         cancel: Option<CancelKey>,
+        (demand, bundle): (ResourceSet, Option<BundleKey>),
     ) {
         let rt = self.clone();
         let task = rand_u128();
@@ -585,7 +642,7 @@ impl Runtime {
                 && self.early_cancel_count.load(Ordering::Acquire) > 0
                 && self.take_early_cancel(&key);
             let flag = Arc::new(AtomicBool::new(early));
-            self.cancels.insert(key, flag.clone());
+            self.cancels.insert(key, (flag.clone(), task));
             (key, flag)
         });
         // Arguments that are refs still being computed are awaited here, off the pool: a task holds a worker thread
@@ -598,13 +655,15 @@ impl Runtime {
                 _ => None,
             })
             .collect();
-        let pool = self.pool.clone();
-        let job: Box<dyn FnOnce() + Send> = Box::new(move || {
+        let local = self.local.clone();
+        let job: TaskJob = Box::new(move |refused: Option<Error>| {
             let cancelled = flag
                 .as_ref()
                 .is_some_and(|(_, f)| f.load(Ordering::Acquire));
             let (result, nested) = if cancelled {
                 (Err(Error::Cancelled), Vec::new())
+            } else if let Some(e) = refused {
+                (Err(e), Vec::new())
             } else {
                 if let Some(mut t) = rt.tasks.get_mut(&task) {
                     t.state = "RUNNING";
@@ -621,14 +680,14 @@ impl Runtime {
             done.complete_holding(result, nested);
         });
         if waiting.is_empty() {
-            return pool.submit(job);
+            return local.submit(task, demand, bundle, job);
         }
         self.tokio.spawn(async move {
             for e in waiting {
                 // A failed argument is reported by the task itself when it resolves its arguments.
                 let _ = e.wait_async().await;
             }
-            pool.submit(job);
+            local.submit(task, demand, bundle, job);
         });
     }
 
@@ -804,30 +863,28 @@ impl Runtime {
         }
     }
 
-    /// Holds a placement group's bundles on this node, all or none.
+    /// Holds a placement group's bundles on this node, all or none: the node's queue reserves them, and tasks in
+    /// them draw on the reservation.
     pub(crate) fn hold_bundles(&self, hold: &crate::pg::BundleHold) -> Result<()> {
-        let need: u64 = hold
+        let bundles: Vec<(BundleKey, ResourceSet)> = hold
             .bundles
             .iter()
-            .map(|(_, c)| (c.max(0.0) * 1000.0).round() as u64)
-            .sum();
-        let total = (self.total_cpus * 1000.0).round() as u64;
-        let held = &self.held_milli_cpus;
-        let mut cur = held.load(Ordering::Acquire);
-        loop {
-            if cur + need > total {
-                return Err(Error::Infeasible(format!(
-                    "node {} has {:.3} CPUs free, the bundles need {:.3}",
-                    short(self.node),
-                    total.saturating_sub(cur) as f64 / 1000.0,
-                    need as f64 / 1000.0
-                )));
-            }
-            match held.compare_exchange(cur, cur + need, Ordering::AcqRel, Ordering::Acquire) {
-                Ok(_) => break,
-                Err(now) => cur = now,
-            }
-        }
+            .map(|(i, c)| {
+                let key = BundleKey {
+                    pg: PlacementGroupId(hold.pg),
+                    index: *i,
+                };
+                (
+                    key,
+                    crate::cluster::resource_set(*c, 0.0, &Default::default()),
+                )
+            })
+            .collect();
+        let actors = self.held_milli_cpus.load(Ordering::Acquire);
+        let actors = Quantity::from_raw(actors.saturating_mul(Quantity::whole(1).raw() / 1000));
+        self.local
+            .hold_bundles(&bundles, actors)
+            .map_err(|why| Error::Infeasible(format!("node {}: {why}", short(self.node))))?;
         for (i, c) in &hold.bundles {
             self.bundles
                 .insert((hold.pg, *i), (c.max(0.0) * 1000.0).round() as u64);
@@ -838,9 +895,11 @@ impl Runtime {
     /// Releases bundles and kills the actors placed in their group on this node.
     pub(crate) fn release_bundles(&self, hold: &crate::pg::BundleHold) -> Result<()> {
         for (i, _) in &hold.bundles {
-            if let Some((_, milli)) = self.bundles.remove(&(hold.pg, *i)) {
-                self.held_milli_cpus.fetch_sub(milli, Ordering::AcqRel);
-            }
+            self.bundles.remove(&(hold.pg, *i));
+            self.local.release_bundle(BundleKey {
+                pg: PlacementGroupId(hold.pg),
+                index: *i,
+            });
         }
         for a in self.actors.iter() {
             if a.pg == Some(hold.pg) {
@@ -902,11 +961,15 @@ impl Runtime {
     /// A task that has not started never runs; a running one finishes, but its result is discarded (threads cannot
     /// be interrupted safely).
     pub(crate) fn cancel(&self, id: ObjectId) -> bool {
-        if let Some(flag) = self.cancels.get(&CancelKey::Local(id)) {
+        if let Some(c) = self.cancels.get(&CancelKey::Local(id)) {
+            let (flag, task) = (c.0.clone(), c.1);
+            drop(c);
             flag.store(true, Ordering::Release);
             if let Some(e) = self.objects.lookup(id) {
                 e.complete(Err(Error::Cancelled));
             }
+            // A task still waiting for resources need not wait for them only to be skipped.
+            self.local.cancel(task);
             return true;
         }
         self.cluster.get().is_some_and(|cl| cl.cancel(id))
@@ -916,8 +979,11 @@ impl Runtime {
     /// before its task is remembered for a while (they travel in separate messages).
     pub(crate) fn cancel_remote(&self, owner: u128, call: u64) {
         let key = CancelKey::Remote(owner, call);
-        if let Some(flag) = self.cancels.get(&key) {
+        if let Some(c) = self.cancels.get(&key) {
+            let (flag, task) = (c.0.clone(), c.1);
+            drop(c);
             flag.store(true, Ordering::Release);
+            self.local.cancel(task);
             return;
         }
         let now = Instant::now();
@@ -1568,31 +1634,35 @@ pub(crate) fn wait_indices(
 ) -> (Vec<usize>, Vec<usize>) {
     let deadline = timeout.map(|t| Instant::now() + t);
     let want = num_returns.min(entries.len());
-    let rt = current().ok();
     let mut ready: Vec<bool> = entries.iter().map(|e| e.is_ready()).collect();
+    let satisfied = |ready: &[bool]| ready.iter().filter(|r| **r).count() >= want;
     // A bounded back-off poll: it keeps entries free of multi-object waiter lists, and costs at most 2 ms of
     // extra latency per round.
-    let mut sleep = Duration::from_micros(20);
-    loop {
-        for (i, e) in entries.iter().enumerate() {
-            if !ready[i] && e.is_ready() {
-                ready[i] = true;
+    let poll = |ready: &mut Vec<bool>| {
+        let mut sleep = Duration::from_micros(20);
+        loop {
+            for (i, e) in entries.iter().enumerate() {
+                if !ready[i] && e.is_ready() {
+                    ready[i] = true;
+                }
             }
+            if satisfied(ready) {
+                break;
+            }
+            if let Some(d) = deadline
+                && Instant::now() >= d
+            {
+                break;
+            }
+            std::thread::sleep(sleep);
+            sleep = (sleep * 2).min(Duration::from_millis(2));
         }
-        if ready.iter().filter(|r| **r).count() >= want {
-            break;
-        }
-        if let Some(d) = deadline
-            && Instant::now() >= d
-        {
-            break;
-        }
-        let nap = || std::thread::sleep(sleep);
-        match &rt {
-            Some(rt) => rt.pool.blocking(nap),
-            None => nap(),
-        }
-        sleep = (sleep * 2).min(Duration::from_millis(2));
+    };
+    let no_wait = satisfied(&ready) || timeout.is_some_and(|t| t.is_zero());
+    match current() {
+        // The CPU is lent once for the whole wait, not per nap: each lend and take-back goes through the queue.
+        Ok(rt) if !no_wait => rt.local.blocking(|| poll(&mut ready)),
+        _ => poll(&mut ready),
     }
     let mut r = Vec::new();
     let mut n = Vec::new();

@@ -147,7 +147,8 @@ pub struct NodeState {
 }
 
 pub(crate) fn snapshot(rt: &Runtime, address: Option<String>) -> NodeState {
-    let (queued, running) = rt.pool.load();
+    let load = rt.local.load();
+    let (queued, running) = (load.queued, load.running);
     let node = short(rt.node);
     let store = rt.objects.store();
     let on_disk: std::collections::HashSet<_> = store
@@ -220,7 +221,7 @@ pub(crate) fn snapshot(rt: &Runtime, address: Option<String>) -> NodeState {
         node: NodeSummary {
             id: node.clone(),
             address,
-            cpus: rt.pool.slots(),
+            cpus: rt.local.total().cpu().as_f64().ceil() as usize,
             queued,
             running,
             actors: actors.len(),

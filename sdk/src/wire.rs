@@ -83,6 +83,75 @@ pub(crate) struct TaskW {
     pub name: String,
     pub attempts: u32,
     pub args: Vec<ArgW>,
+    /// What the task holds while it runs, in the scheduler's fixed-point units: the executing node admits it by
+    /// this, not by what the owner's (older) view said was free there.
+    pub cpu: u64,
+    pub gpu: u64,
+    pub memory: u64,
+    pub custom: Vec<(String, u64)>,
+    /// The placement group whose bundle `bundle` the task runs in (0: none).
+    pub pg: u128,
+    pub bundle: u32,
+}
+
+impl TaskW {
+    /// Sets the bundle fields.
+    pub(crate) fn in_bundle(mut self, b: Option<oxray_scheduler::BundleKey>) -> Self {
+        if let Some(b) = b {
+            self.pg = b.pg.0;
+            self.bundle = b.index;
+        }
+        self
+    }
+
+    /// Sets the resource fields from a demand.
+    pub(crate) fn with_demand(mut self, d: &oxray_scheduler::ResourceSet) -> Self {
+        use oxray_scheduler::ResourceKind;
+        self.cpu = d.cpu().raw();
+        self.gpu = d.gpu().raw();
+        self.memory = d.memory().raw();
+        self.custom = d
+            .iter()
+            .filter_map(|(k, q)| match k {
+                ResourceKind::Custom(name) => Some((name.to_string(), q.raw())),
+                _ => None,
+            })
+            .collect();
+        self
+    }
+}
+
+/// The demand a received task carries, and its bundle (names are validated: they come from the network).
+pub(crate) fn demand_of(
+    t: &ArchivedTaskW,
+) -> Result<
+    (
+        oxray_scheduler::ResourceSet,
+        Option<oxray_scheduler::BundleKey>,
+    ),
+    crate::error::Error,
+> {
+    use oxray_scheduler::{Quantity, ResourceKind, ResourceSet};
+    let mut d = ResourceSet::new()
+        .with(ResourceKind::Cpu, Quantity::from_raw(t.cpu.to_native()))
+        .with(ResourceKind::Gpu, Quantity::from_raw(t.gpu.to_native()))
+        .with(
+            ResourceKind::Memory,
+            Quantity::from_raw(t.memory.to_native()),
+        );
+    for c in t.custom.iter() {
+        let bad = |e: oxray_scheduler::ResourceError| {
+            crate::error::Error::InvalidArgument(format!("task resource {:?}: {e}", c.0.as_str()))
+        };
+        let kind = ResourceKind::custom(c.0.as_str()).map_err(bad)?;
+        d.set(kind, Quantity::from_raw(c.1.to_native()))
+            .map_err(bad)?;
+    }
+    let bundle = (t.pg.to_native() != 0).then(|| oxray_scheduler::BundleKey {
+        pg: oxray_scheduler::PlacementGroupId(t.pg.to_native()),
+        index: t.bundle.to_native(),
+    });
+    Ok((d, bundle))
 }
 
 /// One argument on the wire.

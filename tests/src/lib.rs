@@ -37,6 +37,20 @@ pub fn where_am_i(sleep_ms: u64) -> String {
     oxray::node_state().map(|s| s.node.id).unwrap_or_default()
 }
 
+/// Sleeps; returns when it started and ended (microseconds since the Unix epoch on the node's clock).
+#[oxray::remote]
+pub fn span(sleep_ms: u64) -> (u64, u64) {
+    let now = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_micros() as u64)
+            .unwrap_or(0)
+    };
+    let start = now();
+    std::thread::sleep(Duration::from_millis(sleep_ms));
+    (start, now())
+}
+
 /// Returns a vector of `n` floats (a large result when `n` is large).
 #[oxray::remote]
 pub fn make_vec(n: u64) -> Vec<f32> {
