@@ -146,6 +146,9 @@ pub(crate) struct Cluster {
     settings: NodeSettings,
     view: Mutex<ClusterView>,
     members: RwLock<Vec<Member>>,
+    /// Whether any member in `members` is dead: `node_known_dead`, asked on every actor call, answers from this
+    /// alone in a cluster that lost no node.
+    any_dead: std::sync::atomic::AtomicBool,
     reorder: DashMap<(u128, u128), Arc<Mutex<Reorder>>>,
     head_state: Option<HeadState>,
     rng: Mutex<rand::rngs::SmallRng>,
@@ -389,6 +392,7 @@ impl Cluster {
             settings,
             view: Mutex::new(ClusterView::new()),
             members: RwLock::new(Vec::new()),
+            any_dead: std::sync::atomic::AtomicBool::new(false),
             reorder: DashMap::new(),
             head_state,
             rng: Mutex::new(rand::rngs::SmallRng::seed_from_u64(rand::random())),
@@ -608,6 +612,8 @@ impl Cluster {
                 .map(|m| NodeId(m.id))
                 .collect()
         };
+        self.any_dead
+            .store(members.iter().any(|m| !m.alive), Ordering::Release);
         *self.members.write() = members;
         for d in died {
             self.node_died(d);
@@ -802,7 +808,8 @@ impl Cluster {
 
     /// Whether `node` is a member this node has seen declared dead (unknown is not dead: it may have just joined).
     pub(crate) fn node_known_dead(&self, node: u128) -> bool {
-        self.members.read().iter().any(|m| m.id == node && !m.alive)
+        self.any_dead.load(Ordering::Acquire)
+            && self.members.read().iter().any(|m| m.id == node && !m.alive)
     }
 
     /// Encodes arguments for the wire. Refs become (id, owner) pairs; the caller keeps `args` alive until the
@@ -939,17 +946,7 @@ impl Cluster {
                 };
                 let strategy = task.strategy.clone();
                 match self.decide(&rt, task.function, &task.res, &strategy, &task.args) {
-                    Decision::RunLocal => {
-                        let f = spec_function(&task.spec);
-                        let need = (demand(&task.res), bundle_of(&task.strategy));
-                        rt.run_here(
-                            f,
-                            task.args,
-                            task.spec.attempts,
-                            Done::Entry(task.entry),
-                            need,
-                        );
-                    }
+                    Decision::RunLocal => run_owned_here(&rt, *task),
                     Decision::Spill(n) | Decision::RunInBundle { node: n, .. } if n != node => {
                         self.submit_remote(&rt, n, *task)
                     }
@@ -1481,15 +1478,7 @@ impl Cluster {
                     Decision::RunLocal => {
                         cl.infeasible.fetch_sub(1, Ordering::Relaxed);
                         cl.parked.remove(&task.entry.id);
-                        let f = spec_function(&task.spec);
-                        let need = (demand(&task.res), bundle_of(&task.strategy));
-                        rt2.run_here(
-                            f,
-                            task.args,
-                            task.spec.attempts,
-                            Done::Entry(task.entry),
-                            need,
-                        );
+                        run_owned_here(&rt2, task);
                         return;
                     }
                     Decision::Spill(n) | Decision::RunInBundle { node: n, .. } => {
@@ -1723,28 +1712,21 @@ impl Cluster {
         // A handle that did not create the actor learns of a restart from the directory, when its next call finds
         // the old node dead (the creator's handles are moved by `restart_actor` itself).
         let home = actor.node();
-        let home_dead = self.node_known_dead(home.0);
-        let spent = || actor.restart.as_ref().map(|r| r.lock().left == 0);
-        if home_dead && spent() == Some(true) {
-            // Nothing will bring it back: fail now rather than wait on a node that is gone.
-            return entry.complete(Err(Error::ActorDied {
-                actor: short(actor.id),
-                reason: format!("its node {home} died and it has no restarts left"),
-            }));
-        }
-        if home_dead && actor.restart.is_none() {
-            let cl = self.clone();
-            let actor = actor.clone();
-            rt.tokio.spawn(async move {
-                match cl.follow_restart(&actor, home).await {
-                    Ok(()) => match crate::runtime::current() {
-                        Ok(rt) => cl.call_remote(&rt, &actor, method, args, entry, retries),
-                        Err(e) => entry.complete(Err(e)),
-                    },
-                    Err(e) => entry.complete(Err(e)),
+        if self.node_known_dead(home.0) {
+            match &actor.restart {
+                // This family restarts it itself (`restart_actor`), unless it has no restarts left: then nothing
+                // will bring it back, so fail now rather than wait on a node that is gone.
+                Some(r) if r.lock().left > 0 => {}
+                Some(_) => {
+                    return entry.complete(Err(Error::ActorDied {
+                        actor: short(actor.id),
+                        reason: format!("its node {home} died and it has no restarts left"),
+                    }));
                 }
-            });
-            return;
+                None => {
+                    return self.follow_then_call(rt, actor, home, method, args, entry, retries);
+                }
+            }
         }
         let route = actor.route();
         let call = CallW {
@@ -1809,6 +1791,30 @@ impl Cluster {
                 });
             }
         }
+    }
+
+    /// Sends a call through a handle whose actor's node `dead` died once the handle has followed the actor to its
+    /// new home (or fails the call if it cannot).
+    #[allow(clippy::too_many_arguments)]
+    fn follow_then_call(
+        self: &Arc<Self>,
+        rt: &Runtime,
+        actor: &Arc<RemoteActor>,
+        dead: NodeId,
+        method: u32,
+        args: Vec<Arg>,
+        entry: Arc<Entry>,
+        retries: u32,
+    ) {
+        let cl = self.clone();
+        let actor = actor.clone();
+        rt.tokio.spawn(async move {
+            let followed = cl.follow_restart(&actor, dead).await;
+            match followed.and_then(|()| crate::runtime::current()) {
+                Ok(rt) => cl.call_remote(&rt, &actor, method, args, entry, retries),
+                Err(e) => entry.complete(Err(e)),
+            }
+        });
     }
 
     /// Waits (bounded) until the directory names a live new home for `actor`, whose node `dead` died, and moves the
@@ -2003,6 +2009,18 @@ impl Cluster {
             named_actors: named,
         }
     }
+}
+
+/// Runs a task this node owns (one it had placed elsewhere, or parked) on this node's queue after all.
+fn run_owned_here(rt: &Arc<Runtime>, task: Outgoing) {
+    let need = (demand(&task.res), bundle_of(&task.strategy));
+    rt.run_here(
+        spec_function(&task.spec),
+        task.args,
+        task.spec.attempts,
+        Done::Entry(task.entry),
+        need,
+    );
 }
 
 fn spec_function(spec: &TaskW) -> std::result::Result<&'static registry::FunctionEntry, Error> {

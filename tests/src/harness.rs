@@ -169,3 +169,23 @@ impl Drop for TestCluster {
         }
     }
 }
+
+/// Polls `f` every 50 ms until it returns true or `timeout` passes; whether it returned true.
+pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+/// Task options that pin a task to the node whose short id is `node` (as [`TestCluster::node_id`] gives it).
+pub fn on(node: &str) -> oxray::TaskOptions {
+    oxray::TaskOptions::new().strategy(oxray::Strategy::NodeAffinity {
+        node: u128::from_str_radix(node, 16).expect("a node id in hex"),
+        soft: false,
+    })
+}

@@ -4,29 +4,11 @@
 
 use std::time::{Duration, Instant};
 
-use oxray::{ActorOptions, Strategy, TaskOptions};
-use oxray_tests::harness::TestCluster;
+use oxray::{ActorOptions, Strategy};
+use oxray_tests::harness::{TestCluster, on, wait_until};
 use oxray_tests::*;
 
 const NODE: &str = env!("CARGO_BIN_EXE_oxray-test-node");
-
-fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if f() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    false
-}
-
-fn on(node: &str) -> TaskOptions {
-    TaskOptions::new().strategy(Strategy::NodeAffinity {
-        node: u128::from_str_radix(node, 16).unwrap(),
-        soft: false,
-    })
-}
 
 #[test]
 fn a_restarted_actor_is_found_by_name_from_another_node() {

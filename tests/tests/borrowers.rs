@@ -3,8 +3,8 @@
 
 use std::time::{Duration, Instant};
 
-use oxray::{ActorOptions, ObjectRef, Strategy, TaskOptions};
-use oxray_tests::harness::TestCluster;
+use oxray::{ActorOptions, ObjectRef, Strategy};
+use oxray_tests::harness::{TestCluster, on};
 use oxray_tests::*;
 
 const NODE: &str = env!("CARGO_BIN_EXE_oxray-test-node");
@@ -115,15 +115,8 @@ fn a_ref_passed_on_by_a_third_node_outlives_that_node_letting_go() {
         .map(|i| oxray::put(&vec![i; 3]).unwrap())
         .collect();
     let ids: Vec<String> = refs.iter().map(|r| r.id().to_string()).collect();
-    let passed = pass_on::remote_with(
-        &TaskOptions::new().strategy(Strategy::NodeAffinity {
-            node: node(a),
-            soft: false,
-        }),
-        refs.clone(),
-        keeper.clone(),
-    )
-    .unwrap();
+    let passed =
+        pass_on::remote_with(&on(cluster.node_id(a)), refs.clone(), keeper.clone()).unwrap();
     // The driver keeps nothing but the call's own argument, which goes with the call's result.
     drop(refs);
     assert_eq!(passed.get_timeout(Duration::from_secs(30)).unwrap(), 5);

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use oxray::pg::{PlacementStrategy, placement_group, remove_placement_group};
 use oxray::{ActorOptions, Error, Strategy, TaskOptions};
-use oxray_tests::harness::TestCluster;
+use oxray_tests::harness::{TestCluster, wait_until};
 use oxray_tests::*;
 
 const NODE: &str = env!("CARGO_BIN_EXE_oxray-test-node");
@@ -23,17 +23,6 @@ fn oxray_cli() -> std::path::PathBuf {
         cli.display()
     );
     cli
-}
-
-fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if f() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    false
 }
 
 #[test]

@@ -1,24 +1,13 @@
 //! The head restarts on the same address and data dir: nodes and the driver register again, and what lives in the
 //! GCS (the user KV, the named-actor directory) and on the other nodes (actors) is still there.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use oxray::ActorOptions;
-use oxray_tests::harness::TestCluster;
+use oxray_tests::harness::{TestCluster, wait_until};
 use oxray_tests::*;
 
 const NODE: &str = env!("CARGO_BIN_EXE_oxray-test-node");
-
-fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if f() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    false
-}
 
 #[test]
 fn nodes_and_state_survive_a_head_restart() {

@@ -5,34 +5,16 @@
 //! keeps a copy, the driver gets the primary. Readers submitted with the default strategy must then run on B, every
 //! time (three CPU nodes: chance alone would pass five rounds once in 243).
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use oxray::{ActorOptions, Strategy, TaskOptions};
-use oxray_tests::harness::TestCluster;
+use oxray::{ActorOptions, TaskOptions};
+use oxray_tests::harness::{TestCluster, on, wait_until};
 use oxray_tests::*;
 
 const NODE: &str = env!("CARGO_BIN_EXE_oxray-test-node");
 
 /// 8 MiB of f32: far above the inline threshold (100 KiB) and the policy's locality floor (1 MiB).
 const FLOATS: u64 = 2 << 20;
-
-fn on(node: &str) -> TaskOptions {
-    TaskOptions::new().strategy(Strategy::NodeAffinity {
-        node: u128::from_str_radix(node, 16).unwrap(),
-        soft: false,
-    })
-}
-
-fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if f() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    false
-}
 
 #[test]
 fn readers_of_a_large_object_run_where_it_is() {

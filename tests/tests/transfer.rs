@@ -5,21 +5,13 @@
 
 use std::time::{Duration, Instant};
 
-use oxray::TaskOptions;
-use oxray_tests::harness::TestCluster;
+use oxray_tests::harness::{TestCluster, on};
 use oxray_tests::*;
 
 const NODE: &str = env!("CARGO_BIN_EXE_oxray-test-node");
 
 /// Far above the 4 MiB a reply carries: these take the pull path.
 const BLOB: u64 = 32 << 20;
-
-fn on(node: &str) -> TaskOptions {
-    TaskOptions::new().strategy(oxray::Strategy::NodeAffinity {
-        node: u128::from_str_radix(node, 16).unwrap(),
-        soft: false,
-    })
-}
 
 /// (pulled, failed, fetches, active) on `node`, read by a task there.
 fn stats_on(node: &str) -> (u64, u64, u64, u64) {
