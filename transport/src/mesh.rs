@@ -95,6 +95,15 @@ struct Peer {
     inflight: AtomicUsize,
     /// The lane small requests to this peer travel on (see `lane.rs`); replaced when it dies.
     lane: parking_lot::Mutex<Option<Arc<ClientLane>>>,
+    /// The one unidirectional stream every one-way message to this peer is written on, so they arrive in the
+    /// order their sends completed. An async mutex: held across the write, which is what orders the senders.
+    oneway: tokio::sync::Mutex<Option<OnewayStream>>,
+}
+
+/// The stream one-way messages to a peer share, and the connection it belongs to.
+struct OnewayStream {
+    conn: usize,
+    send: quinn::SendStream,
 }
 
 impl Peer {
@@ -105,6 +114,7 @@ impl Peer {
             dial: tokio::sync::Mutex::new(()),
             inflight: AtomicUsize::new(0),
             lane: parking_lot::Mutex::new(None),
+            oneway: tokio::sync::Mutex::new(None),
         }
     }
 
@@ -430,6 +440,12 @@ impl Mesh {
     }
 
     /// Sends a one-way message. Returns once it is handed to QUIC (delivery is reliable while the connection lives).
+    ///
+    /// One-way messages to a peer arrive in the order their sends completed: they share one long-lived stream
+    /// per connection, written under a lock and read by one task that hands them to the handler in turn. (A
+    /// stream per message, as before, let a small message overtake a larger one sent earlier, and cost a stream
+    /// open, accept, task and FIN per message.) A message sent after the connection was replaced travels on a
+    /// new stream and is not ordered against what was in flight on the old one.
     pub async fn send(&self, to: NodeId, kind: u16, body: Body) -> Result<(), TransportError> {
         let inner = &*self.inner;
         let _active = inner.enter()?;
@@ -455,19 +471,43 @@ impl Mesh {
         let handshake = inner.limits.handshake_timeout;
         let fut = async {
             let conn = inner.connection(to, &peer).await?;
-            let mut send = match conn.open_uni().await {
-                Ok(s) => s,
-                Err(_) => {
-                    peer.forget(&conn);
-                    let conn = inner.connection(to, &peer).await?;
-                    conn.open_uni().await.map_err(|e| from_connection(to, e))?
-                }
+            let mut slot = peer.oneway.lock().await;
+            let mut stream = match slot.take() {
+                Some(s) if s.conn == conn.stable_id() => s,
+                _ => match conn.open_uni().await {
+                    Ok(send) => OnewayStream {
+                        conn: conn.stable_id(),
+                        send,
+                    },
+                    Err(_) => {
+                        peer.forget(&conn);
+                        let conn = inner.connection(to, &peer).await?;
+                        let send = conn.open_uni().await.map_err(|e| from_connection(to, e))?;
+                        OnewayStream {
+                            conn: conn.stable_id(),
+                            send,
+                        }
+                    }
+                },
             };
-            write_frame(&mut send, &header, body, None)
-                .await
-                .map_err(|e| write_error(to, e))?;
-            let _ = send.finish();
-            Ok(())
+            // Taken out of the slot while written: if this future is dropped mid-frame (the timeout below), the
+            // guard resets the stream, so no later message follows a torn frame on it.
+            let mut guard = ResetOnDrop(Some(stream.send));
+            let sent = match guard.0.as_mut() {
+                Some(send) => write_frame(send, &header, body, None).await,
+                None => unreachable!("the guard holds the stream until disarmed"),
+            };
+            stream.send = guard.disarm();
+            match sent {
+                Ok(()) => {
+                    *slot = Some(stream);
+                    Ok(())
+                }
+                Err(e) => {
+                    let _ = stream.send.reset(close::STREAM_MALFORMED);
+                    Err(write_error(to, e))
+                }
+            }
         };
         // Opening a stream can wait for stream credit; bound it like a handshake.
         tokio::time::timeout(handshake + inner.limits.keep_alive, fut)
@@ -873,13 +913,28 @@ pub(crate) async fn read_frame(
     recv: &mut quinn::RecvStream,
     limits: &Limits,
 ) -> Result<(Header, Bytes), TransportError> {
+    read_frame_or_end(recv, limits).await?.ok_or_else(|| {
+        TransportError::malformed(format!("truncated frame prefix (0 of {PREFIX_LEN} bytes)"))
+    })
+}
+
+/// As [`read_frame`], but a stream that ends cleanly where the next frame would start gives `None`: one-way
+/// streams carry any number of frames.
+pub(crate) async fn read_frame_or_end(
+    recv: &mut quinn::RecvStream,
+    limits: &Limits,
+) -> Result<Option<(Header, Bytes)>, TransportError> {
     let mut prefix = [0u8; PREFIX_LEN];
-    recv.read_exact(&mut prefix).await.map_err(|e| match e {
-        quinn::ReadExactError::FinishedEarly(n) => TransportError::malformed(format!(
-            "truncated frame prefix ({n} of {PREFIX_LEN} bytes)"
-        )),
-        quinn::ReadExactError::ReadError(e) => read_error(e),
-    })?;
+    match recv.read_exact(&mut prefix).await {
+        Ok(()) => {}
+        Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(None),
+        Err(quinn::ReadExactError::FinishedEarly(n)) => {
+            return Err(TransportError::malformed(format!(
+                "truncated frame prefix ({n} of {PREFIX_LEN} bytes)"
+            )));
+        }
+        Err(quinn::ReadExactError::ReadError(e)) => return Err(read_error(e)),
+    }
     let p = frame::decode_prefix(&prefix, limits)?;
     let total = p.header_len + p.body_len;
     let mut buf = AlignedVec::<16>::with_capacity(total);
@@ -901,9 +956,9 @@ pub(crate) async fn read_frame(
     let header = frame::decode_header(&buf)?;
     if !matches!(
         header.frame_type(),
-        Some(FrameType::Stream | FrameType::Lane)
+        Some(FrameType::Stream | FrameType::Lane | FrameType::Oneway)
     ) {
-        // Everything but a stream header or a lane opening is alone on its stream. Reading the end (already here: the sender
+        // Everything but a stream header, a lane opening or a one-way message is alone on its stream. Reading the end (already here: the sender
         // finishes right after writing) also lets quinn free the stream without a STOP_SENDING round.
         if recv
             .read_chunk(1, true)
@@ -914,7 +969,28 @@ pub(crate) async fn read_frame(
             return Err(TransportError::malformed("bytes after the frame"));
         }
     }
-    Ok((header, Bytes::from_owner(buf)))
+    Ok(Some((header, Bytes::from_owner(buf))))
+}
+
+/// Holds a stream being written and resets it if dropped before [`ResetOnDrop::disarm`]: a frame torn by a
+/// cancelled write must not be followed by other frames on the same stream.
+struct ResetOnDrop(Option<quinn::SendStream>);
+
+impl ResetOnDrop {
+    fn disarm(mut self) -> quinn::SendStream {
+        match self.0.take() {
+            Some(s) => s,
+            None => unreachable!("disarmed once"),
+        }
+    }
+}
+
+impl Drop for ResetOnDrop {
+    fn drop(&mut self) {
+        if let Some(mut s) = self.0.take() {
+            let _ = s.reset(close::STREAM_MALFORMED);
+        }
+    }
 }
 
 async fn accept_loop(weak: Weak<Inner>, endpoint: quinn::Endpoint) {
@@ -1244,26 +1320,33 @@ impl Inner {
         }
     }
 
-    /// Serves one incoming unidirectional stream: a one-way message.
+    /// Serves one incoming unidirectional stream: one-way messages, one after another until the sender finishes
+    /// the stream, each handed to the handler before the next is read (that is what keeps them in order). A bad
+    /// frame ends the stream; the messages before it were delivered.
     async fn serve_oneway(self: Arc<Inner>, peer: NodeId, mut recv: quinn::RecvStream) {
-        let (header, buf) = match read_frame(&mut recv, &self.limits).await {
-            Ok(f) => f,
-            Err(e) => {
-                warn!(node = %self.node_id, %peer, cause = %e, "bad one-way frame");
+        loop {
+            let (header, buf) = match read_frame_or_end(&mut recv, &self.limits).await {
+                Ok(Some(f)) => f,
+                Ok(None) => return,
+                // The stream stays open for the connection's life, so its end is usually the connection's.
+                Err(e) if !matches!(e, TransportError::Malformed { .. }) => return,
+                Err(e) => {
+                    warn!(node = %self.node_id, %peer, cause = %e, "bad one-way frame");
+                    let _ = recv.stop(close::STREAM_MALFORMED);
+                    return;
+                }
+            };
+            if header.source != peer.0
+                || header.dest != self.node_id.0
+                || header.frame_type() != Some(FrameType::Oneway)
+            {
+                warn!(node = %self.node_id, %peer, "one-way frame with wrong type or addresses dropped");
                 let _ = recv.stop(close::STREAM_MALFORMED);
                 return;
             }
-        };
-        if header.source != peer.0
-            || header.dest != self.node_id.0
-            || header.frame_type() != Some(FrameType::Oneway)
-        {
-            warn!(node = %self.node_id, %peer, "one-way frame with wrong type or addresses dropped");
-            let _ = recv.stop(close::STREAM_MALFORMED);
-            return;
+            self.handler
+                .on_oneway(Message::from_frame(header, buf, HEADER_LEN, Instant::now()));
         }
-        self.handler
-            .on_oneway(Message::from_frame(header, buf, HEADER_LEN, Instant::now()));
     }
 }
 

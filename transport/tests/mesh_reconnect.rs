@@ -21,6 +21,10 @@ async fn peer_restart_on_the_same_address() {
         .request(to, ECHO, Bytes::new(), SECOND)
         .await
         .unwrap();
+    a.mesh
+        .send(to, ECHO, Bytes::from_static(b"oneway"))
+        .await
+        .unwrap();
     let addr = b.mesh.local_addr();
     let ident = ca.issue(to).unwrap();
     b.mesh.shutdown().await;
@@ -41,6 +45,11 @@ async fn peer_restart_on_the_same_address() {
         .await
         .unwrap();
     assert_eq!(reply.body(), b"again");
+    // One-way messages, which share a stream per connection, move to the new connection too.
+    a.mesh
+        .send(to, ECHO, Bytes::from_static(b"oneway again"))
+        .await
+        .unwrap();
     drop(b2);
 }
 

@@ -367,7 +367,19 @@ fn run(cli: Cli) -> Result<()> {
 /// Kills the node process when the benchmark ends, however it ends.
 struct Child(std::process::Child);
 impl Drop for Child {
+    /// Asks the node to stop with SIGTERM first, so a profiler wrapping it (`valgrind --trace-children=yes`)
+    /// writes its data, then kills it if it is still there after a few seconds.
     fn drop(&mut self) {
+        if let Some(pid) = rustix::process::Pid::from_raw(self.0.id() as i32) {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+            let until = std::time::Instant::now() + std::time::Duration::from_secs(5);
+            while std::time::Instant::now() < until {
+                if matches!(self.0.try_wait(), Ok(Some(_))) {
+                    return;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+        }
         let _ = self.0.kill();
         let _ = self.0.wait();
     }

@@ -26,6 +26,8 @@ pub struct TestHandler {
     pub oneway_bytes: AtomicUsize,
     pub lost: AtomicUsize,
     pub requests: AtomicUsize,
+    /// The first four bytes (little-endian) of each one-way body of at least four bytes, in arrival order.
+    pub oneway_seqs: std::sync::Mutex<Vec<u32>>,
 }
 
 impl Handler for TestHandler {
@@ -45,6 +47,10 @@ impl Handler for TestHandler {
     }
 
     fn on_oneway(&self, msg: Message) {
+        if let Some(seq) = msg.body().get(..4) {
+            let seq = u32::from_le_bytes([seq[0], seq[1], seq[2], seq[3]]);
+            self.oneway_seqs.lock().unwrap().push(seq);
+        }
         self.oneway_bytes
             .fetch_add(msg.body().len(), Ordering::Relaxed);
         self.oneways.fetch_add(1, Ordering::Relaxed);
