@@ -252,27 +252,11 @@ fn transport_err(node: NodeId, e: TransportError) -> Error {
     Error::Cluster(format!("node {node}: {e}"))
 }
 
-fn held_cpus(rt: &Runtime) -> f64 {
-    rt.held_milli_cpus.load(Ordering::Relaxed) as f64 / 1000.0
-}
-
-/// What this node has free now, from the same accounting that admits its tasks (`Runtime::local`), and how many
-/// ready tasks wait there. Actors and bundles hold their CPUs outside that queue, so they are taken off here.
-fn local_free(settings: &NodeSettings, rt: &Runtime) -> (ResourceSet, u32) {
+/// What this node has free now, from the same accounting that admits its tasks (`Runtime::local`: running
+/// tasks, actors' leases and bundles all hold theirs there), and how many ready tasks wait there.
+fn local_free(rt: &Runtime) -> (ResourceSet, u32) {
     let load = rt.local.load();
-    let used = rt
-        .local
-        .total()
-        .cpu()
-        .saturating_sub(load.available.cpu())
-        .as_f64();
-    let free = (settings.num_cpus - used - held_cpus(rt)).max(0.0);
-    let mut available = load.available;
-    let _ = available.set(
-        ResourceKind::Cpu,
-        Quantity::from_f64(free).unwrap_or_default(),
-    );
-    (available, load.queued.try_into().unwrap_or(u32::MAX))
+    (load.available, load.queued.try_into().unwrap_or(u32::MAX))
 }
 
 pub(crate) fn function_id(name: &str, sig: u64) -> u64 {
@@ -423,7 +407,7 @@ impl Cluster {
     }
 
     fn me(&self, rt: &Runtime) -> Member {
-        let (free, queued) = local_free(&self.settings, rt);
+        let (free, queued) = local_free(rt);
         Member {
             id: rt.node,
             addr: self.addr.to_string(),
@@ -438,6 +422,16 @@ impl Cluster {
             free_cpus: free.cpu().as_f64(),
             queued,
             is_head: self.is_head(),
+            free_gpus: free.gpu().as_f64(),
+            free_custom: self
+                .settings
+                .resources
+                .keys()
+                .filter_map(|name| {
+                    let kind = ResourceKind::custom(name).ok()?;
+                    Some((name.clone(), free.get(&kind).as_f64()))
+                })
+                .collect(),
         }
     }
 
@@ -484,6 +478,8 @@ impl Cluster {
             id: me.id,
             free_cpus: me.free_cpus,
             queued: me.queued,
+            free_gpus: me.free_gpus,
+            free_custom: me.free_custom,
         };
         let members = if let Some(h) = &self.head_state {
             Some(self.head_heartbeat(h, &load))
@@ -565,6 +561,8 @@ impl Cluster {
         {
             det.heartbeat(NodeId(load.id), now);
             m.free_cpus = load.free_cpus;
+            m.free_gpus = load.free_gpus;
+            m.free_custom.clone_from(&load.free_custom);
             m.queued = load.queued;
         }
         for dead in det.poll(now) {
@@ -656,7 +654,8 @@ impl Cluster {
                 _ => {}
             }
             if m.alive && m.id != me {
-                let available = resource_set(m.free_cpus, m.gpus, &m.custom);
+                // What the node last reported free: CPUs, GPUs and each custom resource.
+                let available = resource_set(m.free_cpus, m.free_gpus, &m.free_custom);
                 deltas.push(ViewDelta::Resources {
                     node: NodeId(m.id),
                     seq: self.report_seq.fetch_add(1, Ordering::Relaxed),
@@ -693,7 +692,7 @@ impl Cluster {
             Strategy::PlacementGroup { .. } => oxray_scheduler::Strategy::Default,
         };
         let mut view = self.view.lock();
-        let (available, queued) = local_free(&self.settings, rt);
+        let (available, queued) = local_free(rt);
         view.update_local(NodeId(rt.node), &available, queued);
         let mut d = oxray_scheduler::decide(&view, NodeId(rt.node), &req, &mut *self.rng.lock());
         if matches!(d, Decision::Wait) && matches!(strategy, Strategy::Default | Strategy::Spread) {
@@ -757,7 +756,7 @@ impl Cluster {
         spec: &oxray_scheduler::PlacementGroupSpec,
     ) -> std::result::Result<Vec<NodeId>, oxray_scheduler::PlanError> {
         let mut view = self.view.lock();
-        let (available, queued) = local_free(&self.settings, rt);
+        let (available, queued) = local_free(rt);
         view.update_local(NodeId(rt.node), &available, queued);
         oxray_scheduler::pg::plan(&view, spec, &mut *self.rng.lock())
     }
@@ -775,7 +774,7 @@ impl Cluster {
         }
         let mut view = {
             let mut v = self.view.lock();
-            let (available, queued) = local_free(&self.settings, rt);
+            let (available, queued) = local_free(rt);
             v.update_local(NodeId(rt.node), &available, queued);
             v.clone()
         };

@@ -26,6 +26,49 @@ use crate::pool::WorkerPool;
 /// A task waiting in the queue. It is called once: with `None` to run, or with the error that keeps it from running.
 pub(crate) type TaskJob = Box<dyn FnOnce(Option<Error>) + Send + 'static>;
 
+/// Told once that a lease was granted (or why it never will be). Called with the queue unlocked, on whatever
+/// thread released what it needed: it must only hand the lease on.
+type LeaseJob = Box<dyn FnOnce(Result<Lease, Error>) + Send + 'static>;
+
+/// What waits in the queue: a task to run on a pool thread, or a lease to hand out.
+enum Job {
+    Task(TaskJob),
+    Lease(LeaseJob),
+}
+
+impl Job {
+    /// Tells the waiter it will never start.
+    fn fail(self, e: Error) {
+        match self {
+            Job::Task(job) => job(Some(e)),
+            Job::Lease(job) => job(Err(e)),
+        }
+    }
+}
+
+/// Resources held from this node's queue for as long as the lease lives: what an actor with `num_cpus`,
+/// `num_gpus` or custom resources holds while it is alive, so tasks queued here wait for what it took.
+pub(crate) struct Lease {
+    q: Arc<NodeQueue>,
+    id: TaskId,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        let mut g = self.q.inner.lock();
+        let _ = g.queue.finish(self.id);
+        let out = NodeQueue::drain_locked(&mut g);
+        drop(g);
+        self.q.start(out);
+    }
+}
+
+impl std::fmt::Debug for Lease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Lease({:?})", self.id)
+    }
+}
+
 /// Most ready tasks waiting on one node. Past it a task fails at once with a clear error instead of growing the
 /// queue without bound; a program that submits more than this at once should wait on some results first.
 const MAX_QUEUED: usize = 1_000_000;
@@ -55,8 +98,8 @@ struct Wake {
 
 struct Inner {
     queue: LocalQueue,
-    /// Jobs of queued tasks, started when the queue says so.
-    jobs: HashMap<TaskId, TaskJob, IdBuild>,
+    /// Jobs of queued tasks and leases, started when the queue says so.
+    jobs: HashMap<TaskId, Job, IdBuild>,
     /// Blocked workers the queue has not resumed yet.
     waking: HashMap<TaskId, Arc<Wake>, IdBuild>,
     /// Bundles held here.
@@ -95,8 +138,10 @@ impl Drop for Finish<'_> {
         // This worker is about to be free: it runs the next task itself. Through the pool, another thread would be
         // woken for it (a context switch per task on a busy node). Not while unwinding: the task would be lost.
         if !std::thread::panicking()
-            && let Some(i) = out.iter().position(|o| matches!(o, Out::Start(..)))
-            && let Out::Start(id, job) = out.swap_remove(i)
+            && let Some(i) = out
+                .iter()
+                .position(|o| matches!(o, Out::Start(_, Job::Task(_))))
+            && let Out::Start(id, Job::Task(job)) = out.swap_remove(i)
         {
             *self.next = Some((id, job));
         }
@@ -105,7 +150,7 @@ impl Drop for Finish<'_> {
 }
 
 enum Out {
-    Start(TaskId, TaskJob),
+    Start(TaskId, Job),
     Resume(Arc<Wake>),
 }
 
@@ -146,9 +191,40 @@ impl NodeQueue {
     pub(crate) fn submit(
         self: &Arc<Self>,
         id: u128,
-        mut demand: ResourceSet,
+        demand: ResourceSet,
         bundle: Option<BundleKey>,
         job: TaskJob,
+    ) {
+        self.enqueue(id, demand, bundle, Job::Task(job));
+    }
+
+    /// Waits until `demand` is free here and takes it until the returned lease is dropped. Blocks the calling
+    /// thread (an actor's own thread, before its constructor runs); fails at once for a demand this node can
+    /// never meet.
+    pub(crate) fn lease_blocking(
+        self: &Arc<Self>,
+        id: u128,
+        demand: ResourceSet,
+    ) -> Result<Lease, Error> {
+        let (tx, rx) = flume::bounded(1);
+        self.enqueue(
+            id,
+            demand,
+            None,
+            Job::Lease(Box::new(move |r| {
+                let _ = tx.send(r);
+            })),
+        );
+        rx.recv()
+            .map_err(|_| Error::Cluster("the node's queue dropped a lease request".into()))?
+    }
+
+    fn enqueue(
+        self: &Arc<Self>,
+        id: u128,
+        mut demand: ResourceSet,
+        bundle: Option<BundleKey>,
+        job: Job,
     ) {
         let id = TaskId(id);
         // Nodes declare no memory, so there is nothing to hold it against here; placement checks it.
@@ -158,7 +234,7 @@ impl NodeQueue {
                 "the task needs {demand:?} and this node offers {:?} in total",
                 self.total
             );
-            return job(Some(Error::Infeasible(why)));
+            return job.fail(Error::Infeasible(why));
         }
         let mut g = self.inner.lock();
         // Every input is followed by a drain, so nothing queued could start before this one came; if it does not
@@ -198,7 +274,7 @@ impl NodeQueue {
                     ),
                     e => e.to_string(),
                 };
-                job(Some(Error::Infeasible(why)));
+                job.fail(Error::Infeasible(why));
             }
         }
     }
@@ -213,19 +289,16 @@ impl NodeQueue {
         let job = g.jobs.remove(&id);
         let out = Self::drain_locked(&mut g);
         drop(g);
-        if let Some(job) = job {
-            self.pool.submit(Box::new(move || job(None)));
+        match job {
+            Some(Job::Task(job)) => self.pool.submit(Box::new(move || job(None))),
+            Some(Job::Lease(job)) => job(Err(Error::Cancelled)),
+            None => {}
         }
         self.start(out);
     }
 
-    /// Reserves a placement group's bundles, all or none. CPUs held by actors (`keep_cpu`, accounted outside the
-    /// queue) are not free for bundles.
-    pub(crate) fn hold_bundles(
-        &self,
-        bundles: &[(BundleKey, ResourceSet)],
-        keep_cpu: Quantity,
-    ) -> Result<(), String> {
+    /// Reserves a placement group's bundles, all or none, from what is free (actors' leases are taken already).
+    pub(crate) fn hold_bundles(&self, bundles: &[(BundleKey, ResourceSet)]) -> Result<(), String> {
         let mut g = self.inner.lock();
         let need = bundles
             .iter()
@@ -234,7 +307,7 @@ impl NodeQueue {
                 sum.checked_add(r.cpu())
                     .unwrap_or(Quantity::from_raw(u64::MAX))
             });
-        let free = g.queue.available().cpu().saturating_sub(keep_cpu);
+        let free = g.queue.available().cpu();
         if need > free {
             return Err(format!(
                 "{free} CPUs are free here, the bundles need {need}"
@@ -259,7 +332,7 @@ impl NodeQueue {
             return;
         };
         g.bundles = g.bundles.saturating_sub(1);
-        let dropped: Vec<TaskJob> = rel
+        let dropped: Vec<Job> = rel
             .dropped
             .iter()
             .filter_map(|id| g.jobs.remove(id))
@@ -268,9 +341,9 @@ impl NodeQueue {
         drop(g);
         self.start(out);
         for job in dropped {
-            job(Some(Error::Infeasible(
+            job.fail(Error::Infeasible(
                 "its placement group was removed before the task started".into(),
-            )));
+            ));
         }
     }
 
@@ -308,10 +381,14 @@ impl NodeQueue {
     fn start(self: &Arc<Self>, out: Vec<Out>) {
         for o in out {
             match o {
-                Out::Start(id, job) => {
+                Out::Start(id, Job::Task(job)) => {
                     let q = self.clone();
                     self.pool.submit(Box::new(move || q.run(id, job)));
                 }
+                Out::Start(id, Job::Lease(job)) => job(Ok(Lease {
+                    q: self.clone(),
+                    id,
+                })),
                 Out::Resume(w) => {
                     *w.ready.lock() = true;
                     w.cv.notify_one();

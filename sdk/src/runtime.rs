@@ -25,7 +25,7 @@ use crate::pool::WorkerPool;
 use crate::registry::{self, ActorClassEntry, Args, FunctionEntry};
 use crate::value::{self, Value};
 use crate::wire::{self, CreateW, TaskW, kind};
-use oxray_scheduler::{BundleKey, Decision, PlacementGroupId, Quantity, ResourceSet};
+use oxray_scheduler::{BundleKey, Decision, PlacementGroupId, ResourceSet};
 use oxray_transport::NodeId;
 
 /// How a runtime is configured.
@@ -112,9 +112,6 @@ pub(crate) struct Runtime {
     pub(crate) pgs: DashMap<u128, crate::pg::PlacementGroup>,
     /// Bundles reserved on this node: (group, bundle index) → thousandths of a CPU held.
     pub(crate) bundles: DashMap<(u128, u32), u64>,
-    /// CPUs (in thousandths) held by the actors hosted here, outside `local`'s accounting: placement and bundles
-    /// count them as taken, while tasks already placed here do not wait for them.
-    pub(crate) held_milli_cpus: Arc<AtomicU64>,
     /// The GCS's tables (named actors, the actor directory, the user KV), through a client.
     pub(crate) gcs: OnceLock<oxray_gcs::tables::Tables>,
     /// The GCS replica hosted by this process (embedded mode, or the head), kept alive with the runtime.
@@ -178,7 +175,6 @@ pub(crate) fn install_as(config: Config, node: Option<u128>) -> Result<Arc<Runti
         early_cancel_count: AtomicUsize::new(0),
         tasks: DashMap::new(),
         tokio: handle,
-        held_milli_cpus: Arc::new(AtomicU64::new(0)),
         pgs: DashMap::new(),
         bundles: DashMap::new(),
         gcs: OnceLock::new(),
@@ -721,10 +717,13 @@ impl Runtime {
         let id = rand_u128();
         let pg = self.pg_target(&opts.strategy)?;
         // In a placement group the bundle already holds the actor's resources.
-        let held_cpus = if pg.is_some() {
-            0.0
+        let held = if pg.is_some() {
+            crate::options::Resources {
+                num_cpus: 0.0,
+                ..crate::options::Resources::default()
+            }
         } else {
-            opts.resources.num_cpus
+            opts.resources.clone()
         };
         if let Some(cl) = self.cluster.get() {
             let target = match pg {
@@ -756,7 +755,9 @@ impl Runtime {
                     class: class.to_string(),
                     sig,
                     name: opts.name.clone(),
-                    cpus: held_cpus,
+                    cpus: held.num_cpus,
+                    gpus: held.num_gpus,
+                    custom: held.custom.iter().map(|(k, v)| (k.clone(), *v)).collect(),
                     pg: pg.map(|p| p.1).unwrap_or(0),
                     owner: self.node,
                     detached: opts.detached,
@@ -793,7 +794,7 @@ impl Runtime {
             args,
             HostTerms {
                 name: opts.name.clone(),
-                cpus: held_cpus,
+                demand: crate::cluster::resource_set(held.num_cpus, held.num_gpus, &held.custom),
                 pg: pg.map(|p| p.1),
                 owner: self.node,
                 detached: opts.detached,
@@ -825,7 +826,15 @@ impl Runtime {
             args,
             HostTerms {
                 name,
-                cpus: spec.cpus.to_native(),
+                demand: crate::cluster::resource_set(
+                    spec.cpus.to_native(),
+                    spec.gpus.to_native(),
+                    &spec
+                        .custom
+                        .iter()
+                        .map(|t| (t.0.to_string(), t.1.to_native()))
+                        .collect(),
+                ),
                 pg,
                 owner: spec.owner.to_native(),
                 detached: spec.detached,
@@ -880,10 +889,8 @@ impl Runtime {
                 )
             })
             .collect();
-        let actors = self.held_milli_cpus.load(Ordering::Acquire);
-        let actors = Quantity::from_raw(actors.saturating_mul(Quantity::whole(1).raw() / 1000));
         self.local
-            .hold_bundles(&bundles, actors)
+            .hold_bundles(&bundles)
             .map_err(|why| Error::Infeasible(format!("node {}: {why}", short(self.node))))?;
         for (i, c) in &hold.bundles {
             self.bundles
@@ -1108,8 +1115,10 @@ pub(crate) struct ActorHost {
     dead: Mutex<Option<String>>,
     killed: AtomicBool,
     pub(crate) calls: AtomicU64,
-    /// The node's held-CPU counter and this actor's share, given back when the actor dies.
-    held: (Arc<AtomicU64>, u64),
+    /// What the actor holds from the node's queue (`num_cpus`, `num_gpus`, custom resources) while alive: asked
+    /// for by the actor's thread before its constructor runs, dropped when it dies.
+    demand: ResourceSet,
+    lease: Mutex<Option<crate::node_queue::Lease>>,
     /// The placement group the actor was placed in: removing the group kills it.
     pub(crate) pg: Option<u128>,
     /// The node (driver or worker) that created the actor: unless detached, the actor dies with it.
@@ -1120,7 +1129,8 @@ pub(crate) struct ActorHost {
 /// How an actor is hosted: its name, what it holds, whose it is, and how many calls it may run at once.
 struct HostTerms {
     name: Option<String>,
-    cpus: f64,
+    /// Resources held while alive (empty in a placement group, whose bundle holds them).
+    demand: ResourceSet,
     pg: Option<u128>,
     owner: u128,
     detached: bool,
@@ -1137,15 +1147,13 @@ impl ActorHost {
     ) -> Result<Arc<Self>> {
         let HostTerms {
             name,
-            cpus,
+            demand,
             pg,
             owner,
             detached,
             max_concurrency,
         } = terms;
         let (tx, rx) = flume::unbounded::<ActorMsg>();
-        let milli_cpus = (cpus.max(0.0) * 1000.0).round() as u64;
-        rt.held_milli_cpus.fetch_add(milli_cpus, Ordering::Relaxed);
         let host = Arc::new(ActorHost {
             id,
             class,
@@ -1157,7 +1165,8 @@ impl ActorHost {
             dead: Mutex::new(None),
             killed: AtomicBool::new(false),
             calls: AtomicU64::new(0),
-            held: (rt.held_milli_cpus.clone(), milli_cpus),
+            demand,
+            lease: Mutex::new(None),
             pg,
             owner,
             detached,
@@ -1172,6 +1181,24 @@ impl ActorHost {
     }
 
     fn run(self: Arc<Self>, rt: Arc<Runtime>, args: Vec<Arg>, rx: flume::Receiver<ActorMsg>) {
+        // Calls queue on the mailbox meanwhile. A task here blocked in `get` on this actor lends its CPU, so an
+        // actor created and awaited by a task on a full node still starts.
+        if !self.demand.is_empty() {
+            match rt.local.lease_blocking(self.id, self.demand.clone()) {
+                Ok(lease) => *self.lease.lock() = Some(lease),
+                Err(e) => {
+                    self.die(format!("its resources cannot be held on this node: {e}"));
+                    self.drain(&rx);
+                    return;
+                }
+            }
+            if !self.is_alive() {
+                // Killed while it waited: what it was just given goes back.
+                self.lease.lock().take();
+                self.drain(&rx);
+                return;
+            }
+        }
         let constructed = resolve_args(&args).and_then(|resolved| {
             let mut state: Option<Box<dyn Any + Send>> = None;
             let name = self.class.name;
@@ -1299,7 +1326,8 @@ impl ActorHost {
         let mut d = self.dead.lock();
         if d.is_none() {
             *d = Some(reason);
-            self.held.0.fetch_sub(self.held.1, Ordering::Relaxed);
+            // Tasks queued here may start on what the actor held.
+            drop(self.lease.lock().take());
             // A dead actor's name is free again, as in Ray.
             if let (Some(name), Ok(rt)) = (&self.name, current()) {
                 rt.named.remove(name);

@@ -170,8 +170,11 @@ pub(crate) struct CreateW {
     pub class: String,
     pub sig: u64,
     pub name: Option<String>,
-    /// CPUs the actor holds for its lifetime on the node that hosts it.
+    /// CPUs, GPUs and custom resources the actor holds for its lifetime on the node that hosts it (taken from
+    /// that node's queue, so its tasks wait for them).
     pub cpus: f64,
+    pub gpus: f64,
+    pub custom: Vec<(String, f64)>,
     /// The placement group the actor is placed in (0: none).
     pub pg: u128,
     /// The creating node: the actor dies with it unless `detached`.
@@ -207,6 +210,11 @@ pub(crate) struct Member {
     pub free_cpus: f64,
     pub queued: u32,
     pub is_head: bool,
+    /// Free GPUs and custom resources (every one in `custom`, zeros included), as last reported.
+    #[serde(default)]
+    pub free_gpus: f64,
+    #[serde(default)]
+    pub free_custom: std::collections::BTreeMap<String, f64>,
 }
 
 /// A heartbeat's payload.
@@ -215,6 +223,10 @@ pub(crate) struct Load {
     pub id: u128,
     pub free_cpus: f64,
     pub queued: u32,
+    #[serde(default)]
+    pub free_gpus: f64,
+    #[serde(default)]
+    pub free_custom: std::collections::BTreeMap<String, f64>,
 }
 
 /// The whole cluster, for `oxray status` and `oxray list`.

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use oxray::pg::{PlacementStrategy, placement_group, remove_placement_group};
-use oxray::{Error, ObjectRef, Strategy, TaskOptions};
+use oxray::{ActorOptions, Error, ObjectRef, Strategy, TaskOptions};
 
 /// Tasks running now and the most seen at once, per test (tests may share a process).
 static LIVE: [AtomicUsize; 4] = [const { AtomicUsize::new(0) }; 4];
@@ -139,4 +139,46 @@ fn tasks_in_a_bundle_share_what_it_reserved() {
     }
     assert_eq!(outside.get().unwrap(), 1);
     remove_placement_group(&pg).unwrap();
+}
+
+/// An actor that only holds what it was created with.
+#[derive(Debug)]
+pub struct Holder;
+
+#[oxray::actor]
+impl Holder {
+    #[allow(clippy::new_without_default)]
+    pub fn new() -> Self {
+        Holder
+    }
+    pub fn ping(&self) -> u8 {
+        1
+    }
+}
+
+#[test]
+fn an_actor_holds_its_resources_while_it_lives() {
+    let _serial = init();
+    // The actor takes the node's one slot: a task that needs it waits, although placement in one process has
+    // nowhere else to send it.
+    let holder = Holder::remote_with(&ActorOptions::new().resource("slot", 1.0)).unwrap();
+    assert_eq!(
+        holder.ping().get_timeout(Duration::from_secs(10)).unwrap(),
+        1
+    );
+    let opts = TaskOptions::new().num_cpus(0.5).resource("slot", 1.0);
+    let waiting = occupy::remote_with(&opts, 2, 1).unwrap();
+    match waiting.get_timeout(Duration::from_millis(400)) {
+        Err(Error::GetTimeout(_)) => {}
+        other => panic!("a task needing the actor's slot ran beside it: {other:?}"),
+    }
+    // Its death gives the slot back, and the waiting task runs.
+    oxray::kill(&holder);
+    assert_eq!(waiting.get_timeout(Duration::from_secs(10)).unwrap(), 1);
+    // An actor asking for more than the node has dies with a clear reason instead of waiting for good.
+    let greedy = Holder::remote_with(&ActorOptions::new().resource("slot", 2.0)).unwrap();
+    match greedy.ping().get_timeout(Duration::from_secs(10)) {
+        Err(Error::ActorDied { reason, .. }) => assert!(reason.contains("slot"), "{reason}"),
+        other => panic!("expected the actor to die, got {other:?}"),
+    }
 }

@@ -4,8 +4,8 @@
 
 use std::time::Duration;
 
-use oxray::TaskOptions;
-use oxray_tests::harness::TestCluster;
+use oxray::{ActorOptions, TaskOptions};
+use oxray_tests::harness::{TestCluster, wait_until};
 use oxray_tests::*;
 
 const NODE: &str = env!("CARGO_BIN_EXE_oxray-test-node");
@@ -32,4 +32,48 @@ fn a_node_runs_tasks_needing_its_one_slot_one_at_a_time() {
             "tasks needing the node's one slot overlapped: {spans:?}"
         );
     }
+}
+
+/// An actor holding a node's one "slot" takes it from that node's queue, and the node's heartbeats say it is
+/// taken: a task needing a slot goes to the other node with one free and runs at once. (When heartbeats carried
+/// free CPUs only, the driver saw both slots free and could send the task where it waited for the actor to die.)
+#[test]
+fn a_slot_held_by_an_actor_sends_tasks_needing_one_elsewhere() {
+    link();
+    let mut cluster = TestCluster::start(NODE, 1, &["--dead-after-ms", "3000"]);
+    cluster.add_node(2, &["--resources", r#"{"slot": 1}"#]);
+    cluster.add_node(2, &["--resources", r#"{"slot": 1}"#]);
+    oxray::connect(&cluster.address, &cluster.token).expect("driver connects");
+
+    let holder = Recorder::remote_with(&ActorOptions::new().resource("slot", 1.0), 0).unwrap();
+    let held_on = holder
+        .node()
+        .get_timeout(Duration::from_secs(30))
+        .expect("the actor starts");
+    // Past a few heartbeats (250 ms apart), the driver's view holds what the nodes reported, not its own guesses.
+    std::thread::sleep(Duration::from_millis(1200));
+    let opts = TaskOptions::new().num_cpus(0.5).resource("slot", 1.0);
+    for i in 0..4 {
+        let ran_on = where_am_i::remote_with(&opts, 0)
+            .unwrap()
+            .get_timeout(Duration::from_secs(5))
+            .unwrap_or_else(|e| panic!("task {i} needing a slot did not run: {e}"));
+        assert_ne!(
+            ran_on, held_on,
+            "task {i} ran beside the actor holding that node's slot"
+        );
+    }
+    // Once the actor is gone, its node's slot is free again.
+    oxray::kill(&holder);
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            (0..2).any(|_| {
+                where_am_i::remote_with(&opts, 0)
+                    .unwrap()
+                    .get_timeout(Duration::from_secs(5))
+                    .is_ok_and(|n| n == held_on)
+            })
+        }),
+        "the killed actor's slot was never used again"
+    );
 }
