@@ -680,6 +680,42 @@ impl Cluster {
         strategy: &Strategy,
         args: &[Arg],
     ) -> Decision {
+        self.decide_with(rt, function, res, strategy, args, true)
+    }
+
+    /// Places an actor. An actor holds its resources for its whole life, so queueing it behind a node that only
+    /// looks busy on a stale view is worse than for a task: when every fitting node looks busy, the view is
+    /// refreshed by up to four heartbeats before the least-loaded node is chosen anyway. (Right after a burst of
+    /// tasks, the view still shows every node full, and Spread put two one-CPU actors on one node.)
+    pub(crate) fn decide_actor(
+        &self,
+        rt: &Runtime,
+        function: u64,
+        res: &Resources,
+        strategy: &Strategy,
+        args: &[Arg],
+    ) -> Decision {
+        let holds = res.num_cpus > 0.0 || res.num_gpus > 0.0 || !res.custom.is_empty();
+        if holds {
+            for _ in 0..4 {
+                match self.decide_with(rt, function, res, strategy, args, false) {
+                    Decision::Wait => std::thread::sleep(self.settings.heartbeat),
+                    d => return d,
+                }
+            }
+        }
+        self.decide(rt, function, res, strategy, args)
+    }
+
+    fn decide_with(
+        &self,
+        rt: &Runtime,
+        function: u64,
+        res: &Resources,
+        strategy: &Strategy,
+        args: &[Arg],
+        queue_when_busy: bool,
+    ) -> Decision {
         let mut req = TaskRequest::new(function, demand(res));
         req.args = arg_locations(rt, args);
         req.strategy = match strategy {
@@ -695,7 +731,10 @@ impl Cluster {
         let (available, queued) = local_free(rt);
         view.update_local(NodeId(rt.node), &available, queued);
         let mut d = oxray_scheduler::decide(&view, NodeId(rt.node), &req, &mut *self.rng.lock());
-        if matches!(d, Decision::Wait) && matches!(strategy, Strategy::Default | Strategy::Spread) {
+        if queue_when_busy
+            && matches!(d, Decision::Wait)
+            && matches!(strategy, Strategy::Default | Strategy::Spread)
+        {
             // Every fitting node is busy: queue the task at the least-loaded one rather than hold it here. Nodes
             // queue work in their pools, and the owner then needs no timer to retry.
             if let Some(n) = view

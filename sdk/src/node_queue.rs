@@ -198,25 +198,35 @@ impl NodeQueue {
         self.enqueue(id, demand, bundle, Job::Task(job));
     }
 
-    /// Waits until `demand` is free here and takes it until the returned lease is dropped. Blocks the calling
-    /// thread (an actor's own thread, before its constructor runs); fails at once for a demand this node can
-    /// never meet.
-    pub(crate) fn lease_blocking(
+    /// Asks for `demand` until the lease handed to `granted` is dropped: at once if it is free, else when it
+    /// frees, ahead of tasks queued later. Fails at once for a demand this node can never meet. Does not wait:
+    /// `granted` runs on whichever thread frees the resources (it must only store the lease).
+    pub(crate) fn lease(
         self: &Arc<Self>,
         id: u128,
         demand: ResourceSet,
-    ) -> Result<Lease, Error> {
-        let (tx, rx) = flume::bounded(1);
+        granted: impl FnOnce(Lease) + Send + 'static,
+    ) -> Result<(), Error> {
+        let mut need = demand.clone();
+        let _ = need.set(ResourceKind::Memory, Quantity::ZERO);
+        if !self.total.fits(&need) {
+            return Err(Error::Infeasible(format!(
+                "it needs {need:?} and this node offers {:?} in total",
+                self.total
+            )));
+        }
         self.enqueue(
             id,
             demand,
             None,
-            Job::Lease(Box::new(move |r| {
-                let _ = tx.send(r);
+            Job::Lease(Box::new(move |r| match r {
+                Ok(lease) => granted(lease),
+                Err(e) => {
+                    tracing::warn!(cause = %e, "an actor's resources could not be queued for")
+                }
             })),
         );
-        rx.recv()
-            .map_err(|_| Error::Cluster("the node's queue dropped a lease request".into()))?
+        Ok(())
     }
 
     fn enqueue(

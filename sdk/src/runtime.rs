@@ -730,7 +730,7 @@ impl Runtime {
                 Some((node, _)) => (node != self.node).then_some(NodeId(node)),
                 None => {
                     let fid = crate::cluster::function_id(class, sig);
-                    match cl.decide(self, fid, &opts.resources, &opts.strategy, &args) {
+                    match cl.decide_actor(self, fid, &opts.resources, &opts.strategy, &args) {
                         Decision::RunLocal => None,
                         Decision::Spill(n) | Decision::RunInBundle { node: n, .. } => Some(n),
                         Decision::Wait => {
@@ -1181,20 +1181,22 @@ impl ActorHost {
     }
 
     fn run(self: Arc<Self>, rt: Arc<Runtime>, args: Vec<Arg>, rx: flume::Receiver<ActorMsg>) {
-        // Calls queue on the mailbox meanwhile. A task here blocked in `get` on this actor lends its CPU, so an
-        // actor created and awaited by a task on a full node still starts.
+        // The actor starts at once and holds its resources from when they are free (at once, unless placement
+        // sent it here on a stale view): waiting for them could wait for good (a task here blocked on this
+        // actor, or the actor that holds them living as long), so a stale placement over-commits the node for a
+        // while instead, and tasks queued after the lease wait for it.
         if !self.demand.is_empty() {
-            match rt.local.lease_blocking(self.id, self.demand.clone()) {
-                Ok(lease) => *self.lease.lock() = Some(lease),
-                Err(e) => {
-                    self.die(format!("its resources cannot be held on this node: {e}"));
-                    self.drain(&rx);
-                    return;
+            let host = Arc::downgrade(&self);
+            let asked = rt.local.lease(self.id, self.demand.clone(), move |lease| {
+                if let Some(h) = host.upgrade()
+                    && h.is_alive()
+                {
+                    *h.lease.lock() = Some(lease);
                 }
-            }
-            if !self.is_alive() {
-                // Killed while it waited: what it was just given goes back.
-                self.lease.lock().take();
+                // Dead meanwhile: the lease is dropped here, and what it held goes back.
+            });
+            if let Err(e) = asked {
+                self.die(format!("its resources cannot be held on this node: {e}"));
                 self.drain(&rx);
                 return;
             }

@@ -160,9 +160,9 @@ fn child_main(role: &str) -> Result<()> {
     let task_nodes: HashSet<u64> = tags.into_iter().collect();
 
     // ES: one worker per node, pinned by node affinity. `--es-spread` asks for `Strategy::Spread` with
-    // `num_cpus(1.0)` instead, which is what a Ray user would write; in this SDK version that did not spread
-    // actors (two workers on two 1-CPU nodes both landed on one node: the actor's CPU is not held at placement),
-    // so pinning is the default and keeps the measurement about scaling, not placement.
+    // `num_cpus(1.0)` instead, which is what a Ray user would write. That did not spread before actors held their
+    // CPUs in the node's queue (two workers on two 1-CPU nodes landed on one node); it does now (`es_nodes_used`
+    // says so), but pinning stays the default and keeps the measurement about scaling, not placement.
     let t_setup = Instant::now();
     let workers = if spread {
         let opts = ActorOptions::new().num_cpus(1.0).strategy(Strategy::Spread);
