@@ -24,8 +24,10 @@ use tokio::sync::Notify;
 use tracing::{Instrument as _, debug, info_span, warn};
 
 use crate::error::{TransportError, close, from_connection};
-use crate::frame::{self, ErrorCode, FrameType, HEADER_LEN, Header, PREFIX_LEN, TraceContext};
-use crate::lane::{self, ClientLane, FrameReader, Hold, LaneReply, NotSent};
+use crate::frame::{
+    self, ErrorCode, FrameType, HEADER_LEN, Header, LaneHead, PREFIX_LEN, TraceContext,
+};
+use crate::lane::{self, ClientLane, FrameReader, Gate, LaneReply, NotSent};
 use crate::message::{IncomingStream, Message, Reply, Responder, Source, read_error};
 use crate::tls::{self, JoinAuthority, NodeIdentity};
 use crate::{Body, Limits, NodeId};
@@ -164,16 +166,15 @@ impl Drop for Slot<'_> {
 /// Counts work that shutdown must wait for.
 struct Active<'a>(&'a Inner);
 
-/// [`Active`] that can travel with a lane reply until it is written.
-pub(crate) struct ActiveOwned(Arc<Inner>);
-impl ActiveOwned {
-    fn new(inner: Arc<Inner>) -> ActiveOwned {
-        inner.active.fetch_add(1, Ordering::AcqRel);
-        ActiveOwned(inner)
+/// Adds to and takes from the count of work that shutdown waits for, for a holder that counts its own work
+/// (a lane's [`Gate`] counts once while any of its replies is unwritten).
+pub(crate) struct ActiveCount(Arc<Inner>);
+impl ActiveCount {
+    pub(crate) fn add(&self) {
+        self.0.active.fetch_add(1, Ordering::AcqRel);
     }
-}
-impl Drop for ActiveOwned {
-    fn drop(&mut self) {
+    /// Undoes one `add`.
+    pub(crate) fn sub(&self) {
         drop(Active(&self.0));
     }
 }
@@ -713,7 +714,8 @@ impl Inner {
                 limit: self.limits.max_message_bytes as u64,
             });
         }
-        if payload.is_none() && body.len() <= self.limits.lane_body_limit {
+        if payload.is_none() && body.len() <= self.limits.lane_body_limit.min(frame::LANE_BODY_MAX)
+        {
             return self.lane_request(to, peer, header, body).await;
         }
         let (mut send, mut recv, _) = self.open_bi(to, peer).await?;
@@ -794,7 +796,7 @@ impl Inner {
         let lane = Arc::new(ClientLane::start(
             send,
             recv,
-            open,
+            Bytes::from(frame::encode_head(&open, 0)),
             conn_id,
             self.node_id,
             to,
@@ -820,9 +822,16 @@ impl Inner {
         header: Header,
         mut body: Body,
     ) -> Result<Message, TransportError> {
+        let head = LaneHead {
+            frame: FrameType::Request,
+            kind: header.kind,
+            request_id: header.request_id,
+            budget_us: header.budget_us,
+            trace: header.trace(),
+        };
         for _ in 0..2 {
             let lane = self.lane(to, peer).await?;
-            match lane.call(header, body) {
+            match lane.call(head, body) {
                 Ok((rx, pending)) => {
                     let reply = rx.await;
                     pending.done();
@@ -1163,12 +1172,13 @@ impl Inner {
         send: quinn::SendStream,
         mut recv: quinn::RecvStream,
     ) {
-        let tx = lane::start_server_writer(send);
         // Replies not yet written, at most as many as a requester may have in flight: at the bound this task
         // stops reading, and QUIC flow control holds the requester back.
-        let slots = Arc::new(tokio::sync::Semaphore::new(
-            self.limits.max_inflight_per_peer,
-        ));
+        let gate = Gate::new(
+            lane::start_server_writer(send),
+            &self.limits,
+            ActiveCount(self.clone()),
+        );
         let mut reader = FrameReader::default();
         let mut frames = Vec::new();
         loop {
@@ -1183,63 +1193,32 @@ impl Inner {
                     TransportError::MessageTooLarge { .. } => ErrorCode::TooLarge,
                     _ => ErrorCode::Malformed,
                 };
-                let _ = tx.send(lane::error_frame(
-                    self.node_id,
-                    peer,
-                    0,
-                    code,
-                    e.to_string(),
-                ));
+                gate.send(lane::error_frame(0, code, e.to_string()));
                 let _ = recv.stop(close::STREAM_MALFORMED);
                 return;
             }
             let received = Instant::now();
-            for (header, buf) in frames.drain(..) {
-                let why = if header.source != peer.0 || header.dest != self.node_id.0 {
-                    Some("envelope source or destination does not match the authenticated connection".to_string())
-                } else if header.frame_type() != Some(FrameType::Request) {
-                    Some(format!("frame type {} not valid on a lane", header.frame))
-                } else {
-                    None
-                };
-                if let Some(why) = why {
+            for (head, body) in frames.drain(..) {
+                if head.frame != FrameType::Request {
+                    let why = format!("frame type {} not valid on a lane", head.frame as u8);
                     warn!(node = %self.node_id, %peer, %why, "bad frame on a lane; closing it");
-                    let _ = tx.send(lane::error_frame(
-                        self.node_id,
-                        peer,
-                        0,
-                        ErrorCode::Malformed,
-                        why,
-                    ));
+                    gate.send(lane::error_frame(0, ErrorCode::Malformed, why));
                     let _ = recv.stop(close::STREAM_MALFORMED);
                     return;
                 }
                 if self.closing.load(Ordering::Acquire) {
-                    let _ = tx.send(lane::error_frame(
-                        self.node_id,
-                        peer,
-                        header.request_id,
+                    gate.send(lane::error_frame(
+                        head.request_id,
                         ErrorCode::ShuttingDown,
                         "node is shutting down".into(),
                     ));
                     continue;
                 }
-                let permit = match slots.clone().try_acquire_owned() {
-                    Ok(p) => p,
-                    Err(_) => match slots.clone().acquire_owned().await {
-                        Ok(p) => p,
-                        Err(_) => return,
-                    },
-                };
-                let hold = Hold {
-                    _permit: permit,
-                    _active: ActiveOwned::new(self.clone()),
-                };
-                let reply = LaneReply::new(tx.clone(), self.node_id, header, hold);
-                self.handler.on_request(
-                    Message::from_frame(header, buf, HEADER_LEN, received),
-                    Responder::lane(reply),
-                );
+                let hold = gate.take().await;
+                // Source and destination are the lane's ends: the peer the connection authenticated, and us.
+                let msg = Message::from_frame(head.header(peer, self.node_id), body, 0, received);
+                self.handler
+                    .on_request(msg, Responder::lane(LaneReply::new(head, hold)));
             }
         }
     }
