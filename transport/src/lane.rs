@@ -22,6 +22,7 @@
 //! breaks a limit or fails validation ends the lane (with an error frame to the peer), never the process.
 
 use std::collections::HashMap;
+use std::hash::BuildHasherDefault;
 use std::ops::Range;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -34,7 +35,7 @@ use tokio::sync::{Notify, oneshot};
 
 use crate::error::TransportError;
 use crate::frame::{self, ErrorCode, FrameType, LaneHead, TraceContext};
-use crate::mesh::ActiveCount;
+use crate::mesh::{ActiveCount, IdHasher};
 use crate::message::{Message, Reply, read_error};
 use crate::{Body, Limits, NodeId};
 
@@ -88,20 +89,28 @@ impl Gate {
         })
     }
 
-    /// Takes a place for one reply, waiting while every place is taken. Only the lane's reader calls this.
+    /// Takes a place for one reply if one is free. Only the lane's reader takes places.
+    pub(crate) fn try_take(self: &Arc<Gate>) -> Option<Hold> {
+        if self.unwritten.load(Ordering::Acquire) >= self.limit {
+            return None;
+        }
+        // The reader alone adds, so the count cannot pass the limit between the check and the add.
+        if self.unwritten.fetch_add(1, Ordering::AcqRel) == 0 {
+            self.active.add();
+        }
+        Some(Hold(self.clone()))
+    }
+
+    /// Takes a place for one reply, waiting while every place is taken.
     pub(crate) async fn take(self: &Arc<Gate>) -> Hold {
-        while self.unwritten.load(Ordering::Acquire) >= self.limit {
+        loop {
             let room = self.room.notified();
-            if self.unwritten.load(Ordering::Acquire) < self.limit {
-                break;
+            if let Some(hold) = self.try_take() {
+                return hold;
             }
             // notify_one leaves a permit when nobody waits yet, so a place freed before this await is not missed.
             room.await;
         }
-        if self.unwritten.fetch_add(1, Ordering::AcqRel) == 0 {
-            self.active.add();
-        }
-        Hold(self.clone())
     }
 
     /// Queues a frame that holds no place (a complaint about the lane). Fails once the writer is gone.
@@ -300,7 +309,7 @@ impl Death {
 #[derive(Default)]
 struct Waiting {
     dead: Option<Death>,
-    map: HashMap<u64, Waiter>,
+    map: HashMap<u64, Waiter, BuildHasherDefault<IdHasher>>,
 }
 
 /// State shared by a requester's lane handle and its reader task.
@@ -447,6 +456,7 @@ async fn read_responses(
     let peer = shared.peer;
     let mut reader = FrameReader::default();
     let mut frames = Vec::new();
+    let mut waiters = Vec::new();
     let death = loop {
         let chunk = match recv.read_chunk(usize::MAX, true).await {
             Ok(Some(c)) => c,
@@ -459,19 +469,28 @@ async fn read_responses(
         }
         let now = Instant::now();
         let mut broken = None;
-        for (h, body) in frames.drain(..) {
+        // Frames up to the first that has no business on this side are delivered; that one ends the lane.
+        let good = frames
+            .iter()
+            .position(|(h, _)| !matches!(h.frame, FrameType::Response | FrameType::Error))
+            .unwrap_or(frames.len());
+        if let Some((h, _)) = frames.get(good) {
+            broken = Some(Death::Malformed(format!(
+                "frame type {} not valid on a lane's response side",
+                h.frame as u8
+            )));
+        }
+        frames.truncate(good);
+        // One lock for the whole chunk's waiters; the replies are handed over after it is released.
+        {
+            let mut w = shared.waiting.lock();
+            waiters.extend(frames.iter().map(|(h, _)| w.map.remove(&h.request_id)));
+        }
+        for ((h, body), waiter) in frames.drain(..).zip(waiters.drain(..)) {
             let result = match h.frame {
                 FrameType::Response => Ok(Message::from_frame(h.header(peer, me), body, 0, now)),
-                FrameType::Error => Err(TransportError::from_remote(h.kind, &body)),
-                _ => {
-                    broken = Some(Death::Malformed(format!(
-                        "frame type {} not valid on a lane's response side",
-                        h.frame as u8
-                    )));
-                    break;
-                }
+                _ => Err(TransportError::from_remote(h.kind, &body)),
             };
-            let waiter = shared.waiting.lock().map.remove(&h.request_id);
             match waiter {
                 Some(tx) => {
                     let _ = tx.send(result);
@@ -480,7 +499,6 @@ async fn read_responses(
                 None if h.request_id == 0 => {
                     if let Err(e) = result {
                         broken = Some(Death::of(&e));
-                        break;
                     }
                 }
                 // The requester gave up (deadline) before the answer came.

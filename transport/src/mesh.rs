@@ -118,6 +118,16 @@ impl Peer {
             .cloned()
     }
 
+    /// The lane to this peer if it is alive and on the current connection (see `Inner::lane`).
+    fn live_lane(&self) -> Option<Arc<ClientLane>> {
+        let current = self.conn.lock().as_ref().map(|c| c.stable_id())?;
+        self.lane
+            .lock()
+            .as_ref()
+            .filter(|l| !l.is_dead() && l.conn_id == current)
+            .cloned()
+    }
+
     fn forget(&self, conn: &quinn::Connection) -> bool {
         let mut slot = self.conn.lock();
         if slot
@@ -131,11 +141,13 @@ impl Peer {
     }
 }
 
-/// Hashes node ids for the peer table, which every request consults. Ids are random 128-bit numbers chosen by
-/// the CA's holder, so folding their halves is as good as SipHash here and a few times cheaper.
+/// Hashes node ids for the peer table, which every request consults, and request ids for a lane's table of
+/// waiting requests. Node ids are random 128-bit numbers chosen by the CA's holder and request ids are our own
+/// counter (a peer's ids are only ever looked up, never inserted), so no one can choose keys that collide:
+/// folding the words with a multiply is as good as SipHash here and a few times cheaper.
 #[derive(Default)]
-struct NodeIdHasher(u64);
-impl std::hash::Hasher for NodeIdHasher {
+pub(crate) struct IdHasher(u64);
+impl std::hash::Hasher for IdHasher {
     fn finish(&self) -> u64 {
         self.0
     }
@@ -197,7 +209,7 @@ struct Inner {
     client_cfg: quinn::ClientConfig,
     limits: Limits,
     handler: Arc<dyn Handler>,
-    peers: DashMap<NodeId, Arc<Peer>, BuildHasherDefault<NodeIdHasher>>,
+    peers: DashMap<NodeId, Arc<Peer>, BuildHasherDefault<IdHasher>>,
     next_request: AtomicU64,
     join: Option<JoinAuthority>,
     closing: AtomicBool,
@@ -419,6 +431,26 @@ impl Mesh {
         }
         let peer = inner.peer(to)?;
         let _slot = inner.slot(to, &peer)?;
+        // The common case first: a small request on a lane that is up needs no await before it is queued,
+        // so it skips the connection and lane futures below and waits on its reply alone.
+        let mut body = body;
+        if body.len() <= inner.lane_limit()
+            && let Some(lane) = peer.live_lane()
+        {
+            match lane.call(lane_head(&header), body) {
+                Ok((rx, pending)) => {
+                    return match tokio::time::timeout(deadline, rx).await {
+                        Ok(reply) => {
+                            pending.done();
+                            reply.unwrap_or(Err(TransportError::Closed))
+                        }
+                        Err(_) => Err(TransportError::Timeout),
+                    };
+                }
+                // The lane died just now; the slow path below opens another.
+                Err(NotSent(b)) => body = b,
+            }
+        }
         match tokio::time::timeout(
             deadline,
             inner.remote_request(to, &peer, header, body, None),
@@ -592,6 +624,14 @@ impl Inner {
             span_id: trace.span_id,
             payload_len,
         }
+    }
+
+    /// Largest body that travels on a lane (never more than any message may be).
+    fn lane_limit(&self) -> usize {
+        self.limits
+            .lane_body_limit
+            .min(self.limits.max_message_bytes)
+            .min(frame::LANE_BODY_MAX)
     }
 
     fn peer(&self, node: NodeId) -> Result<Arc<Peer>, TransportError> {
@@ -780,9 +820,8 @@ impl Inner {
     async fn lane(&self, to: NodeId, peer: &Peer) -> Result<Arc<ClientLane>, TransportError> {
         let usable =
             |l: &&Arc<ClientLane>, conn: Option<usize>| !l.is_dead() && Some(l.conn_id) == conn;
-        let current = peer.conn.lock().as_ref().map(|c| c.stable_id());
-        if let Some(l) = peer.lane.lock().as_ref().filter(|l| usable(l, current)) {
-            return Ok(l.clone());
+        if let Some(l) = peer.live_lane() {
+            return Ok(l);
         }
         let (send, recv, conn_id) = self.open_bi(to, peer).await?;
         let open = self.header(
@@ -822,13 +861,7 @@ impl Inner {
         header: Header,
         mut body: Body,
     ) -> Result<Message, TransportError> {
-        let head = LaneHead {
-            frame: FrameType::Request,
-            kind: header.kind,
-            request_id: header.request_id,
-            budget_us: header.budget_us,
-            trace: header.trace(),
-        };
+        let head = lane_head(&header);
         for _ in 0..2 {
             let lane = self.lane(to, peer).await?;
             match lane.call(head, body) {
@@ -844,6 +877,17 @@ impl Inner {
             peer: to,
             why: "the lane to the peer closed twice before the request could be sent".into(),
         })
+    }
+}
+
+/// The lane frame head of a request.
+fn lane_head(header: &Header) -> LaneHead {
+    LaneHead {
+        frame: FrameType::Request,
+        kind: header.kind,
+        request_id: header.request_id,
+        budget_us: header.budget_us,
+        trace: header.trace(),
     }
 }
 
@@ -1214,7 +1258,10 @@ impl Inner {
                     ));
                     continue;
                 }
-                let hold = gate.take().await;
+                let hold = match gate.try_take() {
+                    Some(h) => h,
+                    None => gate.take().await,
+                };
                 // Source and destination are the lane's ends: the peer the connection authenticated, and us.
                 let msg = Message::from_frame(head.header(peer, self.node_id), body, 0, received);
                 self.handler
