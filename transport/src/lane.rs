@@ -53,6 +53,108 @@ pub(crate) struct Outgoing {
     pub(crate) _hold: Option<Hold>,
 }
 
+/// The frames waiting for a lane's writer task.
+///
+/// Why not a channel: the writer takes everything queued in one swap of vectors (one lock per write,
+/// however many frames), where a channel costs a lock per frame received; and the two vectors' allocations
+/// are reused from write to write. Its length is bounded by what feeds it: a requester's slots
+/// (`max_inflight_per_peer`) on one side, the lane's [`Gate`] on the other.
+pub(crate) struct Outbox {
+    state: Mutex<OutboxState>,
+    /// Set once the writer is gone: sends fail, and a responder can tell its requester is unreachable.
+    closed: AtomicBool,
+    /// Wakes the writer when frames arrive in an empty outbox or the last sender goes.
+    ready: Notify,
+}
+
+#[derive(Default)]
+struct OutboxState {
+    frames: Vec<Outgoing>,
+    /// Live [`OutboxSender`]s; the writer finishes the stream when none is left and nothing is queued.
+    senders: usize,
+    closed: bool,
+}
+
+/// The sending end of an [`Outbox`]; the writer finishes its stream once every sender is dropped.
+pub(crate) struct OutboxSender(Arc<Outbox>);
+
+impl OutboxSender {
+    /// Queues a frame; gives it back if the writer is gone.
+    pub(crate) fn send(&self, o: Outgoing) -> Result<(), Outgoing> {
+        let mut st = self.0.state.lock();
+        if st.closed {
+            return Err(o);
+        }
+        let was_empty = st.frames.is_empty();
+        st.frames.push(o);
+        drop(st);
+        // Only the first frame of a batch needs to wake the writer; notify_one keeps a permit if it is busy.
+        if was_empty {
+            self.0.ready.notify_one();
+        }
+        Ok(())
+    }
+
+    /// Whether the writer is gone (the lane's stream or connection failed).
+    pub(crate) fn is_closed(&self) -> bool {
+        self.0.closed.load(Ordering::Acquire)
+    }
+}
+
+impl Drop for OutboxSender {
+    fn drop(&mut self) {
+        let mut st = self.0.state.lock();
+        st.senders = st.senders.saturating_sub(1);
+        drop(st);
+        self.0.ready.notify_one();
+    }
+}
+
+/// An outbox with one sender, and the writer's handle on it.
+fn outbox() -> (OutboxSender, Arc<Outbox>) {
+    let outbox = Arc::new(Outbox {
+        state: Mutex::new(OutboxState {
+            senders: 1,
+            ..OutboxState::default()
+        }),
+        closed: AtomicBool::new(false),
+        ready: Notify::new(),
+    });
+    (OutboxSender(outbox.clone()), outbox)
+}
+
+impl Outbox {
+    /// Swaps everything queued into `batch` (empty on entry), waiting while nothing is; `false` once every
+    /// sender is gone and nothing is left.
+    async fn take(&self, batch: &mut Vec<Outgoing>) -> bool {
+        loop {
+            let ready = self.ready.notified();
+            {
+                let mut st = self.state.lock();
+                if !st.frames.is_empty() {
+                    std::mem::swap(&mut st.frames, batch);
+                    return true;
+                }
+                if st.senders == 0 {
+                    return false;
+                }
+            }
+            ready.await;
+        }
+    }
+
+    /// The writer is gone: refuse further frames and drop the queued ones (giving back what they hold).
+    fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        let frames = {
+            let mut st = self.state.lock();
+            st.closed = true;
+            std::mem::take(&mut st.frames)
+        };
+        drop(frames);
+    }
+}
+
 /// A server lane's count of replies not yet written, and where they are written.
 ///
 /// The lane's reader takes a place per request and waits while all `limit` places are taken; a reply gives
@@ -61,7 +163,7 @@ pub(crate) struct Outgoing {
 /// While any place is taken the gate counts once in the node's active work, which shutdown drains.
 pub(crate) struct Gate {
     /// The lane's writer.
-    tx: flume::Sender<Outgoing>,
+    tx: OutboxSender,
     /// Largest reply body the requester accepts (its limit is assumed to be ours), at most what a lane
     /// frame can announce.
     max_body: usize,
@@ -74,11 +176,7 @@ pub(crate) struct Gate {
 
 impl Gate {
     /// A gate for a lane whose replies go to `tx`.
-    pub(crate) fn new(
-        tx: flume::Sender<Outgoing>,
-        limits: &Limits,
-        active: ActiveCount,
-    ) -> Arc<Gate> {
+    pub(crate) fn new(tx: OutboxSender, limits: &Limits, active: ActiveCount) -> Arc<Gate> {
         Arc::new(Gate {
             tx,
             max_body: limits.max_message_bytes.min(frame::LANE_BODY_MAX),
@@ -240,32 +338,34 @@ fn encode(batch: &[Outgoing]) -> Vec<Bytes> {
     chunks
 }
 
-/// Drains `rx` into `send` in batches until every sender is gone, then finishes the stream. `first` is
-/// written before anything else (a requester's lane-opening frame). Returns why it stopped early, if it did.
+/// Writes what `outbox` receives into `send`, each batch in one write, until every sender is gone, then
+/// finishes the stream. `first` is written before anything else (a requester's lane-opening frame). Returns
+/// why it stopped early, if it did; either way the outbox is closed when it returns.
 async fn write_loop(
+    send: quinn::SendStream,
+    outbox: &Outbox,
+    first: Option<Bytes>,
+) -> Result<(), quinn::WriteError> {
+    let result = write_all(send, outbox, first).await;
+    outbox.close();
+    result
+}
+
+async fn write_all(
     mut send: quinn::SendStream,
-    rx: flume::Receiver<Outgoing>,
+    outbox: &Outbox,
     first: Option<Bytes>,
 ) -> Result<(), quinn::WriteError> {
     if let Some(first) = first {
         send.write_chunk(first).await?;
     }
     let mut batch: Vec<Outgoing> = Vec::new();
-    loop {
-        if batch.is_empty() {
-            match rx.recv_async().await {
-                Ok(o) => batch.push(o),
-                Err(_) => break,
-            }
+    while outbox.take(&mut batch).await {
+        // Bounded by the outbox's feeders; written in slices so one encoding never holds more than MAX_BATCH.
+        for slice in batch.chunks(MAX_BATCH) {
+            let mut chunks = encode(slice);
+            send.write_all_chunks(&mut chunks).await?;
         }
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(o) => batch.push(o),
-                Err(_) => break,
-            }
-        }
-        let mut chunks = encode(&batch);
-        send.write_all_chunks(&mut chunks).await?;
         // Dropping the written frames gives their places back (lane bound, shutdown's count).
         batch.clear();
     }
@@ -340,7 +440,7 @@ impl Shared {
 pub(crate) struct ClientLane {
     /// The connection the lane's stream is on (`quinn::Connection::stable_id`).
     pub(crate) conn_id: usize,
-    tx: flume::Sender<Outgoing>,
+    tx: OutboxSender,
     shared: Arc<Shared>,
 }
 
@@ -359,7 +459,7 @@ impl ClientLane {
         peer: NodeId,
         limits: Limits,
     ) -> ClientLane {
-        let (tx, rx) = flume::unbounded();
+        let (tx, rx) = outbox();
         let shared = Arc::new(Shared {
             peer,
             dead: AtomicBool::new(false),
@@ -367,7 +467,7 @@ impl ClientLane {
         });
         let writer_shared = shared.clone();
         tokio::spawn(async move {
-            if let Err(e) = write_loop(send, rx, Some(open)).await {
+            if let Err(e) = write_loop(send, &rx, Some(open)).await {
                 writer_shared.kill(Death::Connect(format!("lane write failed: {e}")));
             }
         });
@@ -405,7 +505,7 @@ impl ClientLane {
             }
             w.map.insert(id, tx);
         }
-        if let Err(flume::SendError(o)) = self.tx.send(Outgoing {
+        if let Err(o) = self.tx.send(Outgoing {
             head,
             body,
             _hold: None,
@@ -559,7 +659,7 @@ impl LaneReply {
     }
 
     pub(crate) fn is_closed(&self) -> bool {
-        self.hold.0.tx.is_disconnected()
+        self.hold.0.tx.is_closed()
     }
 }
 
@@ -579,12 +679,12 @@ pub(crate) fn error_frame(request_id: u64, code: ErrorCode, why: String) -> Outg
 }
 
 /// Starts the server's writer for a lane; replies go through the returned sender.
-pub(crate) fn start_server_writer(send: quinn::SendStream) -> flume::Sender<Outgoing> {
-    let (tx, rx) = flume::unbounded();
+pub(crate) fn start_server_writer(send: quinn::SendStream) -> OutboxSender {
+    let (tx, rx) = outbox();
     tokio::spawn(async move {
         // A failed write means the connection or the requester's reading side is gone; the requester sees
         // that on its own end.
-        let _ = write_loop(send, rx, None).await;
+        let _ = write_loop(send, &rx, None).await;
     });
     tx
 }
@@ -669,6 +769,58 @@ mod tests {
         assert!(
             matches!(err, TransportError::MessageTooLarge { .. }),
             "{err}"
+        );
+    }
+
+    fn frame(id: u64) -> Outgoing {
+        Outgoing {
+            head: head(id),
+            body: Bytes::new(),
+            _hold: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn outbox_hands_over_batches_in_order_and_ends_with_its_sender() {
+        let (tx, rx) = outbox();
+        for id in 1..=3 {
+            assert!(tx.send(frame(id)).is_ok());
+        }
+        let mut batch = Vec::new();
+        assert!(rx.take(&mut batch).await);
+        let ids: Vec<u64> = batch.iter().map(|o| o.head.request_id).collect();
+        assert_eq!(ids, [1, 2, 3]);
+        batch.clear();
+        // A frame sent while the writer waits wakes it.
+        let waiting = tokio::spawn(async move {
+            let mut batch = Vec::new();
+            let more = rx.take(&mut batch).await;
+            (more, batch.len(), rx)
+        });
+        tokio::task::yield_now().await;
+        assert!(tx.send(frame(4)).is_ok());
+        let (more, n, rx) = waiting.await.unwrap();
+        assert!(more && n == 1);
+        // Frames queued before the last sender goes are still handed over, then the outbox ends.
+        assert!(tx.send(frame(5)).is_ok());
+        drop(tx);
+        let mut batch = Vec::new();
+        assert!(rx.take(&mut batch).await && batch.len() == 1);
+        batch.clear();
+        assert!(!rx.take(&mut batch).await);
+    }
+
+    #[test]
+    fn a_closed_outbox_refuses_frames_and_says_so() {
+        let (tx, rx) = outbox();
+        assert!(tx.send(frame(1)).is_ok() && !tx.is_closed());
+        rx.close();
+        assert!(tx.is_closed());
+        let back = tx.send(frame(2)).err().map(|o| o.head.request_id);
+        assert_eq!(back, Some(2));
+        assert!(
+            rx.state.lock().frames.is_empty(),
+            "queued frames are dropped on close"
         );
     }
 }
