@@ -24,8 +24,10 @@ use tokio::sync::Notify;
 use tracing::{Instrument as _, debug, info_span, warn};
 
 use crate::error::{TransportError, close, from_connection};
-use crate::frame::{self, ErrorCode, FrameType, HEADER_LEN, Header, PREFIX_LEN, TraceContext};
-use crate::lane::{self, ClientLane, FrameReader, Hold, LaneReply, NotSent};
+use crate::frame::{
+    self, ErrorCode, FrameType, HEADER_LEN, Header, LaneHead, PREFIX_LEN, TraceContext,
+};
+use crate::lane::{self, ClientLane, FrameReader, Gate, LaneReply, NotSent};
 use crate::message::{IncomingStream, Message, Reply, Responder, Source, read_error};
 use crate::tls::{self, JoinAuthority, NodeIdentity};
 use crate::{Body, Limits, NodeId};
@@ -126,6 +128,16 @@ impl Peer {
             .cloned()
     }
 
+    /// The lane to this peer if it is alive and on the current connection (see `Inner::lane`).
+    fn live_lane(&self) -> Option<Arc<ClientLane>> {
+        let current = self.conn.lock().as_ref().map(|c| c.stable_id())?;
+        self.lane
+            .lock()
+            .as_ref()
+            .filter(|l| !l.is_dead() && l.conn_id == current)
+            .cloned()
+    }
+
     fn forget(&self, conn: &quinn::Connection) -> bool {
         let mut slot = self.conn.lock();
         if slot
@@ -139,11 +151,13 @@ impl Peer {
     }
 }
 
-/// Hashes node ids for the peer table, which every request consults. Ids are random 128-bit numbers chosen by
-/// the CA's holder, so folding their halves is as good as SipHash here and a few times cheaper.
+/// Hashes node ids for the peer table, which every request consults, and request ids for a lane's table of
+/// waiting requests. Node ids are random 128-bit numbers chosen by the CA's holder and request ids are our own
+/// counter (a peer's ids are only ever looked up, never inserted), so no one can choose keys that collide:
+/// folding the words with a multiply is as good as SipHash here and a few times cheaper.
 #[derive(Default)]
-struct NodeIdHasher(u64);
-impl std::hash::Hasher for NodeIdHasher {
+pub(crate) struct IdHasher(u64);
+impl std::hash::Hasher for IdHasher {
     fn finish(&self) -> u64 {
         self.0
     }
@@ -174,16 +188,15 @@ impl Drop for Slot<'_> {
 /// Counts work that shutdown must wait for.
 struct Active<'a>(&'a Inner);
 
-/// [`Active`] that can travel with a lane reply until it is written.
-pub(crate) struct ActiveOwned(Arc<Inner>);
-impl ActiveOwned {
-    fn new(inner: Arc<Inner>) -> ActiveOwned {
-        inner.active.fetch_add(1, Ordering::AcqRel);
-        ActiveOwned(inner)
+/// Adds to and takes from the count of work that shutdown waits for, for a holder that counts its own work
+/// (a lane's [`Gate`] counts once while any of its replies is unwritten).
+pub(crate) struct ActiveCount(Arc<Inner>);
+impl ActiveCount {
+    pub(crate) fn add(&self) {
+        self.0.active.fetch_add(1, Ordering::AcqRel);
     }
-}
-impl Drop for ActiveOwned {
-    fn drop(&mut self) {
+    /// Undoes one `add`.
+    pub(crate) fn sub(&self) {
         drop(Active(&self.0));
     }
 }
@@ -206,7 +219,7 @@ struct Inner {
     client_cfg: quinn::ClientConfig,
     limits: Limits,
     handler: Arc<dyn Handler>,
-    peers: DashMap<NodeId, Arc<Peer>, BuildHasherDefault<NodeIdHasher>>,
+    peers: DashMap<NodeId, Arc<Peer>, BuildHasherDefault<IdHasher>>,
     next_request: AtomicU64,
     join: Option<JoinAuthority>,
     closing: AtomicBool,
@@ -428,6 +441,26 @@ impl Mesh {
         }
         let peer = inner.peer(to)?;
         let _slot = inner.slot(to, &peer)?;
+        // The common case first: a small request on a lane that is up needs no await before it is queued,
+        // so it skips the connection and lane futures below and waits on its reply alone.
+        let mut body = body;
+        if body.len() <= inner.lane_limit()
+            && let Some(lane) = peer.live_lane()
+        {
+            match lane.call(lane_head(&header), body) {
+                Ok((rx, pending)) => {
+                    return match tokio::time::timeout(deadline, rx).await {
+                        Ok(reply) => {
+                            pending.done();
+                            reply.unwrap_or(Err(TransportError::Closed))
+                        }
+                        Err(_) => Err(TransportError::Timeout),
+                    };
+                }
+                // The lane died just now; the slow path below opens another.
+                Err(NotSent(b)) => body = b,
+            }
+        }
         match tokio::time::timeout(
             deadline,
             inner.remote_request(to, &peer, header, body, None),
@@ -633,6 +666,14 @@ impl Inner {
         }
     }
 
+    /// Largest body that travels on a lane (never more than any message may be).
+    fn lane_limit(&self) -> usize {
+        self.limits
+            .lane_body_limit
+            .min(self.limits.max_message_bytes)
+            .min(frame::LANE_BODY_MAX)
+    }
+
     fn peer(&self, node: NodeId) -> Result<Arc<Peer>, TransportError> {
         self.peers
             .get(&node)
@@ -753,7 +794,8 @@ impl Inner {
                 limit: self.limits.max_message_bytes as u64,
             });
         }
-        if payload.is_none() && body.len() <= self.limits.lane_body_limit {
+        if payload.is_none() && body.len() <= self.limits.lane_body_limit.min(frame::LANE_BODY_MAX)
+        {
             return self.lane_request(to, peer, header, body).await;
         }
         let (mut send, mut recv, _) = self.open_bi(to, peer).await?;
@@ -818,9 +860,8 @@ impl Inner {
     async fn lane(&self, to: NodeId, peer: &Peer) -> Result<Arc<ClientLane>, TransportError> {
         let usable =
             |l: &&Arc<ClientLane>, conn: Option<usize>| !l.is_dead() && Some(l.conn_id) == conn;
-        let current = peer.conn.lock().as_ref().map(|c| c.stable_id());
-        if let Some(l) = peer.lane.lock().as_ref().filter(|l| usable(l, current)) {
-            return Ok(l.clone());
+        if let Some(l) = peer.live_lane() {
+            return Ok(l);
         }
         let (send, recv, conn_id) = self.open_bi(to, peer).await?;
         let open = self.header(
@@ -834,7 +875,7 @@ impl Inner {
         let lane = Arc::new(ClientLane::start(
             send,
             recv,
-            open,
+            Bytes::from(frame::encode_head(&open, 0)),
             conn_id,
             self.node_id,
             to,
@@ -860,9 +901,10 @@ impl Inner {
         header: Header,
         mut body: Body,
     ) -> Result<Message, TransportError> {
+        let head = lane_head(&header);
         for _ in 0..2 {
             let lane = self.lane(to, peer).await?;
-            match lane.call(header, body) {
+            match lane.call(head, body) {
                 Ok((rx, pending)) => {
                     let reply = rx.await;
                     pending.done();
@@ -875,6 +917,17 @@ impl Inner {
             peer: to,
             why: "the lane to the peer closed twice before the request could be sent".into(),
         })
+    }
+}
+
+/// The lane frame head of a request.
+fn lane_head(header: &Header) -> LaneHead {
+    LaneHead {
+        frame: FrameType::Request,
+        kind: header.kind,
+        request_id: header.request_id,
+        budget_us: header.budget_us,
+        trace: header.trace(),
     }
 }
 
@@ -1239,12 +1292,13 @@ impl Inner {
         send: quinn::SendStream,
         mut recv: quinn::RecvStream,
     ) {
-        let tx = lane::start_server_writer(send);
         // Replies not yet written, at most as many as a requester may have in flight: at the bound this task
         // stops reading, and QUIC flow control holds the requester back.
-        let slots = Arc::new(tokio::sync::Semaphore::new(
-            self.limits.max_inflight_per_peer,
-        ));
+        let gate = Gate::new(
+            lane::start_server_writer(send),
+            &self.limits,
+            ActiveCount(self.clone()),
+        );
         let mut reader = FrameReader::default();
         let mut frames = Vec::new();
         loop {
@@ -1259,63 +1313,35 @@ impl Inner {
                     TransportError::MessageTooLarge { .. } => ErrorCode::TooLarge,
                     _ => ErrorCode::Malformed,
                 };
-                let _ = tx.send(lane::error_frame(
-                    self.node_id,
-                    peer,
-                    0,
-                    code,
-                    e.to_string(),
-                ));
+                gate.send(lane::error_frame(0, code, e.to_string()));
                 let _ = recv.stop(close::STREAM_MALFORMED);
                 return;
             }
             let received = Instant::now();
-            for (header, buf) in frames.drain(..) {
-                let why = if header.source != peer.0 || header.dest != self.node_id.0 {
-                    Some("envelope source or destination does not match the authenticated connection".to_string())
-                } else if header.frame_type() != Some(FrameType::Request) {
-                    Some(format!("frame type {} not valid on a lane", header.frame))
-                } else {
-                    None
-                };
-                if let Some(why) = why {
+            for (head, body) in frames.drain(..) {
+                if head.frame != FrameType::Request {
+                    let why = format!("frame type {} not valid on a lane", head.frame as u8);
                     warn!(node = %self.node_id, %peer, %why, "bad frame on a lane; closing it");
-                    let _ = tx.send(lane::error_frame(
-                        self.node_id,
-                        peer,
-                        0,
-                        ErrorCode::Malformed,
-                        why,
-                    ));
+                    gate.send(lane::error_frame(0, ErrorCode::Malformed, why));
                     let _ = recv.stop(close::STREAM_MALFORMED);
                     return;
                 }
                 if self.closing.load(Ordering::Acquire) {
-                    let _ = tx.send(lane::error_frame(
-                        self.node_id,
-                        peer,
-                        header.request_id,
+                    gate.send(lane::error_frame(
+                        head.request_id,
                         ErrorCode::ShuttingDown,
                         "node is shutting down".into(),
                     ));
                     continue;
                 }
-                let permit = match slots.clone().try_acquire_owned() {
-                    Ok(p) => p,
-                    Err(_) => match slots.clone().acquire_owned().await {
-                        Ok(p) => p,
-                        Err(_) => return,
-                    },
+                let hold = match gate.try_take() {
+                    Some(h) => h,
+                    None => gate.take().await,
                 };
-                let hold = Hold {
-                    _permit: permit,
-                    _active: ActiveOwned::new(self.clone()),
-                };
-                let reply = LaneReply::new(tx.clone(), self.node_id, header, hold);
-                self.handler.on_request(
-                    Message::from_frame(header, buf, HEADER_LEN, received),
-                    Responder::lane(reply),
-                );
+                // Source and destination are the lane's ends: the peer the connection authenticated, and us.
+                let msg = Message::from_frame(head.header(peer, self.node_id), body, 0, received);
+                self.handler
+                    .on_request(msg, Responder::lane(LaneReply::new(head, hold)));
             }
         }
     }

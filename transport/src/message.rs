@@ -145,12 +145,17 @@ pub(crate) enum Reply {
 }
 
 impl Reply {
-    /// The frame that answers `req` from node `me`, on a request's own stream or on a lane.
-    pub(crate) fn answer(self, me: NodeId, req: &Header) -> (Header, Body) {
-        let (frame, kind, body) = match self {
+    /// The frame type, kind and body that carry this reply.
+    pub(crate) fn parts(self) -> (FrameType, u16, Body) {
+        match self {
             Reply::Ok { kind, body } => (FrameType::Response, kind, body),
             Reply::Err { code, text } => (FrameType::Error, code as u16, Bytes::from(text)),
-        };
+        }
+    }
+
+    /// The frame that answers `req` from node `me` on the request's own stream.
+    pub(crate) fn answer(self, me: NodeId, req: &Header) -> (Header, Body) {
+        let (frame, kind, body) = self.parts();
         let header = Header {
             frame: frame as u8,
             kind,

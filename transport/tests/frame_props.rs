@@ -1,7 +1,11 @@
 //! Property tests of the envelope codec: every frame type round-trips, and no input makes the decoder panic.
 
 use oxray_transport::Limits;
-use oxray_transport::frame::{self, FrameError, FrameType, HEADER_LEN, Header, PREFIX_LEN};
+use oxray_transport::TraceContext;
+use oxray_transport::frame::{
+    self, FrameError, FrameType, HEADER_LEN, Header, LANE_HEAD_MAX, LANE_HEAD_MIN, LaneHead,
+    PREFIX_LEN,
+};
 use proptest::prelude::*;
 use rkyv::util::AlignedVec;
 
@@ -20,6 +24,14 @@ prop_compose! {
     fn header()(frame in frame_type(), kind: u16, request_id: u64, source: u128, dest: u128, budget_us: u64,
                 trace_id: u128, span_id: u64, payload_len: u64) -> Header {
         Header { frame: frame as u8, kind, request_id, source, dest, budget_us, trace_id, span_id, payload_len }
+    }
+}
+
+prop_compose! {
+    fn lane_head()(frame in prop_oneof![Just(FrameType::Request), Just(FrameType::Response), Just(FrameType::Error)],
+                   kind: u16, request_id: u64, budget_us in prop_oneof![Just(0u64), any::<u64>()],
+                   trace in prop_oneof![Just((0u128, 0u64)), any::<(u128, u64)>()]) -> LaneHead {
+        LaneHead { frame, kind, request_id, budget_us, trace: TraceContext { trace_id: trace.0, span_id: trace.1 } }
     }
 }
 
@@ -71,6 +83,57 @@ proptest! {
         prop_assert_eq!(
             frame::decode_prefix(&prefix, &Limits::default()),
             Err(FrameError::TooLarge { size: len, limit: 64 << 20 })
+        );
+    }
+
+    #[test]
+    fn every_lane_frame_round_trips_in_any_chunking(
+        frames in proptest::collection::vec((lane_head(), proptest::collection::vec(any::<u8>(), 0..300)), 1..12),
+        cut in 1usize..64,
+    ) {
+        let mut wire = Vec::new();
+        for (h, body) in &frames {
+            let before = wire.len();
+            frame::encode_lane_head(h, body.len() as u32, &mut wire);
+            let head_len = wire.len() - before;
+            prop_assert!((LANE_HEAD_MIN..=LANE_HEAD_MAX).contains(&head_len));
+            wire.extend_from_slice(body);
+        }
+        // Fed `cut` bytes at a time, as a reader would see them, keeping the unused tail.
+        let mut got = Vec::new();
+        let mut pending: Vec<u8> = Vec::new();
+        for chunk in wire.chunks(cut) {
+            pending.extend_from_slice(chunk);
+            let mut out = Vec::new();
+            let used = frame::split_lane_frames(&pending, &Limits::default(), &mut out).unwrap();
+            for (h, r) in out {
+                got.push((h, pending[r].to_vec()));
+            }
+            pending.drain(..used);
+        }
+        prop_assert!(pending.is_empty());
+        prop_assert_eq!(got, frames);
+    }
+
+    #[test]
+    fn lane_garbage_never_panics_and_stays_in_bounds(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+        let mut out = Vec::new();
+        if let Ok(used) = frame::split_lane_frames(&bytes, &Limits::default(), &mut out) {
+            prop_assert!(used <= bytes.len());
+            for (_, r) in out {
+                prop_assert!(r.end <= used);
+            }
+        }
+    }
+
+    #[test]
+    fn lane_lengths_over_the_limit_are_refused_from_four_bytes(len in 1025u32.., rest in proptest::collection::vec(any::<u8>(), 0..60)) {
+        let limits = Limits { max_message_bytes: 1024, ..Limits::default() };
+        let mut wire = len.to_le_bytes().to_vec();
+        wire.extend_from_slice(&rest);
+        prop_assert_eq!(
+            frame::decode_lane_frame(&wire, &limits),
+            Err(FrameError::TooLarge { size: u64::from(len), limit: 1024 })
         );
     }
 }

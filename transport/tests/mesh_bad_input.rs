@@ -5,7 +5,9 @@ mod common;
 
 use bytes::Bytes;
 use common::*;
-use oxray_transport::frame::{self, ErrorCode, FrameType, HEADER_LEN, Header, PREFIX_LEN};
+use oxray_transport::frame::{
+    self, ErrorCode, FrameType, HEADER_LEN, Header, LaneHead, PREFIX_LEN,
+};
 use oxray_transport::tls::ClusterCa;
 use oxray_transport::{Limits, NodeId, testing};
 use rkyv::util::AlignedVec;
@@ -205,20 +207,23 @@ async fn garbage_one_way_stream_is_dropped_and_connection_survives() {
         .unwrap();
 }
 
-/// Reads one frame from a lane's response side: (header, body).
-async fn read_lane_frame(r: &mut quinn::RecvStream) -> (Header, Vec<u8>) {
-    let mut prefix = [0u8; PREFIX_LEN];
-    tokio::time::timeout(SECOND, r.read_exact(&mut prefix))
+/// Reads one lane frame from a lane's response side: (head, body). Reads exactly that frame's bytes: its
+/// first six say how long the rest is.
+async fn read_lane_frame(r: &mut quinn::RecvStream) -> (LaneHead, Vec<u8>) {
+    let mut buf = vec![0u8; 6];
+    tokio::time::timeout(SECOND, r.read_exact(&mut buf))
         .await
         .expect("no answer on the lane")
         .unwrap();
-    let p = frame::decode_prefix(&prefix, &Limits::default()).unwrap();
-    let mut rest = vec![0u8; p.header_len + p.body_len];
-    r.read_exact(&mut rest).await.unwrap();
-    let mut buf = AlignedVec::<16>::new();
-    buf.extend_from_slice(&rest);
-    let h = frame::decode_header(&buf).unwrap();
-    (h, rest[HEADER_LEN..].to_vec())
+    let body_len = u32::from_le_bytes(buf[..4].try_into().unwrap()) as usize;
+    let flags = buf[5];
+    let head_len = 16 + 8 * usize::from(flags & 1) + 24 * usize::from(flags >> 1 & 1);
+    buf.resize(head_len + body_len, 0);
+    r.read_exact(&mut buf[6..]).await.unwrap();
+    let (h, body) = frame::decode_lane_frame(&buf, &Limits::default())
+        .unwrap()
+        .expect("a whole frame");
+    (h, buf[body].to_vec())
 }
 
 /// A lane opened by hand: the opening frame, then requests on the same stream.
@@ -234,6 +239,37 @@ async fn raw_lane(
     (s, r)
 }
 
+/// A lane request frame.
+fn lane_request(id: u64, kind: u16, body: &[u8]) -> Vec<u8> {
+    let head = LaneHead {
+        frame: FrameType::Request,
+        kind,
+        request_id: id,
+        budget_us: 1_000_000,
+        trace: Default::default(),
+    };
+    let mut wire = Vec::new();
+    frame::encode_lane_head(&head, body.len() as u32, &mut wire);
+    wire.extend_from_slice(body);
+    wire
+}
+
+/// Expects the lane's complaint about itself (request id 0) with `code` and a message containing `what`,
+/// then the end of the lane.
+async fn expect_lane_refused(r: &mut quinn::RecvStream, code: ErrorCode, what: &str) {
+    let (rh, rb) = read_lane_frame(r).await;
+    assert_eq!(
+        (rh.frame, rh.request_id, rh.kind),
+        (FrameType::Error, 0, code as u16)
+    );
+    let why = String::from_utf8_lossy(&rb);
+    assert!(why.contains(what), "{why}");
+    let end = tokio::time::timeout(SECOND, r.read_to_end(1 << 16))
+        .await
+        .expect("the lane was not closed");
+    assert_eq!(end.unwrap(), b"");
+}
+
 #[tokio::test]
 async fn bad_frames_on_a_lane_end_that_lane_only() {
     let (ca, a, b) = pair(Limits::default()).await;
@@ -243,54 +279,66 @@ async fn bad_frames_on_a_lane_end_that_lane_only() {
     // A lane answers requests by id, then meets garbage: an error frame for the lane (id 0), and it ends.
     let (mut s, mut r) = raw_lane(&conn, me, dest).await;
     for (id, body) in [(7u64, &b"first"[..]), (8, &b"second"[..])] {
-        let mut h = request_header(me, dest);
-        h.request_id = id;
-        let mut wire = frame::encode_head(&h, body.len());
-        wire.extend_from_slice(body);
-        s.write_all(&wire).await.unwrap();
+        s.write_all(&lane_request(id, ECHO, body)).await.unwrap();
         let (rh, rb) = read_lane_frame(&mut r).await;
         assert_eq!(
-            (rh.frame_type(), rh.request_id, &rb[..]),
-            (Some(FrameType::Response), id, body)
+            (rh.frame, rh.request_id, &rb[..]),
+            (FrameType::Response, id, body)
         );
     }
-    let _ = s.write_all(&[0xEE; 40]).await;
-    let (rh, rb) = read_lane_frame(&mut r).await;
-    assert_eq!(
-        (rh.frame_type(), rh.request_id, rh.kind),
-        (Some(FrameType::Error), 0, ErrorCode::Malformed as u16)
-    );
-    assert!(String::from_utf8_lossy(&rb).contains("bad magic"));
+    // Garbage whose first four bytes read as a small length: its type byte gives it away.
+    let mut garbage = [0xEEu8; 40];
+    garbage[..4].copy_from_slice(&8u32.to_le_bytes());
+    let _ = s.write_all(&garbage).await;
+    expect_lane_refused(&mut r, ErrorCode::Malformed, "unknown frame type").await;
+
+    // A length of 4 GiB - 1 on a lane is refused from its four bytes alone.
+    let (mut s, mut r) = raw_lane(&conn, me, dest).await;
+    let _ = s.write_all(&u32::MAX.to_le_bytes()).await;
+    expect_lane_refused(&mut r, ErrorCode::TooLarge, "4294967295").await;
+
+    // Flag bits this version does not define.
+    let (mut s, mut r) = raw_lane(&conn, me, dest).await;
+    let mut wire = lane_request(1, ECHO, b"x");
+    wire[5] |= 0x40;
+    let _ = s.write_all(&wire).await;
+    expect_lane_refused(&mut r, ErrorCode::Malformed, "unknown lane frame flags").await;
+
+    // A response frame where requests belong, and a stream header, which lanes never carry.
+    for (ty, what) in [
+        (FrameType::Response, "frame type 2 not valid on a lane"),
+        (FrameType::Stream, "frame type 5 not valid on a lane"),
+    ] {
+        let (mut s, mut r) = raw_lane(&conn, me, dest).await;
+        let mut wire = lane_request(1, ECHO, b"x");
+        wire[4] = ty as u8;
+        let _ = s.write_all(&wire).await;
+        expect_lane_refused(&mut r, ErrorCode::Malformed, what).await;
+    }
+
+    // A frame cut short by the end of the stream reaches no handler; the lane just ends.
+    let (mut s, mut r) = raw_lane(&conn, me, dest).await;
+    let wire = lane_request(1, ECHO, b"truncated");
+    s.write_all(&wire[..wire.len() - 3]).await.unwrap();
+    s.finish().unwrap();
     let end = tokio::time::timeout(SECOND, r.read_to_end(1 << 16))
         .await
         .expect("the lane was not closed");
     assert_eq!(end.unwrap(), b"");
 
-    // A 4 GiB length on a lane is refused from the prefix alone.
-    let (mut s, mut r) = raw_lane(&conn, me, dest).await;
-    let mut wire = frame::encode_head(&request_header(me, dest), 0);
-    wire[8..PREFIX_LEN].copy_from_slice(&(4u64 << 30).to_le_bytes());
-    let _ = s.write_all(&wire).await;
-    let (rh, _) = read_lane_frame(&mut r).await;
-    assert_eq!(rh.kind, ErrorCode::TooLarge as u16);
-
-    // A spoofed source, and a response frame where requests belong, each end their lane.
-    let (mut s, mut r) = raw_lane(&conn, me, dest).await;
-    let _ = s
-        .write_all(&frame::encode_head(
-            &request_header(a.mesh.node_id(), dest),
-            0,
-        ))
-        .await;
-    let (rh, rb) = read_lane_frame(&mut r).await;
-    assert_eq!(rh.frame_type(), Some(FrameType::Error));
-    assert!(String::from_utf8_lossy(&rb).contains("does not match"));
-    let (mut s, mut r) = raw_lane(&conn, me, dest).await;
-    let mut h = request_header(me, dest);
-    h.frame = FrameType::Response as u8;
-    let _ = s.write_all(&frame::encode_head(&h, 0)).await;
-    let (_, rb) = read_lane_frame(&mut r).await;
-    assert!(String::from_utf8_lossy(&rb).contains("not valid on a lane"));
+    // A lane opened in another node's name is refused before any lane frame is read.
+    let (mut s, mut r) = raw_lane(&conn, a.mesh.node_id(), dest).await;
+    let _ = s.write_all(&lane_request(1, ECHO, b"x")).await;
+    let _ = s.finish();
+    let reply = tokio::time::timeout(SECOND, r.read_to_end(1 << 20))
+        .await
+        .expect("no answer")
+        .unwrap();
+    let mut buf = AlignedVec::<16>::new();
+    buf.extend_from_slice(&reply);
+    let (h, body) = frame::decode_frame(&buf, &Limits::default()).unwrap();
+    assert_eq!(h.frame_type(), Some(FrameType::Error));
+    assert!(String::from_utf8_lossy(body).contains("does not match"));
 
     // Only the two good requests reached the handler; the connection and the node serve on.
     assert_eq!(
@@ -300,17 +348,42 @@ async fn bad_frames_on_a_lane_end_that_lane_only() {
         2
     );
     let (mut s, mut r) = raw_lane(&conn, me, dest).await;
-    s.write_all(&frame::encode_head(&request_header(me, dest), 0))
-        .await
-        .unwrap();
-    assert_eq!(
-        read_lane_frame(&mut r).await.0.frame_type(),
-        Some(FrameType::Response)
-    );
+    s.write_all(&lane_request(1, ECHO, b"")).await.unwrap();
+    assert_eq!(read_lane_frame(&mut r).await.0.frame, FrameType::Response);
     a.mesh
         .request(dest, ECHO, Bytes::from_static(b"fine"), SECOND)
         .await
         .unwrap();
+}
+
+#[tokio::test]
+async fn a_reply_too_large_for_the_lane_is_an_error_for_that_request_only() {
+    // An 8 KiB reply from a node whose limit is 4 KiB would break the requester's limit (assumed to be the
+    // node's own) and end the lane with every request on it: that one request gets TooLarge instead.
+    let ca = ClusterCa::generate().unwrap();
+    let b = node(
+        &ca,
+        Limits {
+            max_message_bytes: 4096,
+            ..Limits::default()
+        },
+    )
+    .await;
+    let (me, _ep, conn) = raw_conn(&ca, &b).await;
+    let (mut s, mut r) = raw_lane(&conn, me, b.mesh.node_id()).await;
+    s.write_all(&lane_request(1, BIG_REPLY, b"")).await.unwrap();
+    let (h, body) = read_lane_frame(&mut r).await;
+    assert_eq!(
+        (h.frame, h.request_id, h.kind),
+        (FrameType::Error, 1, ErrorCode::TooLarge as u16)
+    );
+    assert!(String::from_utf8_lossy(&body).contains("limit of 4096"));
+    s.write_all(&lane_request(2, ECHO, b"next")).await.unwrap();
+    let (h, body) = read_lane_frame(&mut r).await;
+    assert_eq!(
+        (h.frame, h.request_id, &body[..]),
+        (FrameType::Response, 2, &b"next"[..])
+    );
 }
 
 #[tokio::test]
@@ -329,10 +402,7 @@ async fn a_lane_stops_reading_at_its_bound_of_unanswered_requests() {
     let dest = b.mesh.node_id();
     let (mut s, mut r) = raw_lane(&conn, me, dest).await;
     for id in 1..=10u64 {
-        let mut h = request_header(me, dest);
-        h.kind = SLOW;
-        h.request_id = id;
-        s.write_all(&frame::encode_head(&h, 0)).await.unwrap();
+        s.write_all(&lane_request(id, SLOW, b"")).await.unwrap();
     }
     // SLOW answers after 300 ms: well before that, only the first 4 have reached the handler.
     tokio::time::sleep(std::time::Duration::from_millis(150)).await;
@@ -348,7 +418,7 @@ async fn a_lane_stops_reading_at_its_bound_of_unanswered_requests() {
         let (h, _) = tokio::time::timeout(3 * SECOND, read_lane_frame(&mut r))
             .await
             .expect("every request is answered");
-        assert_eq!(h.frame_type(), Some(FrameType::Response));
+        assert_eq!(h.frame, FrameType::Response);
         ids.push(h.request_id);
     }
     ids.sort_unstable();

@@ -1,4 +1,4 @@
-//! Fuzz target: arbitrary bytes through the envelope decoder, header validation and the lane frame splitter.
+//! Fuzz target: arbitrary bytes through the envelope decoder, header validation and the lane frame decoder.
 //!
 //! Checks that decoding never panics, never reads past the input, and that whatever decodes re-encodes to the
 //! same prefix and header bytes (the codec is a bijection on valid frames). Run with
@@ -7,7 +7,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use oxray_transport::Limits;
-use oxray_transport::frame::{self, HEADER_LEN, PREFIX_LEN};
+use oxray_transport::frame::{self, HEADER_LEN, LANE_HEAD_MIN, PREFIX_LEN};
 use rkyv::util::AlignedVec;
 
 fuzz_target!(|data: &[u8]| {
@@ -38,16 +38,21 @@ fuzz_target!(|data: &[u8]| {
     {
         let _ = frame::decode_prefix(prefix, &limits);
     }
-    // A lane's splitter: never panics, and every range it returns lies inside the input and decodes like a
-    // single frame would.
-    let mut ranges = Vec::new();
-    if let Ok(used) = frame::split_frames(data, &limits, &mut ranges) {
+    // A lane's frames: never panics, every body lies inside the input, and each frame re-encodes to one
+    // that decodes the same (not always to the same bytes: a flag may announce a zero budget or trace).
+    let mut frames = Vec::new();
+    if let Ok(used) = frame::split_lane_frames(data, &limits, &mut frames) {
         assert!(used <= data.len());
-        for r in ranges {
-            assert!(r.end <= used && r.len() >= HEADER_LEN);
-            let mut one = AlignedVec::<16>::with_capacity(r.len().max(16));
-            one.extend_from_slice(&data[r]);
-            let _ = frame::decode_header(&one);
+        for (head, body) in frames {
+            assert!(body.end <= used && body.start >= LANE_HEAD_MIN);
+            let mut again = Vec::new();
+            frame::encode_lane_head(&head, body.len() as u32, &mut again);
+            again.extend_from_slice(&data[body.clone()]);
+            let (h2, b2) = frame::decode_lane_frame(&again, &limits)
+                .expect("re-encoded lane frame must decode")
+                .expect("and be complete");
+            assert_eq!(h2, head);
+            assert_eq!(&again[b2], &data[body]);
         }
     }
 });

@@ -17,8 +17,10 @@ pub const ECHO: u16 = 1;
 pub const FAIL: u16 = 2;
 pub const SLOW: u16 = 3;
 pub const DROP: u16 = 4;
+pub const BIG_REPLY: u16 = 5;
 
-/// Echoes requests; kind FAIL answers an error, SLOW answers after 300 ms, DROP drops the responder.
+/// Echoes requests; kind FAIL answers an error, SLOW answers after 300 ms, DROP drops the responder,
+/// BIG_REPLY answers with 8 KiB whatever the request.
 /// Counts one-way messages and checksums streams (reply body = payload length ++ crc of payload).
 #[derive(Default)]
 pub struct TestHandler {
@@ -42,6 +44,7 @@ impl Handler for TestHandler {
                 });
             }
             DROP => drop(reply),
+            BIG_REPLY => reply.send(BIG_REPLY, Bytes::from(vec![0u8; 8192])),
             k => reply.send(k, msg.into_body()),
         }
     }
