@@ -75,6 +75,12 @@ pub trait Connector: Send + Sync + 'static {
         let _ = member;
     }
 
+    /// Told when a leader hint names `member`, which [`Connector::members`] does not list: the group grew and
+    /// the connector's table is behind. The default ignores it.
+    fn unknown_member(&self, member: u64) {
+        let _ = member;
+    }
+
     /// The members as the connector knows them now, when that can change while the client runs (a group
     /// that grows by membership changes); `None` keeps the list the client was created with.
     fn members(&self) -> Option<Vec<u64>> {
@@ -540,8 +546,11 @@ impl GcsClient {
         let known = self.inner.leaders[shard as usize].load(Ordering::Relaxed);
         let current = self.inner.connector.members();
         let members = current.as_deref().unwrap_or(&self.inner.members);
-        if known != 0 && members.contains(&known) {
-            return known;
+        if known != 0 {
+            if members.contains(&known) {
+                return known;
+            }
+            self.inner.connector.unknown_member(known);
         }
         let n = members.len().max(1);
         let i = self

@@ -18,7 +18,7 @@
 //! [`ShardStatus`] list, for `oxray status` and tests) and [`KIND_CLAIM`] (a bootstrap slot request, answered by
 //! whatever hook the head installed with [`GcsService::set_claim_handler`]; the slot policy is the caller's).
 //! A fourth, [`KIND_CHANGE`], asks a member to propose one Raft membership change ([`MemberChange`]); only the
-//! node set with [`GcsService::set_coordinator`] (the head) may send it.
+//! node set with [`GcsService::set_coordinator`] (the head) may send it, except a leadership transfer.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -324,6 +324,10 @@ impl Connector for MeshConnector {
         Some(self.members.ids())
     }
 
+    fn unknown_member(&self, _member: u64) {
+        self.members.suspect_stale();
+    }
+
     fn no_answer(&self, _member: u64) {
         // The client's attempt deadline is usually shorter than `timeout`, so a call to a node that is gone
         // (a replica restarted under a new node id, its old address silent) ends there and never reaches the
@@ -421,13 +425,16 @@ impl Handler for GcsService {
         match msg.kind() {
             KIND_REQUEST | KIND_STATUS => {}
             KIND_CHANGE => {
-                if self.coordinator.get() != Some(&msg.source()) {
-                    return reply.error("gcs: only the head proposes membership changes");
-                }
                 let (shard, change) = match decode_change(msg.body()) {
                     Ok(c) => c,
                     Err(e) => return reply.error(format!("gcs: {e}")),
                 };
+                // Any cluster node (mesh-authenticated) may move leadership: it changes no membership and
+                // loses nothing. Membership itself is the coordinator's alone.
+                let transfer = matches!(change, MemberChange::TransferLeader(_));
+                if !transfer && self.coordinator.get() != Some(&msg.source()) {
+                    return reply.error("gcs: only the head proposes membership changes");
+                }
                 let Some(server) = self.server.read().clone() else {
                     return reply.error("gcs: member not started");
                 };
@@ -449,7 +456,7 @@ impl Handler for GcsService {
                     },
                     None if self.members.snapshot().1.len() == 1 => reply.error(
                         "gcs: this cluster's GCS has one replica, on the head, and no slots for others \
-                         (start the head with --gcs-replicas 3 for a replicated GCS)",
+                         (start the head without --gcs-replicas 1 for a replicated GCS)",
                     ),
                     None => reply.error("gcs: only the head hands out replica slots"),
                 };
@@ -654,13 +661,15 @@ pub fn decode_status(mut buf: &[u8]) -> Result<Vec<ShardStatus>, CallError> {
     Ok(out)
 }
 
-/// Encodes a membership change request: `shard u32`, the change (`u8`: 1 add learner, 2 promote, 3 remove),
+/// Encodes a membership change request: `shard u32`, the change (`u8`: 1 add learner, 2 promote, 3 remove,
+/// 4 leadership transfer),
 /// `member u64`, little-endian.
 pub fn encode_change(shard: u32, change: MemberChange) -> Bytes {
     let op = match change {
         MemberChange::AddLearner(_) => 1u8,
         MemberChange::Promote(_) => 2,
         MemberChange::Remove(_) => 3,
+        MemberChange::TransferLeader(_) => 4,
     };
     let mut out = Vec::with_capacity(13);
     out.extend_from_slice(&shard.to_le_bytes());
@@ -686,6 +695,7 @@ pub fn decode_change(buf: &[u8]) -> Result<(u32, MemberChange), CallError> {
         1 => MemberChange::AddLearner(m),
         2 => MemberChange::Promote(m),
         3 => MemberChange::Remove(m),
+        4 => MemberChange::TransferLeader(m),
         op => return Err(bad(&format!("unknown change {op}"))),
     };
     Ok((shard, change))
@@ -873,6 +883,7 @@ mod tests {
             MemberChange::AddLearner(4),
             MemberChange::Promote(4),
             MemberChange::Remove(u64::MAX),
+            MemberChange::TransferLeader(2),
         ] {
             assert_eq!(decode_change(&encode_change(2, c)).unwrap(), (2, c));
         }

@@ -195,13 +195,19 @@ pub enum MemberChange {
     Promote(u64),
     /// Removes a voter or learner. The last voter cannot be removed.
     Remove(u64),
+    /// Not a membership change: asks the leader to hand its leadership to this voter (raft-rs's leadership
+    /// transfer; the voter takes over once its log has caught up, and nothing changes if it never does).
+    TransferLeader(u64),
 }
 
 impl MemberChange {
     /// The member it changes.
     pub fn member(&self) -> u64 {
         match *self {
-            MemberChange::AddLearner(m) | MemberChange::Promote(m) | MemberChange::Remove(m) => m,
+            MemberChange::AddLearner(m)
+            | MemberChange::Promote(m)
+            | MemberChange::Remove(m)
+            | MemberChange::TransferLeader(m) => m,
         }
     }
 }
@@ -341,6 +347,15 @@ impl Replica {
                 leader: self.leader(),
             });
         }
+        if let MemberChange::TransferLeader(m) = change {
+            if m == self.cfg.id || !self.conf_state.voters.contains(&m) {
+                return Err(ReplicaError::BadChange(format!(
+                    "member {m} is not another voter"
+                )));
+            }
+            self.raw.transfer_leader(m);
+            return Ok(());
+        }
         // raft-rs would turn a second change into an empty entry without saying so; refuse it visibly.
         if self.raw.raft.has_pending_conf() {
             return Err(ReplicaError::ChangePending);
@@ -353,6 +368,7 @@ impl Replica {
             MemberChange::AddLearner(0) | MemberChange::Promote(0) | MemberChange::Remove(0) => {
                 return bad("member id 0".into());
             }
+            MemberChange::TransferLeader(_) => unreachable!("handled above"),
             MemberChange::AddLearner(m) => {
                 if voter(m) || learner(m) {
                     return bad(format!("member {m} is already in the group"));

@@ -211,6 +211,10 @@ fn one_voter_grows_to_three_and_restarts_with_three() {
         g.write(round, 10);
         rounds.push((round, 10));
     }
+    // Leadership moves to another voter on request (the multi-process tests use it to kill a non-head leader).
+    g.change(MemberChange::TransferLeader(2));
+    g.run(10);
+    assert_eq!(g.leader(), Some(2), "leadership moved to member 2");
     // Enough writes that every replica snapshots after the last conf change: the membership must then come
     // back from snapshot metadata, not only from conf-change entries in the log.
     g.write("after-growth", 20);
