@@ -2,7 +2,8 @@
 //! [`LocalNet`], the in-process network used by embedded mode and tests.
 //!
 //! # Topology
-//! A cluster has `R` members (1, 3 or 5) with ids `1..=R`. Every member hosts one replica of each of the `S`
+//! A cluster has `R` members (1, 3, 5 or 7; a group grows to its size by membership changes, see
+//! [`crate::replica::MemberChange`]), each with a non-zero id. Every member hosts one replica of each of the `S`
 //! shards, and a member's id is its Raft replica id in every shard, so a leader hint is directly a member id.
 //!
 //! # Why a thread per shard
