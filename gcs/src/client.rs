@@ -74,6 +74,18 @@ pub trait Connector: Send + Sync + 'static {
     fn no_answer(&self, member: u64) {
         let _ = member;
     }
+
+    /// Told when a leader hint names `member`, which [`Connector::members`] does not list: the group grew and
+    /// the connector's table is behind. The default ignores it.
+    fn unknown_member(&self, member: u64) {
+        let _ = member;
+    }
+
+    /// The members as the connector knows them now, when that can change while the client runs (a group
+    /// that grows by membership changes); `None` keeps the list the client was created with.
+    fn members(&self) -> Option<Vec<u64>> {
+        None
+    }
 }
 
 /// Client settings.
@@ -532,16 +544,21 @@ impl GcsClient {
 
     fn pick(&self, shard: u32, attempt: usize) -> u64 {
         let known = self.inner.leaders[shard as usize].load(Ordering::Relaxed);
-        if known != 0 && self.inner.members.contains(&known) {
-            return known;
+        let current = self.inner.connector.members();
+        let members = current.as_deref().unwrap_or(&self.inner.members);
+        if known != 0 {
+            if members.contains(&known) {
+                return known;
+            }
+            self.inner.connector.unknown_member(known);
         }
-        let n = self.inner.members.len().max(1);
+        let n = members.len().max(1);
         let i = self
             .inner
             .cursor
             .fetch_add(1, Ordering::Relaxed)
             .wrapping_add(attempt);
-        self.inner.members.get(i % n).copied().unwrap_or(1)
+        members.get(i % n).copied().unwrap_or(1)
     }
 
     fn forget_leader(&self, shard: u32, member: u64) {

@@ -17,6 +17,8 @@
 //! protocol: [`KIND_MEMBERS`] (the member table, answered by any member), [`KIND_STATUS`] (one member's
 //! [`ShardStatus`] list, for `oxray status` and tests) and [`KIND_CLAIM`] (a bootstrap slot request, answered by
 //! whatever hook the head installed with [`GcsService::set_claim_handler`]; the slot policy is the caller's).
+//! A fourth, [`KIND_CHANGE`], asks a member to propose one Raft membership change ([`MemberChange`]); only the
+//! node set with [`GcsService::set_coordinator`] (the head) may send it, except a leadership transfer.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -28,6 +30,7 @@ use bytes::Bytes;
 use oxray_transport::{Handler, Mesh, Message, NodeId, Responder};
 
 use crate::client::{CallError, Connector};
+use crate::replica::{MemberChange, ReplicaError};
 use crate::server::{GcsServer, PeerNetwork, ShardStatus};
 use crate::wire::{MAX_RAFT_BATCH, Request, Response, decode_raft_batch, encode_raft_batch};
 
@@ -45,6 +48,9 @@ pub const KIND_MEMBERS: u16 = 0x0304;
 pub const KIND_STATUS: u16 = 0x0305;
 /// Mesh message kind claiming a bootstrap replica slot (body and answer are defined by the claim hook).
 pub const KIND_CLAIM: u16 = 0x0306;
+/// Mesh message kind asking a member to propose one membership change (body [`encode_change`], answer
+/// [`encode_change_result`]); accepted only from the coordinator node.
+pub const KIND_CHANGE: u16 = 0x0308;
 /// Mesh message kind of several one-way Raft messages between GCS members, in order (see
 /// [`crate::wire::encode_raft_batch`]).
 pub const KIND_RAFT_BATCH: u16 = 0x0307;
@@ -106,11 +112,17 @@ impl MemberTable {
         self.table.read().clone()
     }
 
-    /// Replaces the table if `version` is newer; returns whether it did. The member ids must stay the same
-    /// (Raft's voter set is fixed); a table with other ids is refused.
+    /// The member ids, in order.
+    pub fn ids(&self) -> Vec<u64> {
+        self.table.read().1.keys().copied().collect()
+    }
+
+    /// Replaces the table if `version` is newer; returns whether it did. Members may come and go between
+    /// versions (the group grows by membership changes); the table lists every member Raft may address,
+    /// learners included, so it is updated before a member is added to the group.
     pub fn update(&self, version: u64, members: BTreeMap<u64, NodeId>) -> bool {
         let mut t = self.table.write();
-        if version <= t.0 || !t.1.keys().eq(members.keys()) {
+        if version <= t.0 || members.is_empty() || members.len() > MAX_MEMBERS {
             return false;
         }
         *t = (version, members);
@@ -225,7 +237,9 @@ async fn raft_sender(mesh: Mesh, table: Arc<MemberTable>, to: u64, rx: flume::Re
             }
         }
         let Some(node) = table.node(to) else {
+            // Raft addresses a member this table does not list yet: one just added to the group.
             msgs.clear();
+            table.suspect_stale();
             continue;
         };
         let (kind, body) = if msgs.len() == 1 {
@@ -306,6 +320,14 @@ impl Connector for MeshConnector {
         })
     }
 
+    fn members(&self) -> Option<Vec<u64>> {
+        Some(self.members.ids())
+    }
+
+    fn unknown_member(&self, _member: u64) {
+        self.members.suspect_stale();
+    }
+
     fn no_answer(&self, _member: u64) {
         // The client's attempt deadline is usually shorter than `timeout`, so a call to a node that is gone
         // (a replica restarted under a new node id, its old address silent) ends there and never reaches the
@@ -324,6 +346,8 @@ pub struct GcsService {
     server: parking_lot::RwLock<Option<GcsServer>>,
     members: Arc<MemberTable>,
     claims: OnceLock<ClaimHandler>,
+    /// The only node whose [`KIND_CHANGE`] requests are obeyed (the head, which decides membership).
+    coordinator: OnceLock<NodeId>,
 }
 
 impl std::fmt::Debug for GcsService {
@@ -349,7 +373,14 @@ impl GcsService {
             server: parking_lot::RwLock::new(None),
             members,
             claims: OnceLock::new(),
+            coordinator: OnceLock::new(),
         })
+    }
+
+    /// Sets the node allowed to ask for membership changes ([`KIND_CHANGE`]); later calls are ignored.
+    /// Without one, every change request is refused.
+    pub fn set_coordinator(&self, node: NodeId) {
+        let _ = self.coordinator.set(node);
     }
 
     /// The member table this service checks senders against.
@@ -384,6 +415,7 @@ impl GcsService {
                 | KIND_MEMBERS
                 | KIND_STATUS
                 | KIND_CLAIM
+                | KIND_CHANGE
         )
     }
 }
@@ -392,6 +424,26 @@ impl Handler for GcsService {
     fn on_request(&self, msg: Message, reply: Responder) {
         match msg.kind() {
             KIND_REQUEST | KIND_STATUS => {}
+            KIND_CHANGE => {
+                let (shard, change) = match decode_change(msg.body()) {
+                    Ok(c) => c,
+                    Err(e) => return reply.error(format!("gcs: {e}")),
+                };
+                // Any cluster node (mesh-authenticated) may move leadership: it changes no membership and
+                // loses nothing. Membership itself is the coordinator's alone.
+                let transfer = matches!(change, MemberChange::TransferLeader(_));
+                if !transfer && self.coordinator.get() != Some(&msg.source()) {
+                    return reply.error("gcs: only the head proposes membership changes");
+                }
+                let Some(server) = self.server.read().clone() else {
+                    return reply.error("gcs: member not started");
+                };
+                tokio::spawn(async move {
+                    let r = server.change_membership(shard, change).await;
+                    reply.send(KIND_RESPONSE, encode_change_result(&r));
+                });
+                return;
+            }
             KIND_MEMBERS => {
                 let (version, members) = self.members.snapshot();
                 return reply.send(KIND_RESPONSE, encode_members(version, &members));
@@ -404,7 +456,7 @@ impl Handler for GcsService {
                     },
                     None if self.members.snapshot().1.len() == 1 => reply.error(
                         "gcs: this cluster's GCS has one replica, on the head, and no slots for others \
-                         (start the head with --gcs-replicas 3 for a replicated GCS)",
+                         (start the head without --gcs-replicas 1 for a replicated GCS)",
                     ),
                     None => reply.error("gcs: only the head hands out replica slots"),
                 };
@@ -459,6 +511,7 @@ impl Handler for GcsService {
             server: parking_lot::RwLock::new(self.server.read().clone()),
             members: self.members.clone(),
             claims: OnceLock::new(),
+            coordinator: OnceLock::new(),
         };
         tokio::spawn(async move {
             match incoming.read_all().await {
@@ -536,9 +589,10 @@ pub fn decode_members(buf: &[u8]) -> Result<(u64, BTreeMap<u64, NodeId>), CallEr
 const STATUS_LEN: usize = 4 + 1 + 8 * 5;
 
 /// Encodes a member's shard statuses: per shard `shard u32, is_leader u8, leader u64 (0 = none), term, applied,
-/// revision, snapshot_index` (all `u64`, little-endian).
+/// revision, snapshot_index` (all `u64`, little-endian), then the voters and the learners, each as a `u8` count
+/// and that many `u64` ids (at most [`MAX_MEMBERS`] each are sent).
 pub fn encode_status(status: &[ShardStatus]) -> Bytes {
-    let mut out = Vec::with_capacity(status.len() * STATUS_LEN);
+    let mut out = Vec::with_capacity(status.len() * (STATUS_LEN + 2 + 8 * 2 * MAX_MEMBERS));
     for s in status {
         out.extend_from_slice(&s.shard.to_le_bytes());
         out.push(u8::from(s.is_leader));
@@ -551,37 +605,148 @@ pub fn encode_status(status: &[ShardStatus]) -> Bytes {
         ] {
             out.extend_from_slice(&v.to_le_bytes());
         }
+        for ids in [&s.voters, &s.learners] {
+            let ids = &ids[..ids.len().min(MAX_MEMBERS)];
+            out.push(ids.len() as u8);
+            for id in ids {
+                out.extend_from_slice(&id.to_le_bytes());
+            }
+        }
     }
     Bytes::from(out)
 }
 
-/// Decodes [`encode_status`] (network input: the length must be a whole number of records).
-pub fn decode_status(buf: &[u8]) -> Result<Vec<ShardStatus>, CallError> {
-    if !buf.len().is_multiple_of(STATUS_LEN) {
-        return Err(CallError::BadResponse("status: truncated record".into()));
+/// Decodes [`encode_status`] (network input: every record must be whole, and each id list at most
+/// [`MAX_MEMBERS`] long).
+pub fn decode_status(mut buf: &[u8]) -> Result<Vec<ShardStatus>, CallError> {
+    let bad = |why: &str| CallError::BadResponse(format!("status: {why}"));
+    fn take<'a>(buf: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
+        let (head, rest) = buf.split_at_checked(n)?;
+        *buf = rest;
+        Some(head)
     }
-    let u64_at = |r: &[u8], at: usize| {
-        let mut b = [0u8; 8];
-        b.copy_from_slice(&r[at..at + 8]);
-        u64::from_le_bytes(b)
-    };
-    Ok(buf
-        .chunks_exact(STATUS_LEN)
-        .map(|r| {
-            let mut shard = [0u8; 4];
-            shard.copy_from_slice(&r[..4]);
-            let leader = u64_at(r, 5);
-            ShardStatus {
-                shard: u32::from_le_bytes(shard),
-                is_leader: r[4] != 0,
-                leader: (leader != 0).then_some(leader),
-                term: u64_at(r, 13),
-                applied: u64_at(r, 21),
-                revision: u64_at(r, 29),
-                snapshot_index: u64_at(r, 37),
+    fn u64_of(b: &[u8]) -> u64 {
+        let mut a = [0u8; 8];
+        a.copy_from_slice(b);
+        u64::from_le_bytes(a)
+    }
+    let mut out = Vec::new();
+    while !buf.is_empty() {
+        let r = take(&mut buf, STATUS_LEN).ok_or_else(|| bad("truncated record"))?;
+        let mut shard = [0u8; 4];
+        shard.copy_from_slice(&r[..4]);
+        let leader = u64_of(&r[5..13]);
+        let mut lists = [Vec::new(), Vec::new()];
+        for list in &mut lists {
+            let n = take(&mut buf, 1).ok_or_else(|| bad("truncated record"))?[0] as usize;
+            if n > MAX_MEMBERS {
+                return Err(bad(&format!("{n} members")));
             }
-        })
-        .collect())
+            let ids = take(&mut buf, n * 8).ok_or_else(|| bad("truncated record"))?;
+            *list = ids.chunks_exact(8).map(u64_of).collect();
+        }
+        let [voters, learners] = lists;
+        out.push(ShardStatus {
+            shard: u32::from_le_bytes(shard),
+            is_leader: r[4] != 0,
+            leader: (leader != 0).then_some(leader),
+            term: u64_of(&r[13..21]),
+            applied: u64_of(&r[21..29]),
+            revision: u64_of(&r[29..37]),
+            snapshot_index: u64_of(&r[37..45]),
+            voters,
+            learners,
+        });
+    }
+    Ok(out)
+}
+
+/// Encodes a membership change request: `shard u32`, the change (`u8`: 1 add learner, 2 promote, 3 remove,
+/// 4 leadership transfer),
+/// `member u64`, little-endian.
+pub fn encode_change(shard: u32, change: MemberChange) -> Bytes {
+    let op = match change {
+        MemberChange::AddLearner(_) => 1u8,
+        MemberChange::Promote(_) => 2,
+        MemberChange::Remove(_) => 3,
+        MemberChange::TransferLeader(_) => 4,
+    };
+    let mut out = Vec::with_capacity(13);
+    out.extend_from_slice(&shard.to_le_bytes());
+    out.push(op);
+    out.extend_from_slice(&change.member().to_le_bytes());
+    Bytes::from(out)
+}
+
+/// Decodes [`encode_change`] (network input: exact length, a known change, a non-zero member).
+pub fn decode_change(buf: &[u8]) -> Result<(u32, MemberChange), CallError> {
+    let bad = |why: &str| CallError::BadResponse(format!("membership change: {why}"));
+    if buf.len() != 13 {
+        return Err(bad("must be 13 bytes"));
+    }
+    let shard = u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]);
+    let mut m = [0u8; 8];
+    m.copy_from_slice(&buf[5..13]);
+    let m = u64::from_le_bytes(m);
+    if m == 0 {
+        return Err(bad("member 0"));
+    }
+    let change = match buf[4] {
+        1 => MemberChange::AddLearner(m),
+        2 => MemberChange::Promote(m),
+        3 => MemberChange::Remove(m),
+        4 => MemberChange::TransferLeader(m),
+        op => return Err(bad(&format!("unknown change {op}"))),
+    };
+    Ok((shard, change))
+}
+
+/// Encodes the outcome of a membership change request: `0` proposed; `1` + leader hint `u64` (0 = none) not
+/// leader; `2` another change in flight; `3` + UTF-8 text refused; `4` + UTF-8 text stopped.
+pub fn encode_change_result(r: &Result<(), ReplicaError>) -> Bytes {
+    let mut out = Vec::new();
+    match r {
+        Ok(()) => out.push(0),
+        Err(ReplicaError::NotLeader { leader } | ReplicaError::LeadershipLost { leader }) => {
+            out.push(1);
+            out.extend_from_slice(&leader.unwrap_or(0).to_le_bytes());
+        }
+        Err(ReplicaError::ChangePending | ReplicaError::Busy { .. }) => out.push(2),
+        Err(ReplicaError::Stopped(why)) => {
+            out.push(4);
+            out.extend_from_slice(why.as_bytes());
+        }
+        Err(ReplicaError::BadChange(why)) => {
+            out.push(3);
+            out.extend_from_slice(why.as_bytes());
+        }
+        Err(other) => {
+            out.push(3);
+            out.extend_from_slice(other.to_string().as_bytes());
+        }
+    }
+    Bytes::from(out)
+}
+
+/// Decodes [`encode_change_result`] (network input).
+pub fn decode_change_result(buf: &[u8]) -> Result<Result<(), ReplicaError>, CallError> {
+    let bad = |why: &str| CallError::BadResponse(format!("membership change answer: {why}"));
+    let (&tag, rest) = buf.split_first().ok_or_else(|| bad("empty"))?;
+    let text = || String::from_utf8_lossy(&rest[..rest.len().min(4096)]).into_owned();
+    Ok(match tag {
+        0 if rest.is_empty() => Ok(()),
+        1 => {
+            let hint: [u8; 8] = rest.try_into().map_err(|_| bad("leader hint"))?;
+            let leader = u64::from_le_bytes(hint);
+            Err(ReplicaError::NotLeader {
+                leader: (leader != 0).then_some(leader),
+            })
+        }
+        2 if rest.is_empty() => Err(ReplicaError::ChangePending),
+        3 => Err(ReplicaError::BadChange(text())),
+        4 => Err(ReplicaError::Stopped(text())),
+        _ => return Err(bad(&format!("tag {tag}"))),
+    })
 }
 
 async fn control_call(
@@ -624,6 +789,26 @@ pub async fn fetch_status(
     decode_status(reply.body())
 }
 
+/// Asks the member on `node` to propose `change` to `shard`'s group ([`KIND_CHANGE`]; it must be the leader,
+/// and this node the coordinator). `Ok(Ok(()))` means proposed, not applied.
+pub async fn propose_change(
+    mesh: &Mesh,
+    node: NodeId,
+    shard: u32,
+    change: MemberChange,
+    timeout: Duration,
+) -> Result<Result<(), ReplicaError>, CallError> {
+    let reply = control_call(
+        mesh,
+        node,
+        KIND_CHANGE,
+        encode_change(shard, change),
+        timeout,
+    )
+    .await?;
+    decode_change_result(reply.body())
+}
+
 /// Sends a [`KIND_CLAIM`] with `body` to `node` and returns the answer's body.
 pub async fn claim(
     mesh: &Mesh,
@@ -655,7 +840,7 @@ mod tests {
         zero[12..20].copy_from_slice(&0u64.to_le_bytes());
         assert!(decode_members(&zero).is_err());
 
-        // Tables only move forward, and never change the member ids.
+        // Tables only move forward; members may be added (the group grows), never all removed.
         let t = MemberTable::new(1, m.clone());
         let mut moved = m.clone();
         moved.insert(2, NodeId(99));
@@ -664,7 +849,9 @@ mod tests {
         assert!(t.hosts(2, NodeId(99)) && !t.hosts(2, NodeId(u128::MAX)));
         let mut grown = moved;
         grown.insert(4, NodeId(5));
-        assert!(!t.update(3, grown));
+        assert!(t.update(3, grown));
+        assert_eq!(t.ids(), vec![1, 2, 3, 4]);
+        assert!(!t.update(4, BTreeMap::new()));
     }
 
     #[test]
@@ -677,10 +864,47 @@ mod tests {
             applied: 5,
             revision: 6,
             snapshot_index: 7,
+            voters: vec![1, 2, 3],
+            learners: vec![4],
         }];
         let enc = encode_status(&s);
         assert_eq!(decode_status(&enc).unwrap(), s);
         assert!(decode_status(&enc[1..]).is_err());
+        assert!(decode_status(&enc[..enc.len() - 1]).is_err());
         assert!(decode_status(&[]).unwrap().is_empty());
+        let mut long = enc.to_vec();
+        long[STATUS_LEN] = (MAX_MEMBERS + 1) as u8;
+        assert!(decode_status(&long).is_err());
+    }
+
+    #[test]
+    fn changes_round_trip_and_reject_bad_input() {
+        for c in [
+            MemberChange::AddLearner(4),
+            MemberChange::Promote(4),
+            MemberChange::Remove(u64::MAX),
+            MemberChange::TransferLeader(2),
+        ] {
+            assert_eq!(decode_change(&encode_change(2, c)).unwrap(), (2, c));
+        }
+        let enc = encode_change(0, MemberChange::Promote(3));
+        assert!(decode_change(&enc[1..]).is_err());
+        let mut op = enc.to_vec();
+        op[4] = 9;
+        assert!(decode_change(&op).is_err());
+        assert!(decode_change(&encode_change(0, MemberChange::Remove(0))).is_err());
+        for r in [
+            Ok(()),
+            Err(ReplicaError::NotLeader { leader: Some(3) }),
+            Err(ReplicaError::NotLeader { leader: None }),
+            Err(ReplicaError::ChangePending),
+            Err(ReplicaError::BadChange("no".into())),
+            Err(ReplicaError::Stopped("disk".into())),
+        ] {
+            assert_eq!(decode_change_result(&encode_change_result(&r)).unwrap(), r);
+        }
+        assert!(decode_change_result(&[]).is_err());
+        assert!(decode_change_result(&[1, 2]).is_err());
+        assert!(decode_change_result(&[7]).is_err());
     }
 }

@@ -21,6 +21,15 @@
 //! 8. Every [`ReplicaConfig::snapshot_entries`] applied entries the state is snapshotted and the log compacted.
 //!
 //! # Completions
+//! # Membership changes
+//! [`Replica::change_membership`] proposes one [`MemberChange`] (add a learner, promote a learner, remove a
+//! member) as a Raft conf-change entry, on the leader only and only while no other change is in flight, so
+//! the group moves one member at a time and never needs joint consensus. A change takes effect on each replica
+//! when its entry applies (`apply_conf_change`); the resulting voters and learners are what this replica
+//! reports in [`Replica::conf_state`] and what every later local snapshot records, so a restart from disk
+//! (snapshot, then the log after it, conf changes included) rebuilds the same membership. A replica created
+//! with no voters (a member joining a running group) waits for the leader to send it the log or a snapshot.
+//!
 //! Writes are tracked by `(client, seq)` and the term they were proposed in. When this replica stops being
 //! leader, or leads again in a later term, every pending write of an earlier term completes with
 //! [`ReplicaError::LeadershipLost`]: the outcome is unknown and the client retries
@@ -29,7 +38,11 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use raft::prelude::{Entry, EntryType, Message, MessageType};
+use protobuf::Message as _;
+use raft::prelude::{
+    ConfChangeSingle, ConfChangeType, ConfChangeV2, ConfState, Entry, EntryType, Message,
+    MessageType,
+};
 use raft::{Config, RawNode, SnapshotStatus, StateRole};
 
 use crate::shard::{
@@ -47,7 +60,9 @@ pub type Token = u64;
 pub struct ReplicaConfig {
     /// This replica's Raft id (non-zero, unique within the shard).
     pub id: u64,
-    /// Every voter of the shard, this one included (used when the directory is new).
+    /// The voters a new directory starts with: this replica alone for the first member of a group, none for a
+    /// member joining a running group (it learns the membership from the leader's log or snapshot). An
+    /// existing directory keeps the membership it holds.
     pub peers: Vec<u64>,
     /// Ticks without a leader before an election (default 10).
     pub election_tick: usize,
@@ -162,6 +177,39 @@ pub enum ReplicaError {
     /// The replica's storage failed and it has stopped.
     #[error("replica storage failed: {0}")]
     Stopped(String),
+    /// Another membership change is still in flight (proposed, not yet applied); retry once it has applied.
+    #[error("a membership change is already in flight")]
+    ChangePending,
+    /// The membership change does not fit the current membership (see the message); retrying will not help
+    /// until the membership is different.
+    #[error("membership change refused: {0}")]
+    BadChange(String),
+}
+
+/// One membership change of a shard's Raft group. Changes go one at a time (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MemberChange {
+    /// Adds a member that receives the log but does not vote (yet).
+    AddLearner(u64),
+    /// Makes a learner a voter (it should have caught up first, or commits wait for it).
+    Promote(u64),
+    /// Removes a voter or learner. The last voter cannot be removed.
+    Remove(u64),
+    /// Not a membership change: asks the leader to hand its leadership to this voter (raft-rs's leadership
+    /// transfer; the voter takes over once its log has caught up, and nothing changes if it never does).
+    TransferLeader(u64),
+}
+
+impl MemberChange {
+    /// The member it changes.
+    pub fn member(&self) -> u64 {
+        match *self {
+            MemberChange::AddLearner(m)
+            | MemberChange::Promote(m)
+            | MemberChange::Remove(m)
+            | MemberChange::TransferLeader(m) => m,
+        }
+    }
 }
 
 /// One finished request.
@@ -210,6 +258,12 @@ pub struct Replica {
     /// Set when an apply advanced the revision since the driver last looked.
     revision_advanced: bool,
     stopped: Option<String>,
+    /// The membership as of the applied index: the latest snapshot's, then every conf change applied since.
+    /// Local snapshots record it, so it is durable with them (and in the log before them).
+    conf_state: ConfState,
+    /// Set when a membership change applied: the next snapshot is taken at once, so the leader has one that
+    /// names a member just added (a replica refuses a snapshot whose membership lacks it).
+    snapshot_soon: bool,
 }
 
 impl std::fmt::Debug for Replica {
@@ -234,6 +288,7 @@ impl Replica {
         let storage = DiskStorage::open(dir, cfg.wal.clone(), &cfg.peers)?;
         let snap = storage.latest_snapshot();
         let applied = snap.get_metadata().index;
+        let conf_state = snap.get_metadata().get_conf_state().clone();
         let state = ShardState::decode_snapshot(cfg.limits.clone(), snap.get_data())?;
         let rcfg = Config {
             id: cfg.id,
@@ -263,6 +318,89 @@ impl Replica {
             completions: Vec::new(),
             revision_advanced: false,
             stopped: None,
+            conf_state,
+            snapshot_soon: false,
+        })
+    }
+
+    /// The voters and learners as of the applied index.
+    pub fn conf_state(&self) -> &ConfState {
+        &self.conf_state
+    }
+
+    /// The highest log index known to be replicated on `member`, as this replica tracks it (meaningful on
+    /// the leader only; `None` for a member outside the group).
+    pub fn matched(&self, member: u64) -> Option<u64> {
+        self.raw.raft.prs().get(member).map(|p| p.matched)
+    }
+
+    /// Proposes one membership change. It returns once proposed, not applied: the change takes effect when
+    /// its entry applies, visible in [`Replica::conf_state`]. Refused on a follower
+    /// ([`ReplicaError::NotLeader`]), while another change is in flight ([`ReplicaError::ChangePending`]),
+    /// and when it does not fit the current membership ([`ReplicaError::BadChange`]).
+    pub fn change_membership(&mut self, change: MemberChange) -> Result<(), ReplicaError> {
+        if let Some(why) = &self.stopped {
+            return Err(ReplicaError::Stopped(why.clone()));
+        }
+        if !self.is_leader() {
+            return Err(ReplicaError::NotLeader {
+                leader: self.leader(),
+            });
+        }
+        if let MemberChange::TransferLeader(m) = change {
+            if m == self.cfg.id || !self.conf_state.voters.contains(&m) {
+                return Err(ReplicaError::BadChange(format!(
+                    "member {m} is not another voter"
+                )));
+            }
+            self.raw.transfer_leader(m);
+            return Ok(());
+        }
+        // raft-rs would turn a second change into an empty entry without saying so; refuse it visibly.
+        if self.raw.raft.has_pending_conf() {
+            return Err(ReplicaError::ChangePending);
+        }
+        let cs = &self.conf_state;
+        let voter = |m: u64| cs.voters.contains(&m);
+        let learner = |m: u64| cs.learners.contains(&m);
+        let bad = |why: String| Err(ReplicaError::BadChange(why));
+        let (kind, m) = match change {
+            MemberChange::AddLearner(0) | MemberChange::Promote(0) | MemberChange::Remove(0) => {
+                return bad("member id 0".into());
+            }
+            MemberChange::TransferLeader(_) => unreachable!("handled above"),
+            MemberChange::AddLearner(m) => {
+                if voter(m) || learner(m) {
+                    return bad(format!("member {m} is already in the group"));
+                }
+                (ConfChangeType::AddLearnerNode, m)
+            }
+            MemberChange::Promote(m) => {
+                if !learner(m) {
+                    return bad(format!("member {m} is not a learner"));
+                }
+                (ConfChangeType::AddNode, m)
+            }
+            MemberChange::Remove(m) => {
+                if !voter(m) && !learner(m) {
+                    return bad(format!("member {m} is not in the group"));
+                }
+                if voter(m) && cs.voters.len() == 1 {
+                    return bad(format!("member {m} is the last voter"));
+                }
+                (ConfChangeType::RemoveNode, m)
+            }
+        };
+        let mut single = ConfChangeSingle::default();
+        single.set_change_type(kind);
+        single.node_id = m;
+        let mut cc = ConfChangeV2::default();
+        cc.mut_changes().push(single);
+        self.raw.propose_conf_change(Vec::new(), cc).map_err(|e| {
+            tracing::debug!(replica = self.cfg.id, cause = %e, "membership change dropped");
+            ReplicaError::NotLeader {
+                leader: self.leader(),
+            }
         })
     }
 
@@ -474,8 +612,10 @@ impl Replica {
             if !rd.snapshot().is_empty() {
                 let snap = rd.snapshot().clone();
                 let state = ShardState::decode_snapshot(self.cfg.limits.clone(), snap.get_data())?;
+                let conf = snap.get_metadata().get_conf_state().clone();
                 self.raw.mut_store().apply_snapshot(snap)?;
                 self.state = state;
+                self.conf_state = conf;
                 self.revision_advanced = true;
             }
             let committed = rd.take_committed_entries();
@@ -546,10 +686,18 @@ impl Replica {
 
     fn apply_entries(&mut self, entries: Vec<Entry>) {
         for e in entries {
-            if e.get_entry_type() != EntryType::EntryNormal || e.data.is_empty() {
-                // Empty entries are new leaders' no-ops; conf changes are not used (static membership).
-                self.state.apply_noop(e.index);
-                continue;
+            match e.get_entry_type() {
+                EntryType::EntryConfChange | EntryType::EntryConfChangeV2 => {
+                    self.apply_conf_change(&e);
+                    self.state.apply_noop(e.index);
+                    continue;
+                }
+                EntryType::EntryNormal if !e.data.is_empty() => {}
+                EntryType::EntryNormal => {
+                    // Empty entries are new leaders' no-ops.
+                    self.state.apply_noop(e.index);
+                    continue;
+                }
             }
             let cmds = match decode_batch(&e.data) {
                 Ok(c) => c,
@@ -573,6 +721,39 @@ impl Replica {
             }
             self.state.apply_noop(e.index);
             self.revision_advanced = true;
+        }
+    }
+
+    /// Applies a committed conf-change entry. The entry is the same on every replica, so a change that fails
+    /// to decode or apply fails the same way everywhere and is skipped everywhere.
+    fn apply_conf_change(&mut self, e: &Entry) {
+        // We propose only V2; V1 is accepted too, since both are valid Raft entries.
+        let applied = if e.get_entry_type() == EntryType::EntryConfChangeV2 {
+            ConfChangeV2::parse_from_bytes(&e.data)
+                .map_err(|err| err.to_string())
+                .and_then(|cc| {
+                    self.raw
+                        .apply_conf_change(&cc)
+                        .map_err(|err| err.to_string())
+                })
+        } else {
+            raft::prelude::ConfChange::parse_from_bytes(&e.data)
+                .map_err(|err| err.to_string())
+                .and_then(|cc| {
+                    self.raw
+                        .apply_conf_change(&cc)
+                        .map_err(|err| err.to_string())
+                })
+        };
+        match applied {
+            Ok(cs) => {
+                tracing::info!(replica = self.cfg.id, index = e.index, voters = ?cs.voters, learners = ?cs.learners, "membership changed");
+                self.conf_state = cs;
+                self.snapshot_soon = true;
+            }
+            Err(why) => {
+                tracing::error!(replica = self.cfg.id, index = e.index, cause = %why, "membership change skipped")
+            }
         }
     }
 
@@ -616,9 +797,12 @@ impl Replica {
         let by_count = applied >= snap_index + self.cfg.snapshot_entries.max(1);
         let by_bytes =
             applied > snap_index && self.raw.store().log_bytes() > self.cfg.snapshot_log_bytes;
-        if by_count || by_bytes {
+        let by_change = std::mem::take(&mut self.snapshot_soon) && applied > snap_index;
+        if by_count || by_bytes || by_change {
             let data = self.state.encode_snapshot();
-            self.raw.mut_store().compact(applied, data)?;
+            // The membership recorded is the one in force at `applied`, the snapshot's index.
+            let conf = self.conf_state.clone();
+            self.raw.mut_store().compact(applied, data, conf)?;
         }
         Ok(())
     }

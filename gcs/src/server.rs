@@ -2,7 +2,8 @@
 //! [`LocalNet`], the in-process network used by embedded mode and tests.
 //!
 //! # Topology
-//! A cluster has `R` members (1, 3 or 5) with ids `1..=R`. Every member hosts one replica of each of the `S`
+//! A cluster has `R` members (1, 3, 5 or 7; a group grows to its size by membership changes, see
+//! [`crate::replica::MemberChange`]), each with a non-zero id. Every member hosts one replica of each of the `S`
 //! shards, and a member's id is its Raft replica id in every shard, so a leader hint is directly a member id.
 //!
 //! # Why a thread per shard
@@ -34,7 +35,9 @@ use raft::prelude::Message;
 use tokio::sync::oneshot;
 
 use crate::client::{CallError, ClientConfig, Connector, GcsClient};
-use crate::replica::{Completion, Replica, ReplicaConfig, ReplicaError, Reply, Token, raft_logger};
+use crate::replica::{
+    Completion, MemberChange, Replica, ReplicaConfig, ReplicaError, Reply, Token, raft_logger,
+};
 use crate::router::ShardMap;
 use crate::shard::WriteResult;
 use crate::wire::{
@@ -45,9 +48,11 @@ use crate::wire::{
 /// Settings of one GCS member.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
-    /// This member's id (its Raft id in every shard), in `1..=members.len()`.
+    /// This member's id (its Raft id in every shard), non-zero.
     pub member: u64,
-    /// Every member's id.
+    /// The voters a new data dir starts with: every member of a statically configured group, `[member]` for
+    /// the first member of a group that grows by membership changes, or empty for a member joining a running
+    /// group (it learns the membership from the leader). A data dir that exists keeps its own membership.
     pub members: Vec<u64>,
     /// Number of shards (every member hosts all of them).
     pub shards: u32,
@@ -125,12 +130,17 @@ pub struct ShardStatus {
     pub revision: u64,
     /// Raft index of the latest snapshot on disk (the log before it is compacted away).
     pub snapshot_index: u64,
+    /// The voters as of `applied` (at most [`crate::mesh::MAX_MEMBERS`] cross the network).
+    pub voters: Vec<u64>,
+    /// The learners as of `applied` (members receiving the log that do not vote yet).
+    pub learners: Vec<u64>,
 }
 
 enum Input {
     Req(Request, oneshot::Sender<Response>),
     Raft(Box<Message>),
     Status(oneshot::Sender<ShardStatus>),
+    Change(MemberChange, oneshot::Sender<Result<(), ReplicaError>>),
     Campaign,
     Stop,
 }
@@ -178,7 +188,7 @@ impl Drop for ServerInner {
 impl GcsServer {
     /// Opens every shard replica under `cfg.dir` and starts their threads.
     pub fn start(cfg: ServerConfig, net: Arc<dyn PeerNetwork>) -> Result<GcsServer, StartError> {
-        if !cfg.members.contains(&cfg.member) || cfg.member == 0 {
+        if cfg.member == 0 || !(cfg.members.is_empty() || cfg.members.contains(&cfg.member)) {
             return Err(StartError::Config(format!(
                 "member {} not in {:?}",
                 cfg.member, cfg.members
@@ -196,8 +206,8 @@ impl GcsServer {
             let dir = cfg.dir.join(format!("shard-{shard}"));
             let mut replica = Replica::open(rc, &dir, &logger)
                 .map_err(|source| StartError::Replica { shard, source })?;
-            if cfg.members.len() == 1 {
-                // A lone member need not wait an election timeout to lead.
+            if replica.conf_state().voters == [cfg.member] {
+                // A lone voter need not wait an election timeout to lead.
                 replica.campaign();
             }
             let (tx, rx) = flume::bounded(cfg.queue.max(1));
@@ -347,6 +357,25 @@ impl GcsServer {
         out
     }
 
+    /// Proposes one membership change of `shard`'s Raft group on this member (see
+    /// [`Replica::change_membership`]). It answers once proposed, not applied: watch [`GcsServer::status`] for
+    /// the change to show. Fails on a member that does not lead the shard.
+    pub async fn change_membership(
+        &self,
+        shard: u32,
+        change: MemberChange,
+    ) -> Result<(), ReplicaError> {
+        let Some(h) = self.inner.shards.get(shard as usize) else {
+            return Err(ReplicaError::BadChange(format!("no shard {shard}")));
+        };
+        let (tx, rx) = oneshot::channel();
+        let stopped = || ReplicaError::Stopped("shut down".into());
+        h.tx.send_async(Input::Change(change, tx))
+            .await
+            .map_err(|_| stopped())?;
+        rx.await.unwrap_or_else(|_| Err(stopped()))
+    }
+
     /// Stops every shard thread and waits for them. Requests after this fail with [`ServerError::Stopped`].
     pub fn shutdown(&self) {
         for s in &self.inner.shards {
@@ -477,7 +506,12 @@ impl ShardDriver {
                         .latest_snapshot()
                         .get_metadata()
                         .index,
+                    voters: self.replica.conf_state().voters.clone(),
+                    learners: self.replica.conf_state().learners.clone(),
                 });
+            }
+            Input::Change(change, reply) => {
+                let _ = reply.send(self.replica.change_membership(change));
             }
             Input::Campaign => self.replica.campaign(),
             Input::Stop => return true,
@@ -681,6 +715,9 @@ fn response_of(result: Result<Reply, ReplicaError>) -> Response {
             }
             ReplicaError::Busy { .. } => ServerError::Busy,
             ReplicaError::Stopped(why) => ServerError::Stopped(why),
+            // Membership changes are not client requests and never complete through here.
+            ReplicaError::ChangePending => ServerError::Busy,
+            ReplicaError::BadChange(why) => ServerError::BadRequest(why),
         }),
     }
 }

@@ -18,8 +18,9 @@
 //! every [`crate::replica::ReplicaConfig::snapshot_entries`] entries or
 //! [`crate::replica::ReplicaConfig::snapshot_log_bytes`] bytes, whichever comes first.
 //!
-//! What it is not: membership here is static (the voters given at first open, kept in snapshot metadata);
-//! there is no conf-change support.
+//! Membership: a new directory starts with the voters given at first open (none for a member joining a running
+//! group). After that the membership is the snapshot's conf state plus the conf-change entries in the log after
+//! it, which the replica re-applies on start; each local snapshot records the membership at its index.
 
 use std::fs::{self, File};
 use std::io::Write;
@@ -268,7 +269,13 @@ impl DiskStorage {
 
     /// Takes a local snapshot at `index` (which must be applied) with state-machine bytes `data`, then
     /// drops the log up to it and purges WAL segments it covers.
-    pub fn compact(&mut self, index: u64, data: Vec<u8>) -> Result<(), StorageError> {
+    /// `conf` is the membership in force at `index`.
+    pub fn compact(
+        &mut self,
+        index: u64,
+        data: Vec<u8>,
+        conf: raft::prelude::ConfState,
+    ) -> Result<(), StorageError> {
         if index <= self.snapshot.get_metadata().index || index > self.last() {
             return Ok(());
         }
@@ -278,7 +285,7 @@ impl DiskStorage {
         let meta = snap.mut_metadata();
         meta.index = index;
         meta.term = term;
-        meta.set_conf_state(self.snapshot.get_metadata().get_conf_state().clone());
+        meta.set_conf_state(conf);
         write_snapshot_file(&self.dir, &snap, self.wal.fsync())?;
         let first = self.first();
         let dropped: usize = self
@@ -411,8 +418,13 @@ impl raft::Storage for DiskStorage {
         Ok(self.last())
     }
 
-    fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
-        if self.snapshot.get_metadata().index < request_index {
+    fn snapshot(&self, request_index: u64, to: u64) -> raft::Result<Snapshot> {
+        let cs = self.snapshot.get_metadata().get_conf_state();
+        // A replica refuses a snapshot whose membership does not name it (raft-rs, like etcd), so one taken
+        // before `to` joined is useless to it. The replica snapshots right after each membership change, so a
+        // fitting one exists once the change that added `to` has applied here.
+        let names_to = cs.voters.contains(&to) || cs.learners.contains(&to);
+        if self.snapshot.get_metadata().index < request_index || !names_to {
             return Err(store_err(
                 raft::StorageError::SnapshotTemporarilyUnavailable,
             ));
@@ -538,7 +550,12 @@ mod tests {
             }
             let before = s.segment_count();
             assert!(before > 3, "small segments rotate: {before}");
-            s.compact(30, b"state@30".to_vec()).unwrap();
+            s.compact(
+                30,
+                b"state@30".to_vec(),
+                s.latest_snapshot().get_metadata().get_conf_state().clone(),
+            )
+            .unwrap();
             assert!(s.segment_count() < before);
             assert_eq!(s.first_index().unwrap(), 31);
             assert!(matches!(
@@ -552,7 +569,14 @@ mod tests {
             (s.first_index().unwrap(), s.last_index().unwrap()),
             (31, 40)
         );
-        assert_eq!(s.snapshot(0, 2).unwrap().get_data(), b"state@30");
+        assert_eq!(s.snapshot(0, 1).unwrap().get_data(), b"state@30");
+        // A snapshot is never handed out for a member its membership does not name (it would refuse it).
+        assert!(matches!(
+            s.snapshot(0, 2),
+            Err(raft::Error::Store(
+                raft::StorageError::SnapshotTemporarilyUnavailable
+            ))
+        ));
         assert!(s.hard_state().commit >= 30);
     }
 
@@ -568,7 +592,8 @@ mod tests {
         let expect = (1..=3).map(|i| size(i, 1)).sum::<usize>() + size(4, 2);
         assert_eq!(s.log_bytes(), expect);
         s.sync().unwrap();
-        s.compact(2, Vec::new()).unwrap();
+        let conf = s.latest_snapshot().get_metadata().get_conf_state().clone();
+        s.compact(2, Vec::new(), conf).unwrap();
         assert_eq!(s.log_bytes(), size(3, 1) + size(4, 2));
         drop(s);
         let s = DiskStorage::open(dir.path(), cfg(), &[1]).unwrap();

@@ -32,8 +32,19 @@ macro_rules! say {
     }};
 }
 
-/// The GCS member id of the head's replica. The head is always member 1; `--gcs` nodes host members 2..=N.
+/// The GCS member id of the head's replica. The head is always member 1; `--gcs` nodes host members 2, 3, ...
 const GCS_MEMBER: u64 = 1;
+
+/// The GCS group size a new cluster grows to when `--gcs-replicas` is not given: three voters survive the loss
+/// of one. The head starts as the lone voter (writable at once) and `--gcs` nodes join it.
+const DEFAULT_GCS_REPLICAS: u32 = 3;
+
+/// How often the head's coordinator looks at the group when nothing wakes it earlier (a claim does).
+const GROW_EVERY: Duration = Duration::from_millis(300);
+
+/// A learner counts as caught up once its applied index is this close to the leader's: promoting it then
+/// adds a voter that can take part in the next commits at once instead of holding them back.
+const CATCH_UP_ENTRIES: u64 = 64;
 
 /// Shards of a cluster's GCS. One, as in embedded mode: the GCS holds cluster metadata, far from the load one
 /// Raft group can carry, and every member and client must agree on the number (it fixes the key-to-shard map).
@@ -42,24 +53,27 @@ const GCS_SHARDS: u32 = 1;
 /// How long one GCS control exchange (member table, slot claim, status) may take.
 const GCS_CONTROL_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The head's record of a multi-replica GCS group (`<data dir>/gcs-members.json`).
+/// The head's record of its GCS group (`<data dir>/gcs-members.json`).
 ///
-/// Static bootstrap: the first `start --head --gcs-replicas N` fixes the group at N members (member 1 is the
-/// head), so the Raft voter set never changes. Each `--gcs` node claims a slot with a claim key it generated and
-/// persisted first: a new key gets a free slot, a key seen before gets its slot back. The slot's member id and
-/// log are the replica's lasting identity; the node hosting it is whichever process last claimed it (a restarted
-/// replica joins under a new node id, because a node id's death is final in the failure detector), so the
-/// table of hosting nodes is versioned and handed to everyone who asks.
+/// The group grows by Raft membership changes: the head starts as the lone voter, member 1, and each `--gcs`
+/// node claims a slot with a claim key it generated and persisted first. A new key gets a new member id (ids are
+/// never reused) while the group is below its target; a key seen before gets its member back. The member id
+/// and its log are the replica's lasting identity; the node hosting it is whichever process last claimed it (a
+/// restarted replica joins under a new node id, because a node id's death is final in the failure detector), so
+/// the table of hosting nodes is versioned and handed to everyone who asks. Whether a member votes is Raft's
+/// business (its conf state, see `grow_gcs`), not this file's.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-struct GcsBootstrap {
-    /// Group size.
-    replicas: u32,
+struct GcsGroup {
+    /// The number of voters the head grows the group to.
+    target: u32,
     /// Bumped on every change of `members`.
     version: u64,
-    /// Member id → hosting node id (hex; all zeros while unclaimed).
+    /// Member id → hosting node id (hex).
     members: BTreeMap<u64, String>,
     /// Claim key (hex) → member id.
     claims: BTreeMap<String, u64>,
+    /// The id the next new member gets.
+    next_member: u64,
 }
 
 /// What the head answers a slot claim with (JSON).
@@ -97,8 +111,10 @@ fn parse_members(m: &BTreeMap<u64, String>) -> Result<BTreeMap<u64, NodeId>> {
         .iter()
         .map(|(k, v)| Ok((*k, parse_node(v)?)))
         .collect::<Result<BTreeMap<_, _>>>()?;
-    let n = out.len() as u32;
-    if check_replicas(n).is_err() || out.keys().copied().ne(1..=u64::from(n)) {
+    if out.len() > oxray_gcs::mesh::MAX_MEMBERS
+        || !out.contains_key(&GCS_MEMBER)
+        || out.contains_key(&0)
+    {
         return Err(Error::Cluster(format!(
             "bad GCS member table: members {:?}",
             out.keys().collect::<Vec<_>>()
@@ -159,72 +175,70 @@ fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Option<T>> {
     }
 }
 
-/// The head's GCS group: a fresh one-member group (`None`), or the persisted multi-member bootstrap.
-fn head_bootstrap(dir: &Path, asked: Option<u32>) -> Result<Option<GcsBootstrap>> {
+/// The head's GCS group: the one persisted in `dir`, or a new one with the head (`head`) as its only member,
+/// growing to `asked` voters (default [`DEFAULT_GCS_REPLICAS`]). A restarted head may raise the target; it
+/// cannot lower it below the members the group already has (removing members is not built).
+fn head_group(dir: &Path, head: NodeId, asked: Option<u32>) -> Result<GcsGroup> {
     if let Some(n) = asked {
         check_replicas(n)?;
     }
     let path = dir.join("gcs-members.json");
-    if let Some(b) = read_json::<GcsBootstrap>(&path)? {
-        parse_members(&b.members)?;
-        if b.replicas as usize != b.members.len() {
+    let save = |g: &GcsGroup| {
+        write_atomic(
+            &path,
+            &serde_json::to_vec_pretty(g).map_err(|e| Error::Cluster(e.to_string()))?,
+        )
+    };
+    if let Ok(text) = std::fs::read(&path)
+        && let Ok(v) = serde_json::from_slice::<serde_json::Value>(&text)
+        && v.get("replicas").is_some()
+    {
+        return Err(Error::Cluster(format!(
+            "{} holds a fixed-size GCS group from an older oxray; start the cluster with a fresh --data-dir",
+            path.display()
+        )));
+    }
+    if let Some(mut g) = read_json::<GcsGroup>(&path)? {
+        let members = parse_members(&g.members)?;
+        if members[&GCS_MEMBER] != head || g.next_member <= *members.keys().max().unwrap_or(&1) {
             return Err(Error::Cluster(format!(
                 "{} is inconsistent",
                 path.display()
             )));
         }
         if let Some(n) = asked
-            && n != b.replicas
+            && n != g.target
         {
-            return Err(Error::InvalidArgument(format!(
-                "{} holds a GCS of {} replicas; start the head with --gcs-replicas {} (or without the flag), or \
-                 use a fresh --data-dir",
-                dir.display(),
-                b.replicas,
-                b.replicas
-            )));
+            if (n as usize) < members.len() {
+                return Err(Error::InvalidArgument(format!(
+                    "{} holds a GCS of {} members; --gcs-replicas {n} would need members removed, which is                      not supported (start the head with --gcs-replicas {} or more)",
+                    dir.display(),
+                    members.len(),
+                    members.len().max(3) | 1
+                )));
+            }
+            g.target = n;
+            save(&g)?;
         }
-        return Ok(Some(b));
+        return Ok(g);
     }
-    let n = asked.unwrap_or(1);
-    if n == 1 {
-        return Ok(None);
-    }
-    if dir.join("gcs").exists() {
-        // Raft's voter set is fixed in the log at its creation: a one-member log cannot become a group.
-        return Err(Error::InvalidArgument(format!(
-            "{} holds a one-replica GCS; --gcs-replicas {n} needs a fresh --data-dir",
-            dir.display()
-        )));
-    }
-    // The head's own node id is fixed here for good: the cluster token names it.
-    let b = GcsBootstrap {
-        replicas: n,
+    let g = GcsGroup {
+        target: asked.unwrap_or(DEFAULT_GCS_REPLICAS),
         version: 1,
-        members: (1..=u64::from(n))
-            .map(|m| {
-                let node = if m == GCS_MEMBER {
-                    NodeId::random()
-                } else {
-                    NodeId(0)
-                };
-                (m, hex_node(node))
-            })
-            .collect(),
+        members: BTreeMap::from([(GCS_MEMBER, hex_node(head))]),
         claims: BTreeMap::new(),
+        next_member: GCS_MEMBER + 1,
     };
-    write_atomic(
-        &path,
-        &serde_json::to_vec_pretty(&b).map_err(|e| Error::Cluster(e.to_string()))?,
-    )?;
-    Ok(Some(b))
+    save(&g)?;
+    Ok(g)
 }
 
-/// The head's answer to a slot claim: the claimant's slot (the same one again for a key seen before), now hosted
-/// by the claiming node `from` (mesh-authenticated). The change is persisted before the answer leaves, then put
-/// in the head's own table. The body is a 16-byte claim key; it comes from the network and is checked.
+/// The head's answer to a slot claim: the claimant's member (the same one again for a key seen before, a new one
+/// while the group is below its target), now hosted by the claiming node `from` (mesh-authenticated). The change
+/// is persisted before the answer leaves, then put in the head's own table, and the coordinator is woken to add
+/// the new member to the Raft group. The body is a 16-byte claim key; it comes from the network and is checked.
 fn claim_slot(
-    state: &parking_lot::Mutex<GcsBootstrap>,
+    state: &parking_lot::Mutex<GcsGroup>,
     path: &Path,
     table: &oxray_gcs::mesh::MemberTable,
     from: NodeId,
@@ -234,42 +248,142 @@ fn claim_slot(
         .try_into()
         .map_err(|_| format!("a claim key is 16 bytes, not {}", body.len()))?;
     let key = hex_bytes(&key);
-    let mut b = state.lock();
-    let member = match b.claims.get(&key) {
+    let mut g = state.lock();
+    let member = match g.claims.get(&key) {
         Some(m) => *m,
-        None => {
-            let taken: std::collections::BTreeSet<u64> = b.claims.values().copied().collect();
-            let Some(free) = (2..=u64::from(b.replicas)).find(|m| !taken.contains(m)) else {
-                return Err(format!(
-                    "all {} replica slots of this {}-replica GCS are taken (a replica that lost its data dir \
-                     cannot rejoin: this cluster's group is fixed at bootstrap)",
-                    b.replicas - 1,
-                    b.replicas
-                ));
-            };
-            free
+        None if g.members.len() >= g.target as usize => {
+            return Err(format!(
+                "the GCS already has its {} replicas (the target set by the head's --gcs-replicas); run this                  node without --gcs",
+                g.target
+            ));
         }
+        None => g.next_member,
     };
-    if b.members.get(&member) != Some(&hex_node(from)) || !b.claims.contains_key(&key) {
-        let mut next = b.clone();
+    if g.members.get(&member) != Some(&hex_node(from)) || !g.claims.contains_key(&key) {
+        let mut next = g.clone();
         next.claims.insert(key, member);
         next.members.insert(member, hex_node(from));
+        next.next_member = next.next_member.max(member + 1);
         next.version += 1;
         let members = parse_members(&next.members).map_err(|e| e.to_string())?;
         let json = serde_json::to_vec_pretty(&next).map_err(|e| e.to_string())?;
         write_atomic(path, &json).map_err(|e| e.to_string())?;
         table.update(next.version, members);
-        *b = next;
-        tracing::info!(node = %from, member, version = b.version, "GCS replica slot claimed");
+        *g = next;
+        tracing::info!(node = %from, member, version = g.version, "GCS replica slot claimed");
     }
     let reply = ClaimReply {
         member,
-        version: b.version,
-        members: b.members.clone(),
+        version: g.version,
+        members: g.members.clone(),
     };
     serde_json::to_vec(&reply)
         .map(bytes::Bytes::from)
         .map_err(|e| e.to_string())
+}
+
+/// The head's coordinator: grows the GCS group to its target by Raft membership changes, one at a time. Every
+/// member in the table that is not yet in the group is added as a learner; a learner is promoted to voter once
+/// it has caught up with the leader. Promotions wait until enough learners are caught up to reach the next odd
+/// size, so the group spends only the moment between two promotions at an even size (an even group survives no
+/// more failures than the odd one below it and needs a larger quorum). Only the head proposes membership
+/// changes (the members obey `KIND_CHANGE` from it alone), so two changes never race; the leader refuses a
+/// second one while the first is in flight anyway.
+fn spawn_gcs_coordinator(
+    rt: &runtime::Runtime,
+    mesh: Mesh,
+    server: oxray_gcs::GcsServer,
+    table: Arc<oxray_gcs::mesh::MemberTable>,
+    kick: Arc<tokio::sync::Notify>,
+) {
+    let weak = Arc::downgrade(&table);
+    drop(table);
+    rt.tokio.spawn(async move {
+        loop {
+            tokio::select! {
+                _ = kick.notified() => {}
+                _ = tokio::time::sleep(GROW_EVERY) => {}
+            }
+            let Some(table) = weak.upgrade() else { return };
+            for shard in 0..GCS_SHARDS {
+                if let Err(why) = grow_gcs(&mesh, &server, &table, shard).await {
+                    tracing::debug!(shard, cause = %why, "GCS group not grown this round");
+                }
+            }
+        }
+    });
+}
+
+/// One round of the coordinator for `shard`: at most one membership change proposed (see
+/// [`spawn_gcs_coordinator`]).
+async fn grow_gcs(
+    mesh: &Mesh,
+    server: &oxray_gcs::GcsServer,
+    table: &oxray_gcs::mesh::MemberTable,
+    shard: u32,
+) -> std::result::Result<(), String> {
+    use oxray_gcs::replica::{MemberChange, ReplicaError};
+    let status_of = |node: NodeId| async move {
+        oxray_gcs::mesh::fetch_status(mesh, node, Duration::from_secs(2))
+            .await
+            .map_err(|e| e.to_string())?
+            .into_iter()
+            .find(|s| s.shard == shard)
+            .ok_or_else(|| format!("no shard {shard}"))
+    };
+    let (_, members) = table.snapshot();
+    let own = server
+        .status()
+        .await
+        .into_iter()
+        .find(|s| s.shard == shard)
+        .ok_or("no status")?;
+    let leader = own.leader.ok_or("no leader")?;
+    let leader_node = *members
+        .get(&leader)
+        .ok_or_else(|| format!("leader {leader} is not in the table"))?;
+    let ls = if leader == server.member() {
+        own
+    } else {
+        status_of(leader_node).await?
+    };
+    if !ls.is_leader {
+        return Err(format!("member {leader} no longer leads"));
+    }
+    let change = if let Some(&m) = members
+        .keys()
+        .find(|m| !ls.voters.contains(m) && !ls.learners.contains(m))
+    {
+        MemberChange::AddLearner(m)
+    } else {
+        let mut ready = Vec::new();
+        for &m in &ls.learners {
+            if let Some(&node) = members.get(&m)
+                && let Ok(s) = status_of(node).await
+                && s.applied + CATCH_UP_ENTRIES >= ls.applied
+            {
+                ready.push(m);
+            }
+        }
+        let Some(&first) = ready.first() else {
+            return Ok(());
+        };
+        if ls.voters.len() % 2 == 1 && ready.len() < 2 {
+            return Ok(());
+        }
+        MemberChange::Promote(first)
+    };
+    match oxray_gcs::mesh::propose_change(mesh, leader_node, shard, change, GCS_CONTROL_TIMEOUT)
+        .await
+        .map_err(|e| e.to_string())?
+    {
+        Ok(()) => {
+            tracing::info!(shard, ?change, "GCS membership change proposed");
+            Ok(())
+        }
+        Err(ReplicaError::ChangePending) => Ok(()),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 /// What a node needs to join: the head's join token and the head's node id, printed by `start --head` as one
@@ -324,7 +438,7 @@ pub struct HeadOptions {
     pub data_dir: PathBuf,
     /// Resources offered and timing.
     pub settings: NodeSettings,
-    /// GCS group size (1, 3, 5 or 7). `None`: what the data dir holds, else 1.
+    /// The GCS group size to grow to (1, 3, 5 or 7). `None`: what the data dir holds, else 3.
     pub gcs_replicas: Option<u32>,
 }
 
@@ -440,26 +554,12 @@ pub fn start_head(opts: HeadOptions) -> Result<ClusterAddress> {
             t
         }
     };
-    let bootstrap = head_bootstrap(dir, opts.gcs_replicas)?;
-    // The head keeps its node id across restarts (the id is in every node's token, and a multi-replica group's
-    // table names it; the head is the failure detector, so no detector ever declares it dead). A head restarted on
-    // the same address is then reconnected to by the nodes, which register again.
-    let (node, table) = match &bootstrap {
-        Some(b) => {
-            let members = parse_members(&b.members)?;
-            (
-                members[&GCS_MEMBER],
-                oxray_gcs::mesh::MemberTable::new(b.version, members),
-            )
-        }
-        None => {
-            let node = head_id(dir)?;
-            (
-                node,
-                oxray_gcs::mesh::MemberTable::new(0, BTreeMap::from([(GCS_MEMBER, node)])),
-            )
-        }
-    };
+    // The head keeps its node id across restarts (the id is in every node's token, and the GCS member table
+    // names it; the head is the failure detector, so no detector ever declares it dead). A head restarted on the
+    // same address is then reconnected to by the nodes, which register again.
+    let node = head_id(dir)?;
+    let group = head_group(dir, node, opts.gcs_replicas)?;
+    let table = oxray_gcs::mesh::MemberTable::new(group.version, parse_members(&group.members)?);
     let identity = head_identity(dir, &ca, node)?;
     let rt = runtime::install_as(config_for(&opts.settings), Some(node.0))?;
     let handler = NodeHandler::new();
@@ -487,25 +587,30 @@ pub fn start_head(opts: HeadOptions) -> Result<ClusterAddress> {
         ))
     };
     let service = oxray_gcs::mesh::GcsService::with_table(table.clone());
-    let (server, client) = match bootstrap {
-        None => {
-            let _enter = rt.tokio.enter();
-            oxray_gcs::GcsServer::embedded(&gcs_dir).map_err(cannot)?
-        }
-        Some(b) => {
-            // Writable once a quorum of members runs: until the `--gcs` nodes join, GCS calls time out.
-            let (server, client) =
-                start_member(&rt, &mesh, GCS_MEMBER, &table, &gcs_dir).map_err(cannot)?;
-            let state = parking_lot::Mutex::new(b);
-            let path = dir.join("gcs-members.json");
-            let table = table.clone();
-            // Runs on the mesh's handler thread and fsyncs there: claims come once per replica start, so this
-            // rare short block is simpler than handing the file write to another thread.
-            service.set_claim_handler(Arc::new(move |from, body| {
-                claim_slot(&state, &path, &table, from, body)
-            }));
-            (server, client)
-        }
+    let (server, client) = if group.target == 1 && group.members.len() == 1 {
+        // A GCS that stays single: the head's own calls need not cross the mesh.
+        let _enter = rt.tokio.enter();
+        oxray_gcs::GcsServer::embedded(&gcs_dir).map_err(cannot)?
+    } else {
+        // The head starts as the lone voter, so the GCS is writable at once; a data dir that already holds a
+        // grown group keeps its membership, and is writable once a majority of it runs.
+        let (server, client) =
+            start_member(&rt, &mesh, GCS_MEMBER, vec![GCS_MEMBER], &table, &gcs_dir)
+                .map_err(cannot)?;
+        service.set_coordinator(node);
+        let kick = Arc::new(tokio::sync::Notify::new());
+        let state = parking_lot::Mutex::new(group);
+        let path = dir.join("gcs-members.json");
+        let (t, k) = (table.clone(), kick.clone());
+        // Runs on the mesh's handler thread and fsyncs there: claims come once per replica start, so this
+        // rare short block is simpler than handing the file write to another thread.
+        service.set_claim_handler(Arc::new(move |from, body| {
+            let r = claim_slot(&state, &path, &t, from, body);
+            k.notify_one();
+            r
+        }));
+        spawn_gcs_coordinator(&rt, mesh.clone(), server.clone(), table.clone(), kick);
+        (server, client)
     };
     service.attach(server.clone());
     handler.serve_gcs(service);
@@ -535,20 +640,21 @@ pub fn start_head(opts: HeadOptions) -> Result<ClusterAddress> {
 }
 
 /// Starts GCS member `member` of the group in `table`, stored in `dir`, with Raft over `mesh`, and a client that
-/// knows the whole group (it finds the leader by following NotLeader hints).
+/// knows the whole group (it finds the leader by following NotLeader hints). A new `dir` starts with `voters`
+/// (the head alone, or none for a member joining the running group); an existing one keeps its membership.
 fn start_member(
     rt: &runtime::Runtime,
     mesh: &Mesh,
     member: u64,
+    voters: Vec<u64>,
     table: &Arc<oxray_gcs::mesh::MemberTable>,
     dir: &Path,
 ) -> std::result::Result<(oxray_gcs::GcsServer, oxray_gcs::GcsClient), oxray_gcs::server::StartError>
 {
     let _enter = rt.tokio.enter();
     let peers = oxray_gcs::mesh::MeshPeers::with_table(table.clone());
-    let ids: Vec<u64> = table.snapshot().1.keys().copied().collect();
     let server = oxray_gcs::GcsServer::start(
-        oxray_gcs::ServerConfig::new(member, ids, GCS_SHARDS, dir),
+        oxray_gcs::ServerConfig::new(member, voters, GCS_SHARDS, dir),
         peers.clone(),
     )?;
     peers.attach(mesh.clone());
@@ -570,17 +676,14 @@ fn gcs_client(mesh: &Mesh, table: &Arc<oxray_gcs::mesh::MemberTable>) -> oxray_g
 }
 
 /// Keeps a node's member table current: asks the head for it whenever a holder suspects it is stale (a call or
-/// a Raft send failed, a Raft message came from a node the table does not name), and every 10 s regardless.
-/// A lone-replica cluster's table never changes, so it gets no refresher.
+/// a Raft send failed, a Raft message came from or went to a member the table does not name), and every 10 s
+/// regardless. Every node runs one, since a one-member group may grow.
 fn spawn_table_refresh(
     rt: &runtime::Runtime,
     mesh: Mesh,
     head: NodeId,
     table: Arc<oxray_gcs::mesh::MemberTable>,
 ) {
-    if table.snapshot().1.len() == 1 {
-        return;
-    }
     let weak = Arc::downgrade(&table);
     drop(table);
     rt.tokio.spawn(async move {
@@ -816,14 +919,17 @@ fn join_inner(
                 Ok((member, table, rd.dir))
             })?;
             let gcs_dir = dir.join("gcs");
-            let (server, client) =
-                start_member(&rt, &mesh, member, &table, &gcs_dir).map_err(|e| {
-                    Error::Cluster(format!(
-                        "cannot start the GCS replica in {}: {e}",
-                        gcs_dir.display()
-                    ))
-                })?;
+            // No voters in a new dir: the leader sends the log (or a snapshot) once the head's coordinator has
+            // added this member as a learner, and the membership comes with it.
+            let (server, client) = start_member(&rt, &mesh, member, Vec::new(), &table, &gcs_dir)
+                .map_err(|e| {
+                Error::Cluster(format!(
+                    "cannot start the GCS replica in {}: {e}",
+                    gcs_dir.display()
+                ))
+            })?;
             let service = oxray_gcs::mesh::GcsService::with_table(table.clone());
+            service.set_coordinator(head);
             service.attach(server.clone());
             handler.serve_gcs(service);
             let _ = rt.gcs_server.set(server);
@@ -906,6 +1012,10 @@ pub struct GcsShardStatus {
     pub applied: u64,
     /// KV revision this member has applied up to.
     pub revision: u64,
+    /// The group's voters, as of what this member applied.
+    pub voters: Vec<u64>,
+    /// The group's learners (members catching up before they vote), as of what this member applied.
+    pub learners: Vec<u64>,
 }
 
 fn shard_status(s: oxray_gcs::server::ShardStatus) -> GcsShardStatus {
@@ -916,6 +1026,8 @@ fn shard_status(s: oxray_gcs::server::ShardStatus) -> GcsShardStatus {
         term: s.term,
         applied: s.applied,
         revision: s.revision,
+        voters: s.voters,
+        learners: s.learners,
     }
 }
 
@@ -966,6 +1078,43 @@ pub fn gcs_status() -> Result<Vec<GcsMemberStatus>> {
             });
         }
         Ok(out)
+    })
+}
+
+/// Asks the GCS leader (of every shard) to hand its leadership to voter `to`. Nothing is lost either way: the
+/// transfer happens once `to` has caught up, and if it never does the old leader stays. Returns once the leader
+/// was asked; watch [`gcs_status`] for the outcome. Any cluster node may ask (it changes no membership).
+pub fn gcs_transfer_leader(to: u64) -> Result<()> {
+    let rt = runtime::current()?;
+    let cl = rt
+        .cluster
+        .get()
+        .cloned()
+        .ok_or_else(|| Error::Cluster("not part of a cluster".into()))?;
+    block_on_io(&rt.tokio, async move {
+        let (_, members) = oxray_gcs::mesh::fetch_members(&cl.mesh, cl.head, GCS_CONTROL_TIMEOUT)
+            .await
+            .map_err(|e| Error::Cluster(format!("cannot get the GCS member table: {e}")))?;
+        for shard in 0..GCS_SHARDS {
+            let mut leader = None;
+            for node in members.values() {
+                if let Ok(st) =
+                    oxray_gcs::mesh::fetch_status(&cl.mesh, *node, Duration::from_secs(2)).await
+                    && st.iter().any(|s| s.shard == shard && s.is_leader)
+                {
+                    leader = Some(*node);
+                    break;
+                }
+            }
+            let node =
+                leader.ok_or_else(|| Error::Cluster(format!("GCS shard {shard} has no leader")))?;
+            let change = oxray_gcs::replica::MemberChange::TransferLeader(to);
+            oxray_gcs::mesh::propose_change(&cl.mesh, node, shard, change, GCS_CONTROL_TIMEOUT)
+                .await
+                .map_err(|e| Error::Cluster(format!("gcs: {e}")))?
+                .map_err(|e| Error::Cluster(format!("gcs: {e}")))?;
+        }
+        Ok(())
     })
 }
 
@@ -1138,12 +1287,14 @@ pub struct StartArgs {
     /// IP address to bind.
     #[arg(long, default_value = "127.0.0.1")]
     pub bind: IpAddr,
-    /// GCS replicas of a new cluster (1, 3, 5 or 7; head only). The head hosts the first; `--gcs` nodes host the
-    /// others, and the GCS is writable once a majority runs. Default: what the data dir holds, else 1.
+    /// How many GCS replicas the cluster grows to (1, 3, 5 or 7; head only; default 3, or what the data dir
+    /// holds). The head starts as the only one, so the GCS is writable at once; each node started with `--gcs`
+    /// is added as a learner, catches up, and becomes a voter, until the group has this many. 1 keeps the GCS
+    /// on the head alone.
     #[arg(long)]
     pub gcs_replicas: Option<u32>,
-    /// Host one of the cluster's GCS replicas on this (joining) node, kept in `<data dir>/gcs-replica/`.
-    /// Restarted with the same data dir, it resumes the same replica.
+    /// Host one of the cluster's GCS replicas on this (joining) node, kept in `<data dir>/gcs-replica/`, while
+    /// the group is below its target. Restarted with the same data dir, it resumes the same replica.
     #[arg(long)]
     pub gcs: bool,
     /// The head's address, to join a cluster.
@@ -1204,14 +1355,18 @@ pub fn run_start(args: StartArgs) -> Result<()> {
         let dir = opts.data_dir.clone();
         let addr = start_head(opts)?;
         say!("oxray head node started");
-        if let Ok(Some(b)) = read_json::<GcsBootstrap>(&dir.join("gcs-members.json")) {
-            say!(
-                "gcs: {} replicas; this node hosts member 1, start {} nodes with --gcs for the others \
-                 (writable once {} run)",
-                b.replicas,
-                b.replicas - 1,
-                b.replicas / 2 + 1
-            );
+        if let Ok(Some(g)) = read_json::<GcsGroup>(&dir.join("gcs-members.json")) {
+            let missing = (g.target as usize).saturating_sub(g.members.len());
+            if missing > 0 {
+                say!(
+                    "gcs: {} of {} replicas; this node hosts member 1, and the group grows as {missing} more \
+                     nodes join with --gcs",
+                    g.members.len(),
+                    g.target,
+                );
+            } else {
+                say!("gcs: {} replicas", g.target);
+            }
         }
         say!("address: {}", addr.address);
         say!("token: {}", addr.token);

@@ -113,10 +113,17 @@ fn print_gcs(gcs: oxray::Result<Vec<node::GcsMemberStatus>>) {
         .find(|m| m.shards.iter().any(|s| s.is_leader))
         .map(|m| format!("member {}", m.member))
         .unwrap_or_else(|| "none".into());
+    // The voters as the best-informed answering member applied them (learners are catching up and do not vote).
+    let voters = members
+        .iter()
+        .filter_map(|m| m.shards.first())
+        .max_by_key(|s| s.applied)
+        .map(|s| s.voters.len())
+        .unwrap_or(members.len());
     println!(
-        "gcs: {} replicas, {up} answering (a majority is {}), leader {leader}",
+        "gcs: {} replicas ({voters} voting), {up} answering (a majority is {}), leader {leader}",
         members.len(),
-        members.len() / 2 + 1
+        voters / 2 + 1
     );
     table(
         &["MEMBER", "NODE", "STATE", "TERM", "APPLIED", "REVISION"],
@@ -139,6 +146,9 @@ fn print_gcs(gcs: oxray::Result<Vec<node::GcsMemberStatus>>) {
                         _ if unclaimed => "UNCLAIMED (start a node with --gcs)".into(),
                         (Some(e), _) => format!("DOWN ({e})"),
                         (None, Some(s)) if s.is_leader => "LEADER".into(),
+                        (None, Some(s)) if s.learners.contains(&m.member) => {
+                            "LEARNER (catching up)".into()
+                        }
                         (None, _) => "FOLLOWER".into(),
                     },
                     num(|s| s.term),
