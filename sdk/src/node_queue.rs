@@ -195,7 +195,10 @@ impl NodeQueue {
         bundle: Option<BundleKey>,
         job: TaskJob,
     ) {
-        self.enqueue(id, demand, bundle, Job::Task(job));
+        match self.admissible(demand, bundle) {
+            Ok(demand) => self.enqueue(id, demand, bundle, Job::Task(job)),
+            Err(e) => job(Some(e)),
+        }
     }
 
     /// Asks for `demand` until the lease handed to `granted` is dropped: at once if it is free, else when it
@@ -207,14 +210,7 @@ impl NodeQueue {
         demand: ResourceSet,
         granted: impl FnOnce(Lease) + Send + 'static,
     ) -> Result<(), Error> {
-        let mut need = demand.clone();
-        let _ = need.set(ResourceKind::Memory, Quantity::ZERO);
-        if !self.total.fits(&need) {
-            return Err(Error::Infeasible(format!(
-                "it needs {need:?} and this node offers {:?} in total",
-                self.total
-            )));
-        }
+        let demand = self.admissible(demand, None)?;
         self.enqueue(
             id,
             demand,
@@ -229,23 +225,32 @@ impl NodeQueue {
         Ok(())
     }
 
+    /// The demand as this node admits it, or why it can never be met here. Nodes declare no memory, so there is
+    /// nothing to hold it against here (placement checks it); a bundle's demand is checked against the bundle.
+    fn admissible(
+        &self,
+        mut demand: ResourceSet,
+        bundle: Option<BundleKey>,
+    ) -> Result<ResourceSet, Error> {
+        let _ = demand.set(ResourceKind::Memory, Quantity::ZERO);
+        if bundle.is_none() && !self.total.fits(&demand) {
+            return Err(Error::Infeasible(format!(
+                "it needs {demand:?} and this node offers {:?} in total",
+                self.total
+            )));
+        }
+        Ok(demand)
+    }
+
+    /// Queues an admissible demand.
     fn enqueue(
         self: &Arc<Self>,
         id: u128,
-        mut demand: ResourceSet,
+        demand: ResourceSet,
         bundle: Option<BundleKey>,
         job: Job,
     ) {
         let id = TaskId(id);
-        // Nodes declare no memory, so there is nothing to hold it against here; placement checks it.
-        let _ = demand.set(ResourceKind::Memory, Quantity::ZERO);
-        if bundle.is_none() && !self.total.fits(&demand) {
-            let why = format!(
-                "the task needs {demand:?} and this node offers {:?} in total",
-                self.total
-            );
-            return job.fail(Error::Infeasible(why));
-        }
         let mut g = self.inner.lock();
         // Every input is followed by a drain, so nothing queued could start before this one came; if it does not
         // fit what is free either, a drain would only rescan the queue's window for nothing. That rescan per

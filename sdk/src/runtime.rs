@@ -794,7 +794,7 @@ impl Runtime {
             args,
             HostTerms {
                 name: opts.name.clone(),
-                demand: crate::cluster::resource_set(held.num_cpus, held.num_gpus, &held.custom),
+                demand: crate::cluster::demand(&held),
                 pg: pg.map(|p| p.1),
                 owner: self.node,
                 detached: opts.detached,

@@ -505,7 +505,7 @@ impl Mesh {
         let fut = async {
             let conn = inner.connection(to, &peer).await?;
             let mut slot = peer.oneway.lock().await;
-            let mut stream = match slot.take() {
+            let stream = match slot.take() {
                 Some(s) if s.conn == conn.stable_id() => s,
                 _ => match conn.open_uni().await {
                     Ok(send) => OnewayStream {
@@ -523,24 +523,17 @@ impl Mesh {
                     }
                 },
             };
-            // Taken out of the slot while written: if this future is dropped mid-frame (the timeout below), the
-            // guard resets the stream, so no later message follows a torn frame on it.
-            let mut guard = ResetOnDrop(Some(stream.send));
-            let sent = match guard.0.as_mut() {
-                Some(send) => write_frame(send, &header, body, None).await,
-                None => unreachable!("the guard holds the stream until disarmed"),
+            // A failed write, or this future dropped mid-frame (the timeout below), resets the stream and empties
+            // the slot, so no later message follows a torn frame on it.
+            let mut writing = ResetUnlessWritten {
+                slot: &mut slot,
+                written: false,
             };
-            stream.send = guard.disarm();
-            match sent {
-                Ok(()) => {
-                    *slot = Some(stream);
-                    Ok(())
-                }
-                Err(e) => {
-                    let _ = stream.send.reset(close::STREAM_MALFORMED);
-                    Err(write_error(to, e))
-                }
-            }
+            let sent =
+                write_frame(&mut writing.slot.insert(stream).send, &header, body, None).await;
+            writing.written = sent.is_ok();
+            drop(writing);
+            sent.map_err(|e| write_error(to, e))
         };
         // Opening a stream can wait for stream credit; bound it like a handshake.
         tokio::time::timeout(handshake + inner.limits.keep_alive, fut)
@@ -1025,23 +1018,19 @@ pub(crate) async fn read_frame_or_end(
     Ok(Some((header, Bytes::from_owner(buf))))
 }
 
-/// Holds a stream being written and resets it if dropped before [`ResetOnDrop::disarm`]: a frame torn by a
-/// cancelled write must not be followed by other frames on the same stream.
-struct ResetOnDrop(Option<quinn::SendStream>);
-
-impl ResetOnDrop {
-    fn disarm(mut self) -> quinn::SendStream {
-        match self.0.take() {
-            Some(s) => s,
-            None => unreachable!("disarmed once"),
-        }
-    }
+/// Guards the one-way stream while a frame is written on it: unless the write completed, the stream is reset and
+/// taken out of its slot, since a torn frame must not be followed by other frames on the same stream.
+struct ResetUnlessWritten<'a> {
+    slot: &'a mut Option<OnewayStream>,
+    written: bool,
 }
 
-impl Drop for ResetOnDrop {
+impl Drop for ResetUnlessWritten<'_> {
     fn drop(&mut self) {
-        if let Some(mut s) = self.0.take() {
-            let _ = s.reset(close::STREAM_MALFORMED);
+        if !self.written
+            && let Some(mut s) = self.slot.take()
+        {
+            let _ = s.send.reset(close::STREAM_MALFORMED);
         }
     }
 }
