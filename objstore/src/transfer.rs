@@ -176,6 +176,8 @@ enum ServeError {
     NoPull(ObjectId),
     #[error("unexpected chunk at {0} (not requested from this node by this fetch)")]
     Unexpected(u64),
+    #[error("chunk at {0} abandoned: its fetch was given up (source lost or stalled)")]
+    Abandoned(u64),
     #[error("chunk at {offset} corrupted: checksum {got:08x}, expected {want:08x}")]
     Corrupted { offset: u64, got: u32, want: u32 },
     #[error("transport: {0}")]
@@ -190,8 +192,10 @@ enum Chunk {
         fetch: u64,
         source: NodeId,
     },
-    /// A stream is writing it now (exclusive access to its byte range).
-    Writing,
+    /// A stream for fetch `fetch` is writing it now (exclusive access to its byte range).
+    Writing {
+        fetch: u64,
+    },
     /// Filled and checksum-verified.
     Done,
 }
@@ -205,7 +209,10 @@ struct Landing {
     ptr: *mut u8,
     buffer: Mutex<Option<ObjectBuffer>>,
     chunks: Mutex<Vec<Chunk>>,
-    /// Woken when a chunk settles, for a fetch waiting on chunks still owned by an abandoned fetch.
+    /// Fetches that ended or were given up: a stream still writing for one of them is abandoned.
+    released: Mutex<Vec<u64>>,
+    /// Woken when a chunk settles or a fetch is released: a fetch waits on chunks another fetch still owns, and a
+    /// writer watches for its own fetch being released.
     settled: Notify,
 }
 
@@ -228,6 +235,7 @@ impl Landing {
             ptr,
             buffer: Mutex::new(Some(buffer)),
             chunks: Mutex::new(vec![Chunk::Free; count]),
+            released: Mutex::new(Vec::new()),
             settled: Notify::new(),
         }
     }
@@ -249,8 +257,15 @@ impl Landing {
         self.chunks.lock().iter().all(|c| *c == Chunk::Done)
     }
 
-    /// Returns chunks requested by `fetch` but never streamed (its requests failed or were abandoned).
+    /// Returns chunks requested by `fetch` but never streamed (its requests failed or were abandoned), and tells
+    /// any stream still writing for `fetch` to stop, so its chunk goes back to `Free` as soon as it does.
     fn release(&self, fetch: u64) {
+        {
+            let mut released = self.released.lock();
+            if !released.contains(&fetch) {
+                released.push(fetch);
+            }
+        }
         let mut chunks = self.chunks.lock();
         for c in chunks.iter_mut() {
             if matches!(c, Chunk::Requested { fetch: f, .. } if *f == fetch) {
@@ -292,7 +307,7 @@ impl Landing {
             }) if *f == fetch && *s == source => {}
             _ => return Err(ServeError::Unexpected(offset)),
         }
-        chunks[index] = Chunk::Writing;
+        chunks[index] = Chunk::Writing { fetch };
         Ok(ChunkWrite {
             landing: Arc::clone(self),
             index,
@@ -300,6 +315,21 @@ impl Landing {
             len: len as usize,
             finished: false,
         })
+    }
+
+    /// Resolves once `fetch` is released. A stream from a source that vanished without closing its connection
+    /// (its close packet lost) would otherwise hold its chunk in `Writing` until the idle timeout, and every
+    /// fetch from another copy would stall waiting for that one chunk.
+    async fn abandoned(&self, fetch: u64) {
+        loop {
+            let notified = self.settled.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.released.lock().contains(&fetch) {
+                return;
+            }
+            notified.await;
+        }
     }
 
     fn finish_write(&self, index: usize, ok: bool) {
@@ -597,7 +627,15 @@ impl Transfer {
             .map(|l| Arc::clone(l.value()))
             .ok_or(ServeError::NoPull(id))?;
         let mut write = landing.start_write(fetch, header.source(), offset, len)?;
-        let result = match incoming.read_into(write.region()).await {
+        // Dropping the read mid-way is safe: it writes into the region only while polled.
+        let read = tokio::select! {
+            read = incoming.read_into(write.region()) => read,
+            () = landing.abandoned(fetch) => {
+                write.finish(false);
+                return Err(ServeError::Abandoned(offset));
+            }
+        };
+        let result = match read {
             Ok(()) => {
                 let got = crc32fast::hash(write.region());
                 if got == want {
@@ -840,5 +878,71 @@ impl Handler for TransferHandler {
 
     fn on_peer_lost(&self, node: NodeId) {
         self.transfer.on_peer_lost(node);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::StoreConfig;
+
+    fn landing(len: usize, chunk_bytes: u64) -> Arc<Landing> {
+        let store = ObjectStore::new(StoreConfig::with_limit(1 << 20));
+        let buffer = store.create_buffer(len).expect("room");
+        Arc::new(Landing::new(ObjectId(7), buffer, chunk_bytes))
+    }
+
+    #[tokio::test]
+    async fn releasing_a_fetch_stops_its_silent_writer_and_frees_the_chunk() {
+        let landing = landing(64, 16);
+        let (gone, other) = (NodeId::random(), NodeId::random());
+        let index = landing.claim(1, gone).expect("a free chunk");
+        let (offset, len) = landing.range(index);
+        let write = landing
+            .start_write(1, gone, offset, len)
+            .expect("requested");
+        // A writer whose stream never delivers another byte, like one from a source whose close packet was lost.
+        let writer = {
+            let landing = Arc::clone(&landing);
+            tokio::spawn(async move {
+                tokio::select! {
+                    () = std::future::pending::<()>() => unreachable!(),
+                    () = landing.abandoned(1) => write.finish(false),
+                }
+            })
+        };
+        // Releasing another fetch does not touch it.
+        landing.release(2);
+        tokio::task::yield_now().await;
+        assert!(!writer.is_finished());
+        assert!(matches!(
+            landing.chunks.lock()[index],
+            Chunk::Writing { fetch: 1 }
+        ));
+
+        landing.release(1);
+        tokio::time::timeout(Duration::from_secs(5), writer)
+            .await
+            .expect("the writer gives up once its fetch is released")
+            .expect("join");
+        // Another copy can now fetch the chunk, and a late stream for the released fetch is refused.
+        assert_eq!(landing.chunks.lock()[index], Chunk::Free);
+        let again = (0..4)
+            .map_while(|_| landing.claim(3, other))
+            .collect::<Vec<_>>();
+        assert!(again.contains(&index));
+        assert!(matches!(
+            landing.start_write(1, gone, offset, len),
+            Err(ServeError::Unexpected(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_fetch_released_before_its_writer_watches_is_still_seen() {
+        let landing = landing(16, 16);
+        landing.release(4);
+        tokio::time::timeout(Duration::from_secs(5), landing.abandoned(4))
+            .await
+            .expect("already released");
     }
 }
