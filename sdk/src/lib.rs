@@ -66,6 +66,7 @@ pub mod pg;
 mod pool;
 mod registry;
 mod runtime;
+mod spin;
 pub mod state;
 mod value;
 mod wire;

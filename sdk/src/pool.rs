@@ -133,6 +133,18 @@ impl WorkerPool {
                 continue;
             }
             s.idle += 1;
+            // Spin briefly first (counted idle, so a submit does not start another thread): a synchronous
+            // caller's next task comes within microseconds, and a parked thread on an idle CPU is slow to wake.
+            let more = parking_lot::MutexGuard::unlocked(&mut s, || {
+                crate::spin::until(|| {
+                    let s = self.state.lock();
+                    s.shutdown || (!s.queue.is_empty() && s.running < self.slots)
+                })
+            });
+            if more {
+                s.idle -= 1;
+                continue;
+            }
             let timed_out = self.cv.wait_for(&mut s, IDLE_RETIRE).timed_out();
             s.idle -= 1;
             // Threads started while others were blocked in `get` leave once the burst is over; `warm` stay.
