@@ -10,6 +10,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use parking_lot::{Condvar, Mutex};
 
@@ -34,6 +35,8 @@ struct State {
 /// A pool of worker threads with a fixed number of execution slots.
 pub(crate) struct WorkerPool {
     state: Mutex<State>,
+    /// `state.queue`'s length, for an idle worker's spin to watch without taking the lock.
+    queued: AtomicUsize,
     cv: Condvar,
     slots: usize,
     /// Threads kept alive when idle; those above it retire.
@@ -61,6 +64,7 @@ impl WorkerPool {
 
     fn with_warm(name: &str, slots: usize, warm: usize, max_threads: usize) -> Arc<Self> {
         Arc::new(WorkerPool {
+            queued: AtomicUsize::new(0),
             state: Mutex::new(State {
                 queue: VecDeque::new(),
                 running: 0,
@@ -83,6 +87,7 @@ impl WorkerPool {
             return;
         }
         s.queue.push_back(job);
+        self.queued.store(s.queue.len(), Ordering::Release);
         self.wake_or_spawn(&mut s);
     }
 
@@ -125,6 +130,7 @@ impl WorkerPool {
             if s.running < self.slots
                 && let Some(job) = s.queue.pop_front()
             {
+                self.queued.store(s.queue.len(), Ordering::Release);
                 s.running += 1;
                 drop(s);
                 job();
@@ -136,12 +142,11 @@ impl WorkerPool {
             // Spin briefly first (counted idle, so a submit does not start another thread): a synchronous
             // caller's next task comes within microseconds, and a parked thread on an idle CPU is slow to wake.
             let more = parking_lot::MutexGuard::unlocked(&mut s, || {
-                crate::spin::until(|| {
-                    let s = self.state.lock();
-                    s.shutdown || (!s.queue.is_empty() && s.running < self.slots)
-                })
+                crate::spin::until(|| self.queued.load(Ordering::Acquire) > 0)
             });
-            if more {
+            // Checked again under the lock: a job submitted after the spin gave up found no thread waiting to
+            // notify, and a shutdown meanwhile notified nobody either.
+            if more || s.shutdown || !s.queue.is_empty() {
                 s.idle -= 1;
                 continue;
             }
@@ -177,6 +182,7 @@ impl WorkerPool {
         let mut s = self.state.lock();
         s.shutdown = true;
         s.queue.clear();
+        self.queued.store(0, Ordering::Release);
         self.cv.notify_all();
     }
 }

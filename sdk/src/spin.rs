@@ -7,38 +7,94 @@
 //! condition; only if the reply is later than that does it park. A node's idle workers do the same before they
 //! sleep, which keeps their CPU awake for the next request of a synchronous caller.
 //!
-//! The price is bounded: at most the spin limit of CPU per wait that outlasts it, and the spinning thread yields to
-//! any other runnable thread every few iterations, so it only uses a CPU nobody else wants. The limit is
-//! [`Config::spin`](crate::Config::spin) (`OXRAY_SPIN_US` overrides it; 0 turns spinning off).
+//! The price is bounded: at most the spin limit of CPU per wait that outlasts it; the spinning thread yields to any
+//! other runnable thread every few iterations; and only a few threads per process spin at once (one per four
+//! cores, at least one), the others park at once. One spinner is all a synchronous caller needs, while many (every
+//! idle worker of a 16-core node after a burst, each polling the queue under its lock) took the CPU and the lock
+//! from the threads doing the work: async tasks per second fell from 115k to 70k.
+//!
+//! It pays only on small machines, where one spinner per process keeps every CPU awake; see [`SMALL_MACHINE`].
+//! The limit is [`Config::spin`](crate::Config::spin) (`OXRAY_SPIN_US` overrides it; 0 turns spinning off).
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 /// Spin limit of this process in nanoseconds; set when the runtime is installed.
 static LIMIT_NS: AtomicU64 = AtomicU64::new(0);
 
-/// The default limit: longer than a quiet loopback round trip between two processes (~50-90 µs on 2 cores),
-/// short enough that a wait for real work costs little CPU. Measured on 2 cores, sync rows per second, median
-/// of 4 interleaved runs: 0 µs gave 9.9k/8.8k/10.3k (actor/async actor/tasks), 100 µs 12.4k/12.3k/12.7k, 200 µs
-/// no better than 100.
-pub(crate) const DEFAULT: Duration = Duration::from_micros(100);
+/// Threads of this process spinning now, and how many may.
+static SPINNING: AtomicUsize = AtomicUsize::new(0);
+static MAX_SPINNING: AtomicUsize = AtomicUsize::new(1);
+
+/// The limit on machines of up to [`SMALL_MACHINE`] cores: longer than a quiet loopback round trip between two
+/// processes (~50-90 µs on 2 cores), short enough that a wait for real work costs little CPU. Measured on 2 cores,
+/// `oxray microbenchmark`, sync rows per second (actor / async actor / tasks), medians of interleaved runs: 0 µs
+/// 14.4k/10.9k/13.5k, 100 µs 18.9k/19.2k/17.5k; 200 µs was no better than 100; async rows unchanged.
+pub(crate) const SMALL_MACHINE_LIMIT: Duration = Duration::from_micros(100);
+
+/// Spinning pays only where the few spinners keep every CPU awake, so that whichever one a wake-up lands on is not
+/// halted. On 16 cores the others still sleep: the sync rows did not improve (actor 10.3k either way, tasks
+/// 7.6k -> 8.5k), while async tasks fell from 120k to 94k per second and the CPU per task grew. So machines with more
+/// cores than this do not spin unless told to.
+pub(crate) const SMALL_MACHINE: usize = 4;
+
+/// The default limit for a machine with `cores` cores.
+pub(crate) fn default_limit(cores: usize) -> Duration {
+    if cores <= SMALL_MACHINE {
+        SMALL_MACHINE_LIMIT
+    } else {
+        Duration::ZERO
+    }
+}
 
 /// Iterations between yields: long enough that the spin stays cheap, short enough (about a microsecond) that a
 /// thread woken on this CPU runs almost at once.
 const YIELD_EVERY: u32 = 16;
 
-/// Sets this process's spin limit.
-pub(crate) fn set_limit(limit: Duration) {
+/// Sets this process's spin limit, and lets one thread per four of `cores` (at least one) spin at once.
+pub(crate) fn set_limit(limit: Duration, cores: usize) {
     LIMIT_NS.store(
         u64::try_from(limit.as_nanos()).unwrap_or(u64::MAX),
         Ordering::Relaxed,
     );
+    MAX_SPINNING.store((cores / 4).max(1), Ordering::Relaxed);
 }
 
-/// Spins until `ready` returns true or the limit passes; returns whether it became ready. With no limit set it
-/// checks once.
-pub(crate) fn until(ready: impl FnMut() -> bool) -> bool {
-    within(LIMIT_NS.load(Ordering::Relaxed), ready)
+/// A claimed spinner place, given back on drop.
+struct Spinner;
+
+impl Spinner {
+    fn claim() -> Option<Spinner> {
+        let max = MAX_SPINNING.load(Ordering::Relaxed);
+        SPINNING
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Spinner)
+    }
+}
+
+impl Drop for Spinner {
+    fn drop(&mut self) {
+        SPINNING.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Spins until `ready` returns true or the limit passes; returns whether it became ready. With no limit set, or
+/// with as many threads spinning as may, it checks once. `ready` should be cheap and take no lock others need.
+pub(crate) fn until(mut ready: impl FnMut() -> bool) -> bool {
+    if ready() {
+        return true;
+    }
+    let limit = LIMIT_NS.load(Ordering::Relaxed);
+    if limit == 0 {
+        return false;
+    }
+    let Some(_spinner) = Spinner::claim() else {
+        return false;
+    };
+    within(limit, ready)
 }
 
 fn within(limit: u64, mut ready: impl FnMut() -> bool) -> bool {
