@@ -25,8 +25,10 @@ struct State {
     running: usize,
     /// Threads alive.
     threads: usize,
-    /// Threads waiting for work.
+    /// Threads waiting for work, parked or spinning.
     idle: usize,
+    /// Of the idle threads, those spinning: each takes a queued job without being notified.
+    spinning: usize,
     shutdown: bool,
     /// The thread cap was hit (warned once).
     warned_cap: bool,
@@ -70,6 +72,7 @@ impl WorkerPool {
                 running: 0,
                 threads: 0,
                 idle: 0,
+                spinning: 0,
                 shutdown: false,
                 warned_cap: false,
             }),
@@ -92,10 +95,12 @@ impl WorkerPool {
     }
 
     fn wake_or_spawn(self: &Arc<Self>, s: &mut State) {
-        if s.running >= self.slots || s.queue.is_empty() {
+        // Spinning threads take a queued job each by themselves: notifying a parked one as well (a futex wake,
+        // for a thread that then finds nothing) cost every synchronous task a context switch.
+        if s.running >= self.slots || s.queue.len() <= s.spinning {
             return;
         }
-        if s.idle > 0 {
+        if s.idle > s.spinning {
             self.cv.notify_one();
         } else if s.threads >= self.max_threads {
             if !s.warned_cap {
@@ -139,11 +144,14 @@ impl WorkerPool {
                 continue;
             }
             s.idle += 1;
-            // Spin briefly first (counted idle, so a submit does not start another thread): a synchronous
-            // caller's next task comes within microseconds, and a parked thread on an idle CPU is slow to wake.
+            // Spin briefly first (counted idle and spinning, so a submit neither starts another thread nor wakes a
+            // parked one): a synchronous caller's next task comes within microseconds, and a parked thread on an
+            // idle CPU is slow to wake.
+            s.spinning += 1;
             let more = parking_lot::MutexGuard::unlocked(&mut s, || {
                 crate::spin::until(|| self.queued.load(Ordering::Acquire) > 0)
             });
+            s.spinning -= 1;
             // Checked again under the lock: a job submitted after the spin gave up found no thread waiting to
             // notify, and a shutdown meanwhile notified nobody either.
             if more || s.shutdown || !s.queue.is_empty() {
