@@ -196,6 +196,8 @@ enum Chunk {
     Writing {
         fetch: u64,
     },
+    /// Still being written, but its fetch was given up: the writer is to stop, and then the chunk is `Free`.
+    Abandoned,
     /// Filled and checksum-verified.
     Done,
 }
@@ -209,10 +211,8 @@ struct Landing {
     ptr: *mut u8,
     buffer: Mutex<Option<ObjectBuffer>>,
     chunks: Mutex<Vec<Chunk>>,
-    /// Fetches that ended or were given up: a stream still writing for one of them is abandoned.
-    released: Mutex<Vec<u64>>,
     /// Woken when a chunk settles or a fetch is released: a fetch waits on chunks another fetch still owns, and a
-    /// writer watches for its own fetch being released.
+    /// writer watches for its chunk being abandoned.
     settled: Notify,
 }
 
@@ -235,7 +235,6 @@ impl Landing {
             ptr,
             buffer: Mutex::new(Some(buffer)),
             chunks: Mutex::new(vec![Chunk::Free; count]),
-            released: Mutex::new(Vec::new()),
             settled: Notify::new(),
         }
     }
@@ -260,16 +259,12 @@ impl Landing {
     /// Returns chunks requested by `fetch` but never streamed (its requests failed or were abandoned), and tells
     /// any stream still writing for `fetch` to stop, so its chunk goes back to `Free` as soon as it does.
     fn release(&self, fetch: u64) {
-        {
-            let mut released = self.released.lock();
-            if !released.contains(&fetch) {
-                released.push(fetch);
-            }
-        }
         let mut chunks = self.chunks.lock();
         for c in chunks.iter_mut() {
-            if matches!(c, Chunk::Requested { fetch: f, .. } if *f == fetch) {
-                *c = Chunk::Free;
+            match *c {
+                Chunk::Requested { fetch: f, .. } if f == fetch => *c = Chunk::Free,
+                Chunk::Writing { fetch: f } if f == fetch => *c = Chunk::Abandoned,
+                _ => {}
             }
         }
         drop(chunks);
@@ -317,15 +312,15 @@ impl Landing {
         })
     }
 
-    /// Resolves once `fetch` is released. A stream from a source that vanished without closing its connection
-    /// (its close packet lost) would otherwise hold its chunk in `Writing` until the idle timeout, and every
-    /// fetch from another copy would stall waiting for that one chunk.
-    async fn abandoned(&self, fetch: u64) {
+    /// Resolves once the chunk at `index`, being written, is abandoned (its fetch released). A stream from a
+    /// source that vanished without closing its connection (its close packet lost) would otherwise hold its chunk
+    /// until the idle timeout, and every fetch from another copy would stall waiting for that one chunk.
+    async fn abandoned(&self, index: usize) {
         loop {
             let notified = self.settled.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            if self.released.lock().contains(&fetch) {
+            if self.chunks.lock().get(index) == Some(&Chunk::Abandoned) {
                 return;
             }
             notified.await;
@@ -627,10 +622,11 @@ impl Transfer {
             .map(|l| Arc::clone(l.value()))
             .ok_or(ServeError::NoPull(id))?;
         let mut write = landing.start_write(fetch, header.source(), offset, len)?;
+        let index = write.index;
         // Dropping the read mid-way is safe: it writes into the region only while polled.
         let read = tokio::select! {
             read = incoming.read_into(write.region()) => read,
-            () = landing.abandoned(fetch) => {
+            () = landing.abandoned(index) => {
                 write.finish(false);
                 return Err(ServeError::Abandoned(offset));
             }
@@ -907,7 +903,7 @@ mod tests {
             tokio::spawn(async move {
                 tokio::select! {
                     () = std::future::pending::<()>() => unreachable!(),
-                    () = landing.abandoned(1) => write.finish(false),
+                    () = landing.abandoned(index) => write.finish(false),
                 }
             })
         };
@@ -940,9 +936,17 @@ mod tests {
     #[tokio::test]
     async fn a_fetch_released_before_its_writer_watches_is_still_seen() {
         let landing = landing(16, 16);
+        let source = NodeId::random();
+        let index = landing.claim(4, source).expect("a free chunk");
+        let (offset, len) = landing.range(index);
+        let write = landing
+            .start_write(4, source, offset, len)
+            .expect("requested");
         landing.release(4);
-        tokio::time::timeout(Duration::from_secs(5), landing.abandoned(4))
+        tokio::time::timeout(Duration::from_secs(5), landing.abandoned(index))
             .await
             .expect("already released");
+        write.finish(false);
+        assert_eq!(landing.chunks.lock()[index], Chunk::Free);
     }
 }

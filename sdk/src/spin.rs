@@ -60,24 +60,23 @@ pub(crate) fn set_limit(limit: Duration, cores: usize) {
     MAX_SPINNING.store((cores / 4).max(1), Ordering::Relaxed);
 }
 
-/// A claimed spinner place, given back on drop.
-struct Spinner;
+/// A claimed spinner place among `count`'s, given back on drop.
+struct Spinner(&'static AtomicUsize);
 
 impl Spinner {
-    fn claim() -> Option<Spinner> {
-        let max = MAX_SPINNING.load(Ordering::Relaxed);
-        SPINNING
+    fn claim(count: &'static AtomicUsize, max: usize) -> Option<Spinner> {
+        count
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
                 (n < max).then_some(n + 1)
             })
             .ok()
-            .map(|_| Spinner)
+            .map(|_| Spinner(count))
     }
 }
 
 impl Drop for Spinner {
     fn drop(&mut self) {
-        SPINNING.fetch_sub(1, Ordering::AcqRel);
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -88,13 +87,10 @@ pub(crate) fn until(mut ready: impl FnMut() -> bool) -> bool {
         return true;
     }
     let limit = LIMIT_NS.load(Ordering::Relaxed);
-    if limit == 0 {
-        return false;
-    }
-    let Some(_spinner) = Spinner::claim() else {
-        return false;
-    };
-    within(limit, ready)
+    let spinner = (limit > 0)
+        .then(|| Spinner::claim(&SPINNING, MAX_SPINNING.load(Ordering::Relaxed)))
+        .flatten();
+    spinner.is_some() && within(limit, ready)
 }
 
 fn within(limit: u64, mut ready: impl FnMut() -> bool) -> bool {
@@ -129,6 +125,18 @@ mod tests {
     use std::sync::atomic::AtomicBool;
 
     const MS: u64 = 1_000_000;
+
+    #[test]
+    fn only_so_many_spin_at_once() {
+        static COUNT: AtomicUsize = AtomicUsize::new(0);
+        let first = Spinner::claim(&COUNT, 2).expect("a place");
+        let second = Spinner::claim(&COUNT, 2).expect("a second place");
+        assert!(Spinner::claim(&COUNT, 2).is_none(), "a third spinner");
+        drop(first);
+        let third = Spinner::claim(&COUNT, 2).expect("the place given back");
+        drop((second, third));
+        assert_eq!(COUNT.load(Ordering::Relaxed), 0);
+    }
 
     #[test]
     fn spins_until_ready_or_the_limit() {
