@@ -207,6 +207,11 @@ pub struct PolicyConfig {
     pub require_function: bool,
     /// Score bonus of a node that has the function, when `require_function` is off.
     pub function_weight: f64,
+    /// Below this load (in `[0, 1]`) a node counts as empty, and a full scan takes the first such node in view
+    /// order instead of a random one of the best `top_k` (Ray's hybrid policy). Light work then packs onto the
+    /// same few nodes, so a caller that submits one task at a time keeps reaching a node whose threads and
+    /// caches are warm, and work spreads once those nodes are half full. Zero turns packing off.
+    pub pack_below: f64,
 }
 
 impl Default for PolicyConfig {
@@ -221,6 +226,7 @@ impl Default for PolicyConfig {
             max_spill_hops: 3,
             require_function: true,
             function_weight: 0.5,
+            pack_below: 0.5,
         }
     }
 }
@@ -620,15 +626,30 @@ impl Policy {
             return place_on(local, id);
         }
 
-        // Full scan: best-k with room, and the furthest hard stage reached for the reason.
+        // Full scan: best-k with room, and the furthest hard stage reached for the reason. Without spread or large
+        // arguments, the best node below the packing threshold wins outright, the first in view order on a tie.
+        let pack = !spread && !locs.enabled() && self.config.pack_below > 0.0;
+        let mut packed: Option<(f64, u32)> = None;
         let mut top = TopK::new(self.config.top_k);
         let mut furthest = Stage::Dead;
         for (i, n) in nodes.iter().enumerate() {
             let st = self.stage(n, req);
             furthest = furthest.max(st);
             if st == Stage::Feasible && (spread || n.id != local) && self.has_room(n, req) {
-                top.offer(self.score(n, req, &locs), i as u32);
+                let load = ResourceSet::load(&n.total, &n.available);
+                let score = self.score(n, req, &locs);
+                if pack && load < self.config.pack_below {
+                    // As if empty: the load term is dropped, the function and queue terms stay.
+                    let as_empty = score + load;
+                    if packed.is_none_or(|(b, _)| as_empty > b) {
+                        packed = Some((as_empty, i as u32));
+                    }
+                }
+                top.offer(score, i as u32);
             }
+        }
+        if let Some((_, i)) = packed {
+            return place_on(local, nodes[i as usize].id);
         }
         if let Some(i) = top.pick(rng) {
             return place_on(local, nodes[i as usize].id);
@@ -700,6 +721,51 @@ mod tests {
 
     fn rng() -> SmallRng {
         SmallRng::seed_from_u64(7)
+    }
+
+    #[test]
+    fn light_work_packs_onto_the_first_node_then_spreads() {
+        // A driver with no CPUs and three empty 4-CPU nodes: every seed picks the same node while it is light.
+        let mut v = view(&[(1, 0), (2, 4), (3, 4), (4, 4)]);
+        let req = TaskRequest::new(F, ResourceSet::cpus(1));
+        let first = decide(&v, n(1), &req, &mut SmallRng::seed_from_u64(0));
+        assert!(matches!(first, Decision::Spill(_)), "{first:?}");
+        for seed in 1..50 {
+            assert_eq!(
+                decide(&v, n(1), &req, &mut SmallRng::seed_from_u64(seed)),
+                first
+            );
+        }
+        // Half full (2 of 4 CPUs taken): no longer counted as empty, so the work goes to another node.
+        let Decision::Spill(target) = first else {
+            unreachable!()
+        };
+        let seq = v.node(target).unwrap().report_seq + 1;
+        v.apply([ViewDelta::Resources {
+            node: target,
+            seq,
+            available: ResourceSet::cpus(2),
+            queue_len: 0,
+        }]);
+        for seed in 0..50 {
+            let d = decide(&v, n(1), &req, &mut SmallRng::seed_from_u64(seed));
+            assert!(matches!(d, Decision::Spill(t) if t != target), "{d:?}");
+        }
+        // Packing off: the pick among equally empty nodes is random again.
+        let random = Policy::new(PolicyConfig {
+            pack_below: 0.0,
+            ..PolicyConfig::default()
+        });
+        let v = view(&[(1, 0), (2, 4), (3, 4), (4, 4)]);
+        let picked: std::collections::HashSet<_> = (0..50)
+            .filter_map(|seed| {
+                match random.decide(&v, n(1), &req, &mut SmallRng::seed_from_u64(seed)) {
+                    Decision::Spill(t) => Some(t.0),
+                    _ => None,
+                }
+            })
+            .collect();
+        assert!(picked.len() > 1, "{picked:?}");
     }
 
     #[test]
