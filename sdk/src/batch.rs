@@ -117,9 +117,17 @@ pub(crate) type OnFail = Arc<dyn Fn(Item, &TransportError) + Send + Sync>;
 pub(crate) type Resolve =
     Arc<dyn Fn() -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> + Send + Sync>;
 
+/// Most items queued for one peer before a pusher outside the I/O runtime waits for the sender to catch up.
+const MAX_QUEUED: usize = 1 << 16;
+
 /// The queue of items for one peer, drained by one sender task.
+///
+/// The queue is tokio's lock-free channel, not `flume`: flume wakes an async receiver while it still holds the
+/// channel's lock, so the woken sender task, scheduled at once on the pusher's CPU, found the lock taken, slept
+/// on it and had to be woken again, two extra context switches on every synchronous call.
 pub(crate) struct Outbox {
-    tx: flume::Sender<Item>,
+    tx: tokio::sync::mpsc::UnboundedSender<Item>,
+    queued: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Outbox {
@@ -133,11 +141,12 @@ impl Outbox {
         on_fail: OnFail,
         resolve: Resolve,
     ) -> Outbox {
-        // Bounded, so a peer that stops reading pushes back on the submitters instead of growing memory.
-        let (tx, rx) = flume::bounded::<Item>(1 << 16);
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Item>();
+        let queued = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = queued.clone();
         tokio.spawn(async move {
             let mut batch: Vec<Item> = Vec::with_capacity(64);
-            while let Ok(first) = rx.recv_async().await {
+            while let Some(first) = rx.recv().await {
                 let mut bytes = first.body.len();
                 batch.push(first);
                 while batch.len() < MAX_ITEMS && bytes < MAX_BYTES {
@@ -149,8 +158,10 @@ impl Outbox {
                         Err(_) => break,
                     }
                 }
+                count.fetch_sub(batch.len(), std::sync::atomic::Ordering::AcqRel);
                 let body = encode(&batch);
                 let mut sent = mesh.send(to, kind, body.clone()).await;
+                crate::spin::io_message(batch.len() == 1);
                 if let Err(TransportError::PeerUnknown(_)) = sent {
                     resolve().await;
                     sent = mesh.send(to, kind, body).await;
@@ -164,12 +175,28 @@ impl Outbox {
                 batch.clear();
             }
         });
-        Outbox { tx }
+        Outbox { tx, queued }
     }
 
-    /// Queues an item; blocks only when the peer is 65,536 items behind.
+    /// Queues an item. A thread outside the I/O runtime waits while the peer is [`MAX_QUEUED`] items behind, so a
+    /// peer that stops reading pushes back on its submitters instead of growing memory; a task on the runtime
+    /// never waits (it could be the one that drains the queue).
     pub(crate) fn push(&self, item: Item) -> Result<(), Item> {
-        self.tx.send(item).map_err(|e| e.0)
+        use std::sync::atomic::Ordering;
+        if self.queued.load(Ordering::Acquire) >= MAX_QUEUED
+            && tokio::runtime::Handle::try_current().is_err()
+        {
+            let mut pause = std::time::Duration::from_micros(50);
+            while self.queued.load(Ordering::Acquire) >= MAX_QUEUED && !self.tx.is_closed() {
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(std::time::Duration::from_millis(5));
+            }
+        }
+        self.queued.fetch_add(1, Ordering::AcqRel);
+        self.tx.send(item).map_err(|e| {
+            self.queued.fetch_sub(1, Ordering::AcqRel);
+            e.0
+        })
     }
 }
 

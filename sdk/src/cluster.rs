@@ -1314,6 +1314,7 @@ impl Cluster {
             Ok(i) => i,
             Err(e) => return tracing::warn!(cause = %e, "malformed result batch dropped"),
         };
+        crate::spin::io_message(items.len() == 1);
         for item in items {
             if item.kind == kind::RELEASE {
                 self.lent.remove(&(from.0, item.call));
@@ -1402,6 +1403,7 @@ impl Cluster {
                 return tracing::warn!(peer = %from, cause = %e, "malformed call batch dropped");
             }
         };
+        crate::spin::io_message(items.len() == 1);
         for item in items {
             let done = Done::Remote {
                 cluster: self.clone(),

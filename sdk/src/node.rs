@@ -626,6 +626,7 @@ pub fn start_head(opts: HeadOptions) -> Result<ClusterAddress> {
     );
     let _ = rt.cluster.set(cluster.clone());
     handler.attach(&rt);
+    rt.spin_io_instead();
     let (cl, rt2) = (cluster.clone(), rt.clone());
     block_on_io(&rt.tokio, async move { cl.register(&rt2).await })?;
     cluster.spawn_reaper(&rt);
@@ -966,6 +967,7 @@ fn join_inner(
     );
     let _ = rt.cluster.set(cluster.clone());
     handler.attach(&rt);
+    rt.spin_io_instead();
     let rt2 = rt.clone();
     block_on_io(&rt.tokio, async move { cluster.register(&rt2).await })
 }

@@ -2,12 +2,16 @@
 //!
 //! A synchronous round trip to another process (a `get` after a tiny task, a sync actor call) comes back in tens of
 //! microseconds. A thread that parks at once pays a futex wake, and, when its CPU went idle meanwhile, the cost of
-//! waking that CPU: on a virtual machine that is an exit to the hypervisor and an inter-processor interrupt, measured
-//! here at ~50 µs, as much as the round trip itself. So a waiter first spins for a short, bounded while, checking its
-//! condition; only if the reply is later than that does it park. A node's idle workers do the same before they
-//! sleep, which keeps their CPU awake for the next request of a synchronous caller.
+//! waking that CPU: on a virtual machine that is an exit to the hypervisor and an inter-processor interrupt, as
+//! much as a large part of the round trip. So one thread per process first spins for a short, bounded while; only
+//! if the reply is later than that does it park. Which thread depends on where the reply comes from:
 //!
-//! The price is bounded: at most the spin limit of CPU per wait that outlasts it; the spinning thread yields to any
+//! - In a process alone (the embedded default), the reply comes from another thread of the process: a `get` of one
+//!   ref, an idle worker and an idle actor thread spin ([`until`]).
+//! - In a process on a cluster, it comes in a packet: the I/O thread spins after each lone message
+//!   ([`spin_io_instead`], [`io_message`]), and the callers and workers park at once.
+//!
+//! The price is bounded: at most the spin limit of CPU per wait that outlasts it; a spinning thread yields to any
 //! other runnable thread every few iterations; and only a few threads per process spin at once (one per four
 //! cores, at least one), the others park at once. One spinner is all a synchronous caller needs, while many (every
 //! idle worker of a 16-core node after a burst, each polling the queue under its lock) took the CPU and the lock
@@ -53,6 +57,7 @@ const YIELD_EVERY: u32 = 16;
 
 /// Sets this process's spin limit, and lets one thread per four of `cores` (at least one) spin at once.
 pub(crate) fn set_limit(limit: Duration, cores: usize) {
+    IO_LIMIT_NS.store(0, Ordering::Relaxed);
     LIMIT_NS.store(
         u64::try_from(limit.as_nanos()).unwrap_or(u64::MAX),
         Ordering::Relaxed,
@@ -118,6 +123,79 @@ fn within(limit: u64, mut ready: impl FnMut() -> bool) -> bool {
     }
 }
 
+/// The I/O thread's spin limit in nanoseconds: set instead of [`LIMIT_NS`] once this process is on a cluster.
+static IO_LIMIT_NS: AtomicU64 = AtomicU64::new(0);
+/// When the I/O thread last sent or received a lone message, in nanoseconds since [`EPOCH`].
+static IO_LAST: AtomicU64 = AtomicU64::new(0);
+/// Whether the spinner task is spinning (or has been told to).
+static IO_SPINNING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+static IO_WAKE: tokio::sync::Notify = tokio::sync::Notify::const_new();
+static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+
+fn now_ns() -> u64 {
+    u64::try_from(EPOCH.get_or_init(Instant::now).elapsed().as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// Moves this process's spinning from its application threads to its I/O thread: called when it joins a cluster,
+/// with the handle of the I/O runtime that oxray owns.
+///
+/// Across processes, the thread that must be awake when a reply lands is the I/O thread: it reads the packet and
+/// runs QUIC. While callers and idle workers spun, the I/O threads of both processes slept in `epoll_wait` and
+/// each message paid a wake of a halted CPU (about 5 µs each way, seen with `sched_switch` tracing), and the
+/// spinners of two processes shared one CPU while the I/O threads took turns on the other. Measured on 2 cores,
+/// `oxray microbenchmark` sync rows, medians of six interleaved runs (actor / async actor / tasks, calls per
+/// second): callers spinning 14.4k / 14.9k / 14.9k, I/O thread spinning 18.6k / 20.9k / 17.7k. Both at once was
+/// worse than either (four spinners on two CPUs). A process alone keeps spinning its callers and workers, where
+/// the wait is for another thread of the same process.
+pub(crate) fn spin_io_instead(io: &tokio::runtime::Handle) {
+    let limit = LIMIT_NS.swap(0, Ordering::Relaxed);
+    IO_LIMIT_NS.store(limit, Ordering::Relaxed);
+    if limit > 0 {
+        io.spawn(io_spinner());
+    }
+}
+
+/// Marks a message sent or received by the I/O thread. A lone one (a batch of one call or one result) is the mark
+/// of a synchronous caller, whose next message follows within microseconds, so the I/O thread spins for it; batches
+/// of many come under load, when the I/O thread is busy anyway and a spinner would only take CPU from the workers.
+pub(crate) fn io_message(lone: bool) {
+    if !lone || IO_LIMIT_NS.load(Ordering::Relaxed) == 0 {
+        return;
+    }
+    IO_LAST.store(now_ns(), Ordering::Relaxed);
+    if !IO_SPINNING.load(Ordering::Relaxed) && !IO_SPINNING.swap(true, Ordering::AcqRel) {
+        IO_WAKE.notify_one();
+    }
+}
+
+fn io_recent(limit: u64) -> bool {
+    now_ns().saturating_sub(IO_LAST.load(Ordering::Relaxed)) < limit
+}
+
+/// The spinner task on the I/O runtime: after a lone message, keeps the I/O thread polling its sockets (each
+/// `yield_now` makes tokio poll for I/O without blocking) until the limit passes with no newer one.
+async fn io_spinner() {
+    loop {
+        IO_WAKE.notified().await;
+        loop {
+            let limit = IO_LIMIT_NS.load(Ordering::Relaxed);
+            while io_recent(limit) {
+                // Let a thread runnable on this CPU go first (the worker just handed a call, another process's
+                // I/O thread): a spinner that never yields keeps its CPU until the kernel preempts it,
+                // milliseconds later, and two of them on one CPU made round trips 4x slower.
+                std::thread::yield_now();
+                tokio::task::yield_now().await;
+            }
+            IO_SPINNING.store(false, Ordering::Release);
+            // A message marked between the last check and the store found the flag still set and notified no
+            // one: look once more.
+            if !io_recent(limit) || IO_SPINNING.swap(true, Ordering::AcqRel) {
+                break;
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -136,6 +214,43 @@ mod tests {
         let third = Spinner::claim(&COUNT, 2).expect("the place given back");
         drop((second, third));
         assert_eq!(COUNT.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn the_io_thread_spins_after_a_lone_message_until_the_limit() {
+        let io = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        set_limit(Duration::from_millis(30), 2);
+        spin_io_instead(io.handle());
+        assert_eq!(
+            LIMIT_NS.load(Ordering::Relaxed),
+            0,
+            "callers no longer spin"
+        );
+        assert_eq!(IO_LIMIT_NS.load(Ordering::Relaxed), 30 * MS);
+
+        io_message(false);
+        assert!(!IO_SPINNING.load(Ordering::Acquire), "a batch of many");
+        let t = Instant::now();
+        io_message(true);
+        assert!(IO_SPINNING.load(Ordering::Acquire));
+        while IO_SPINNING.load(Ordering::Acquire) {
+            assert!(t.elapsed() < Duration::from_secs(10), "spun past the limit");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert!(t.elapsed() >= Duration::from_millis(25), "stopped early");
+
+        // And again: a later message wakes the spinner anew.
+        io_message(true);
+        assert!(IO_SPINNING.load(Ordering::Acquire));
+        let t = Instant::now();
+        while IO_SPINNING.load(Ordering::Acquire) {
+            assert!(t.elapsed() < Duration::from_secs(10), "spun past the limit");
+            std::thread::sleep(Duration::from_millis(1));
+        }
     }
 
     #[test]
