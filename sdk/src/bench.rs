@@ -303,14 +303,18 @@ pub fn run(cfg: &BenchConfig, mut report: impl FnMut(&Row)) -> Result<Vec<Row>> 
             r,
         );
     }
+    // The rows counted in rounds (a batch of 1,000 tasks, a list of 10,000 refs, a wait over 1,000 refs) keep
+    // Ray's round size at every scale; the scale sets how many rounds a trial runs.
+    let rounds = scaled(4.0);
     if want("single_client_tasks_and_get_batch") {
-        let n = scaled(1000.0);
         let r = timeit(t, || {
-            let refs: Vec<_> = (0..n)
-                .map(|_| small_value::remote())
-                .collect::<Result<_>>()?;
-            crate::get_all(&refs)?;
-            Ok(1.0)
+            for _ in 0..rounds {
+                let refs: Vec<_> = (0..1000)
+                    .map(|_| small_value::remote())
+                    .collect::<Result<_>>()?;
+                crate::get_all(&refs)?;
+            }
+            Ok(rounds as f64)
         })?;
         push(
             "single client tasks and get batch",
@@ -338,16 +342,18 @@ pub fn run(cfg: &BenchConfig, mut report: impl FnMut(&Row)) -> Result<Vec<Row>> 
     if want("single_client_get_object_containing_10k_refs") {
         // A task on the node puts 10,000 objects and returns their refs; the driver gets the list. The refs come
         // back as borrowed handles, fetched only if used (and the node keeps the objects until the list is gone).
-        let n = scaled(10_000.0) as u64;
+        let n = 10_000;
         let r = timeit(t, || {
-            let refs = create_object_containing_refs::remote(n)?.get()?;
-            if refs.len() as u64 != n {
-                return Err(crate::Error::Cluster(format!(
-                    "{} refs came back, not {n}",
-                    refs.len()
-                )));
+            for _ in 0..rounds {
+                let refs = create_object_containing_refs::remote(n)?.get()?;
+                if refs.len() as u64 != n {
+                    return Err(crate::Error::Cluster(format!(
+                        "{} refs came back, not {n}",
+                        refs.len()
+                    )));
+                }
             }
-            Ok(1.0)
+            Ok(rounds as f64)
         })?;
         push(
             "single client get object containing 10k refs",
@@ -357,16 +363,17 @@ pub fn run(cfg: &BenchConfig, mut report: impl FnMut(&Row)) -> Result<Vec<Row>> 
         );
     }
     if want("single_client_wait_1k_refs") {
-        let n = scaled(1000.0);
         let r = timeit(t, || {
-            let mut refs: Vec<_> = (0..n)
-                .map(|_| small_value::remote())
-                .collect::<Result<_>>()?;
-            while !refs.is_empty() {
-                let (_ready, rest) = crate::wait(&refs, 1, None);
-                refs = rest;
+            for _ in 0..rounds {
+                let mut refs: Vec<_> = (0..1000)
+                    .map(|_| small_value::remote())
+                    .collect::<Result<_>>()?;
+                while !refs.is_empty() {
+                    let (_ready, rest) = crate::wait(&refs, 1, None);
+                    refs = rest;
+                }
             }
-            Ok(1.0)
+            Ok(rounds as f64)
         })?;
         push(
             "single client wait 1k refs",
