@@ -356,7 +356,7 @@ thread_local! {
 
 thread_local! {
     /// Leases of the values being decoded on this thread: a remote ref read out of them holds the leases.
-    static DECODING: std::cell::RefCell<Vec<Arc<Lease>>> = const { std::cell::RefCell::new(Vec::new()) };
+    static DECODING: std::cell::RefCell<Option<Leases>> = const { std::cell::RefCell::new(None) };
 }
 
 /// Runs `f` (which decodes values read from `entries`) so that remote refs read out of them keep the lenders'
@@ -369,18 +369,28 @@ pub(crate) fn decoding<'a, R>(
     with_leases(entries.into_iter().filter_map(|e| e.lease()).collect(), f)
 }
 
-/// Runs `f` with `leases` as this thread's decoding leases.
+/// The leases a remote ref holds: shared by every ref read out of the same values, so a list of 10,000 refs costs
+/// one allocation, not one per ref.
+pub(crate) type Leases = Arc<[Arc<Lease>]>;
+
+/// Runs `f` with `leases` as this thread's decoding leases (restored afterwards, also if `f` panics).
 fn with_leases<R>(leases: Vec<Arc<Lease>>, f: impl FnOnce() -> R) -> R {
     if leases.is_empty() {
         return f();
     }
-    let saved = DECODING.with(|d| std::mem::replace(&mut *d.borrow_mut(), leases));
-    let out = f();
-    DECODING.with(|d| *d.borrow_mut() = saved);
-    out
+    struct Restore(Option<Leases>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            let saved = self.0.take();
+            DECODING.with(|d| *d.borrow_mut() = saved);
+        }
+    }
+    let _restore = Restore(DECODING.with(|d| d.borrow_mut().replace(Leases::from(leases))));
+    f()
 }
 
-pub(crate) fn current_leases() -> Vec<Arc<Lease>> {
+/// The leases of the values being decoded on this thread, if any.
+pub(crate) fn current_leases() -> Option<Leases> {
     DECODING.with(|d| d.borrow().clone())
 }
 
@@ -473,7 +483,7 @@ pub(crate) struct RefInner {
     /// starts then, so a value holding thousands of refs costs no network traffic until they are used.
     unfetched: AtomicBool,
     /// The leases of the values this ref was read out of: the lender keeps the object while this ref lives.
-    _leases: Vec<Arc<Lease>>,
+    _leases: Option<Leases>,
     /// Set for a ref read out of a value and owned by another node: the owner was told this node borrows the
     /// object (`BORROW`), and is told when this ref goes (`UNBORROW`).
     borrowed_from: Option<u128>,
@@ -488,7 +498,7 @@ impl RefInner {
             owner,
             table: Some(Arc::downgrade(table)),
             unfetched: AtomicBool::new(false),
-            _leases: Vec::new(),
+            _leases: None,
             borrowed_from: None,
         })
     }
@@ -500,7 +510,7 @@ impl RefInner {
             owner,
             table: None,
             unfetched: AtomicBool::new(false),
-            _leases: Vec::new(),
+            _leases: None,
             borrowed_from: None,
         })
     }
@@ -511,7 +521,7 @@ impl RefInner {
     pub(crate) fn remote(
         id: ObjectId,
         owner: u128,
-        leases: Vec<Arc<Lease>>,
+        leases: Option<Leases>,
         announced: bool,
     ) -> Arc<RefInner> {
         Arc::new(RefInner {

@@ -344,14 +344,13 @@ pub(crate) fn borrow_ref(id: u128, owner: u128) -> Result<Arc<RefInner>> {
     };
     // A ref read out of a lent value holds the value's leases, and the lender keeps the object while they live:
     // nothing to announce (a result of 10,000 refs would otherwise cost 20,000 notices).
-    let leases = crate::object::current_leases();
-    if !leases.is_empty() {
-        return Ok(RefInner::remote(ObjectId(id), owner, leases, false));
+    if let Some(leases) = crate::object::current_leases() {
+        return Ok(RefInner::remote(ObjectId(id), owner, Some(leases), false));
     }
     // Announced before the ref exists; the call's result waits for the owner's ack, so whoever sent the value
     // (the owner, or a third node passing the ref on) drops its own ref only once the borrow is registered.
     cl.borrow(owner, ObjectId(id));
-    Ok(RefInner::remote(ObjectId(id), owner, Vec::new(), true))
+    Ok(RefInner::remote(ObjectId(id), owner, None, true))
 }
 
 /// A ref borrowed from `owner` is gone (see [`borrow_ref`]).
