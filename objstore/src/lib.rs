@@ -73,8 +73,8 @@ pub use pull::{PullAction, PullConfig, PullError, PullManager, Requested};
 
 pub use refs::{RefAction, RefTable};
 pub use store::{
-    Object, ObjectBuffer, ObjectGuard, ObjectInfo, ObjectStore, ObjectWriter, StoreStats,
-    archived_len,
+    Object, ObjectBuffer, ObjectGuard, ObjectInfo, ObjectStore, ObjectWriter, SMALL_ARCHIVE,
+    StoreStats, archive_if_small, archived_len,
 };
 pub use transfer::{Transfer, TransferConfig, TransferHandler, TransferStats};
 

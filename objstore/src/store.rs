@@ -60,11 +60,26 @@ impl<T> Object for T where
 pub struct ObjectWriter<'b> {
     buf: Option<&'b mut [u8]>,
     pos: usize,
+    /// Past the end of `buf`: stop writing and only count (a scratch buffer for small values), instead of failing
+    /// (the object's own buffer, sized by the counting pass).
+    count_past_end: bool,
 }
 
-impl ObjectWriter<'_> {
+impl<'b> ObjectWriter<'b> {
     fn counting() -> Self {
-        ObjectWriter { buf: None, pos: 0 }
+        ObjectWriter {
+            buf: None,
+            pos: 0,
+            count_past_end: false,
+        }
+    }
+
+    fn into(buf: &'b mut [u8]) -> Self {
+        ObjectWriter {
+            buf: Some(buf),
+            pos: 0,
+            count_past_end: false,
+        }
     }
 }
 
@@ -83,10 +98,11 @@ impl<E: rancor::Source> Writer<E> for ObjectWriter<'_> {
     fn write(&mut self, bytes: &[u8]) -> Result<(), E> {
         let end = self.pos + bytes.len();
         if let Some(buf) = self.buf.as_deref_mut() {
-            let Some(dst) = buf.get_mut(self.pos..end) else {
-                return Err(E::new(SizeChanged));
-            };
-            dst.copy_from_slice(bytes);
+            match buf.get_mut(self.pos..end) {
+                Some(dst) => dst.copy_from_slice(bytes),
+                None if self.count_past_end => self.buf = None,
+                None => return Err(E::new(SizeChanged)),
+            }
         }
         self.pos = end;
         Ok(())
@@ -99,6 +115,32 @@ pub fn archived_len<T: Object>(value: &T) -> Result<usize, String> {
     rkyv::api::high::to_bytes_in::<_, BoxedError>(value, ObjectWriter::counting())
         .map(|w| w.pos)
         .map_err(|e| e.to_string())
+}
+
+/// Bytes of archive that [`archive_if_small`] serializes on the stack.
+pub const SMALL_ARCHIVE: usize = 256;
+
+/// Serializes `value` in one pass when its archive takes at most [`SMALL_ARCHIVE`] bytes, and returns it in an
+/// exact-size aligned buffer; otherwise returns its exact size (the same pass counts the rest without writing), as
+/// [`archived_len`] would. Small values, the common case of a `put`, so pay for one pass instead of two.
+pub fn archive_if_small<T: Object>(
+    value: &T,
+) -> Result<Result<rkyv::util::AlignedVec<16>, usize>, String> {
+    let mut scratch = [0u8; SMALL_ARCHIVE];
+    let writer = ObjectWriter {
+        buf: Some(&mut scratch),
+        pos: 0,
+        count_past_end: true,
+    };
+    let len = rkyv::api::high::to_bytes_in::<_, BoxedError>(value, writer)
+        .map_err(|e| e.to_string())?
+        .pos;
+    if len > SMALL_ARCHIVE {
+        return Ok(Err(len));
+    }
+    let mut out = rkyv::util::AlignedVec::<16>::with_capacity(len);
+    out.extend_from_slice(&scratch[..len]);
+    Ok(Ok(out))
 }
 
 /// Counts of what the store holds, for tests, metrics and `list objects`.
@@ -296,10 +338,7 @@ impl ObjectStore {
             .map_err(serialize)?
             .pos;
         let mut buf = self.allocate(len)?;
-        let writer = ObjectWriter {
-            buf: Some(buf.as_mut_slice()),
-            pos: 0,
-        };
+        let writer = ObjectWriter::into(buf.as_mut_slice());
         let written = rkyv::api::high::to_bytes_in::<_, BoxedError>(value, writer)
             .map_err(serialize)?
             .pos;
@@ -833,5 +872,41 @@ impl<T: Object> std::fmt::Debug for ObjectGuard<T> {
             .field("id", &self.entry.id)
             .field("len", &self.bytes.len())
             .finish()
+    }
+}
+
+#[cfg(test)]
+mod archive_tests {
+    use super::*;
+
+    #[test]
+    fn small_values_come_back_archived_large_ones_as_their_size() {
+        // Fits: the same bytes rkyv writes, readable in place.
+        let small: Vec<u64> = (0..10).collect();
+        let Ok(Ok(bytes)) = archive_if_small(&small) else {
+            panic!("a small value was not archived");
+        };
+        let expected = rkyv::to_bytes::<rancor::Error>(&small).expect("archive");
+        assert_eq!(&bytes[..], &expected[..]);
+        let back = rkyv::access::<rkyv::Archived<Vec<u64>>, rancor::Error>(&bytes).expect("valid");
+        assert_eq!(back.len(), 10);
+
+        // Exactly at the limit and one past it (a byte vector's archive: its bytes, then an 8-byte header).
+        for n in [SMALL_ARCHIVE - 8, SMALL_ARCHIVE - 7, 4 * SMALL_ARCHIVE] {
+            let v = vec![7u8; n];
+            let len = archived_len(&v).expect("count");
+            let got = archive_if_small(&v).expect("serialize");
+            assert_eq!(got.is_ok(), n <= SMALL_ARCHIVE - 8, "{n}: {len} bytes");
+            match got {
+                Ok(b) => {
+                    assert!(len <= SMALL_ARCHIVE, "{n}");
+                    assert_eq!(b.len(), len);
+                }
+                Err(counted) => {
+                    assert!(len > SMALL_ARCHIVE, "{n}");
+                    assert_eq!(counted, len, "the overflowing pass counts the whole value");
+                }
+            }
+        }
     }
 }

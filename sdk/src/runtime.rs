@@ -450,11 +450,18 @@ impl Runtime {
     }
 
     /// Stores a value this process owns: small ones inline, large ones serialized once, straight into a (warm,
-    /// pooled) buffer of the node's object store.
+    /// pooled) buffer of the node's object store. A value whose archive fits in a few hundred bytes (most puts) is
+    /// serialized in one pass; a larger one is counted in that pass and written in the next.
     pub(crate) fn put<T: Value>(&self, value: &T) -> Result<ObjectRef<T>> {
         let store = self.objects.store();
         crate::object::clear_contained();
-        let len = oxray_objstore::archived_len(value).map_err(Error::Serialization)?;
+        let len = match oxray_objstore::archive_if_small(value).map_err(Error::Serialization)? {
+            Ok(small) if store.config().is_inline(small.len()) => {
+                return self.put_encoded(Bytes::from_owner(small), crate::object::take_contained());
+            }
+            Ok(small) => small.len(),
+            Err(len) => len,
+        };
         if store.config().is_inline(len) {
             let bytes = value::encode(value)?;
             return self.put_encoded(bytes, crate::object::take_contained());
