@@ -150,6 +150,9 @@ fn now_ns() -> u64 {
 pub(crate) fn spin_io_instead(io: &tokio::runtime::Handle) {
     let limit = LIMIT_NS.swap(0, Ordering::Relaxed);
     IO_LIMIT_NS.store(limit, Ordering::Relaxed);
+    // A spinner of an earlier runtime of this process (shut down mid-spin) may have left the flag set, and a set
+    // flag means nobody would notify the new spinner.
+    IO_SPINNING.store(false, Ordering::Release);
     if limit > 0 {
         io.spawn(io_spinner());
     }
