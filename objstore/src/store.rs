@@ -89,7 +89,8 @@ impl Positional for ObjectWriter<'_> {
     }
 }
 
-/// The second serialization pass produced more bytes than the first: the value's serializer is not deterministic.
+/// The writing pass produced more bytes than were counted: the value's serializer is not deterministic, or the
+/// length a caller passed was wrong.
 #[derive(Debug, thiserror::Error)]
 #[error("value serialized to a different size on the second pass")]
 struct SizeChanged;
@@ -128,9 +129,8 @@ pub fn archive_if_small<T: Object>(
 ) -> Result<Result<rkyv::util::AlignedVec<16>, usize>, String> {
     let mut scratch = [0u8; SMALL_ARCHIVE];
     let writer = ObjectWriter {
-        buf: Some(&mut scratch),
-        pos: 0,
         count_past_end: true,
+        ..ObjectWriter::into(&mut scratch)
     };
     let len = rkyv::api::high::to_bytes_in::<_, BoxedError>(value, writer)
         .map_err(|e| e.to_string())?
@@ -333,10 +333,25 @@ impl ObjectStore {
         if self.inner.objects.contains_key(&id) {
             return Err(ObjectStoreError::AlreadyExists(id));
         }
-        let serialize = |source| ObjectStoreError::Serialize { id, source };
         let len = rkyv::api::high::to_bytes_in::<_, BoxedError>(value, ObjectWriter::counting())
-            .map_err(serialize)?
+            .map_err(|source| ObjectStoreError::Serialize { id, source })?
             .pos;
+        self.put_counted(id, value, len)
+    }
+
+    /// [`ObjectStore::put`] for a caller that already counted the archive's length (with [`archived_len`] or
+    /// [`archive_if_small`]): the value is serialized once, into the buffer. A wrong `len` fails the put with a
+    /// serialization error; it never writes out of bounds.
+    pub fn put_counted<T: Object>(
+        &self,
+        id: ObjectId,
+        value: &T,
+        len: usize,
+    ) -> Result<(), ObjectStoreError> {
+        if self.inner.objects.contains_key(&id) {
+            return Err(ObjectStoreError::AlreadyExists(id));
+        }
+        let serialize = |source| ObjectStoreError::Serialize { id, source };
         let mut buf = self.allocate(len)?;
         let writer = ObjectWriter::into(buf.as_mut_slice());
         let written = rkyv::api::high::to_bytes_in::<_, BoxedError>(value, writer)
@@ -908,5 +923,27 @@ mod archive_tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn a_put_with_the_counted_length_stores_the_value_and_a_wrong_one_stores_nothing() {
+        let store = ObjectStore::new(crate::StoreConfig::with_limit(64 << 20));
+        let value = vec![3u8; 4 * SMALL_ARCHIVE];
+        let Err(len) = archive_if_small(&value).expect("serialize") else {
+            panic!("not a large value");
+        };
+        for wrong in [len - 1, len + 16] {
+            let id = ObjectId::random();
+            assert!(matches!(
+                store.put_counted(id, &value, wrong),
+                Err(ObjectStoreError::Serialize { .. })
+            ));
+            assert!(!store.contains(id));
+        }
+        assert_eq!(store.stats().used, 0, "nothing stays charged");
+        let id = ObjectId::random();
+        store.put_counted(id, &value, len).expect("put");
+        let back = store.get::<Vec<u8>>(id).expect("get");
+        assert_eq!(back.as_slice(), &value[..]);
     }
 }

@@ -12,6 +12,7 @@
 //! This module only frames and sends. What the items mean is `cluster`'s business.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use oxray_transport::{Mesh, NodeId, TransportError};
@@ -127,7 +128,51 @@ const MAX_QUEUED: usize = 1 << 16;
 /// on it and had to be woken again, two extra context switches on every synchronous call.
 pub(crate) struct Outbox {
     tx: tokio::sync::mpsc::UnboundedSender<Item>,
-    queued: Arc<std::sync::atomic::AtomicUsize>,
+    queued: Arc<AtomicUsize>,
+    cap: usize,
+}
+
+/// The draining end of an [`Outbox`].
+struct Backlog {
+    rx: tokio::sync::mpsc::UnboundedReceiver<Item>,
+    queued: Arc<AtomicUsize>,
+}
+
+/// A queue that makes pushers outside the I/O runtime wait while `cap` items are queued.
+fn queue(cap: usize) -> (Outbox, Backlog) {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let queued = Arc::new(AtomicUsize::new(0));
+    (
+        Outbox {
+            tx,
+            queued: queued.clone(),
+            cap,
+        },
+        Backlog { rx, queued },
+    )
+}
+
+impl Backlog {
+    /// Waits for an item, then takes whatever else is queued into `batch`, up to [`MAX_ITEMS`] items or
+    /// [`MAX_BYTES`]. Returns false once every pusher is gone and the queue is empty.
+    async fn next_batch(&mut self, batch: &mut Vec<Item>) -> bool {
+        let Some(first) = self.rx.recv().await else {
+            return false;
+        };
+        let mut bytes = first.body.len();
+        batch.push(first);
+        while batch.len() < MAX_ITEMS && bytes < MAX_BYTES {
+            match self.rx.try_recv() {
+                Ok(i) => {
+                    bytes += i.body.len();
+                    batch.push(i);
+                }
+                Err(_) => break,
+            }
+        }
+        self.queued.fetch_sub(batch.len(), Ordering::AcqRel);
+        true
+    }
 }
 
 impl Outbox {
@@ -141,24 +186,10 @@ impl Outbox {
         on_fail: OnFail,
         resolve: Resolve,
     ) -> Outbox {
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Item>();
-        let queued = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let count = queued.clone();
+        let (outbox, mut backlog) = queue(MAX_QUEUED);
         tokio.spawn(async move {
             let mut batch: Vec<Item> = Vec::with_capacity(64);
-            while let Some(first) = rx.recv().await {
-                let mut bytes = first.body.len();
-                batch.push(first);
-                while batch.len() < MAX_ITEMS && bytes < MAX_BYTES {
-                    match rx.try_recv() {
-                        Ok(i) => {
-                            bytes += i.body.len();
-                            batch.push(i);
-                        }
-                        Err(_) => break,
-                    }
-                }
-                count.fetch_sub(batch.len(), std::sync::atomic::Ordering::AcqRel);
+            while backlog.next_batch(&mut batch).await {
                 let body = encode(&batch);
                 let mut sent = mesh.send(to, kind, body.clone()).await;
                 crate::spin::io_message(batch.len() == 1);
@@ -175,19 +206,18 @@ impl Outbox {
                 batch.clear();
             }
         });
-        Outbox { tx, queued }
+        outbox
     }
 
     /// Queues an item. A thread outside the I/O runtime waits while the peer is [`MAX_QUEUED`] items behind, so a
     /// peer that stops reading pushes back on its submitters instead of growing memory; a task on the runtime
     /// never waits (it could be the one that drains the queue).
     pub(crate) fn push(&self, item: Item) -> Result<(), Item> {
-        use std::sync::atomic::Ordering;
-        if self.queued.load(Ordering::Acquire) >= MAX_QUEUED
+        if self.queued.load(Ordering::Acquire) >= self.cap
             && tokio::runtime::Handle::try_current().is_err()
         {
             let mut pause = std::time::Duration::from_micros(50);
-            while self.queued.load(Ordering::Acquire) >= MAX_QUEUED && !self.tx.is_closed() {
+            while self.queued.load(Ordering::Acquire) >= self.cap && !self.tx.is_closed() {
                 std::thread::sleep(pause);
                 pause = (pause * 2).min(std::time::Duration::from_millis(5));
             }
@@ -220,6 +250,62 @@ mod tests {
             assert_eq!((a.kind, a.call, &a.body), (b.kind, b.call, &b.body));
             assert_eq!((b.body.as_ptr() as usize) % 16, 0, "item body not aligned");
         }
+    }
+
+    fn item(call: u64) -> Item {
+        Item {
+            kind: 0,
+            call,
+            body: Bytes::from_static(b"x"),
+        }
+    }
+
+    #[test]
+    fn a_full_queue_holds_back_pushers_outside_the_runtime_until_it_drains() {
+        let (outbox, mut backlog) = queue(2);
+        let outbox = Arc::new(outbox);
+        outbox.push(item(1)).expect("room");
+        outbox.push(item(2)).expect("room");
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        let pusher = {
+            let outbox = outbox.clone();
+            std::thread::spawn(move || {
+                outbox.push(item(3)).expect("pushed once drained");
+                done_tx.send(()).expect("report");
+            })
+        };
+        assert!(
+            done_rx
+                .recv_timeout(std::time::Duration::from_millis(200))
+                .is_err(),
+            "a third push went through a full queue"
+        );
+
+        let io = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
+        // A task on the runtime never waits, even past the cap: it may be the one that drains the queue.
+        io.block_on(async { outbox.push(item(9)).expect("no wait on the runtime") });
+        let mut batch = Vec::new();
+        assert!(io.block_on(backlog.next_batch(&mut batch)));
+        assert_eq!(
+            batch.iter().map(|i| i.call).collect::<Vec<_>>(),
+            [1, 2, 9],
+            "one batch takes everything queued, in order"
+        );
+        done_rx
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("the held-back push went through once the queue drained");
+        pusher.join().expect("join");
+        batch.clear();
+        assert!(io.block_on(backlog.next_batch(&mut batch)));
+        assert_eq!(batch[0].call, 3);
+        drop(outbox);
+        batch.clear();
+        assert!(
+            !io.block_on(backlog.next_batch(&mut batch)),
+            "every pusher gone"
+        );
     }
 
     #[test]

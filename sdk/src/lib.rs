@@ -188,8 +188,7 @@ pub fn wait<T>(
     }
     if ready.len() < want {
         let entries: Vec<_> = refs.iter().map(|r| r.inner.used().clone()).collect();
-        let (r, _) = runtime::wait_indices(&entries, num_returns, timeout);
-        ready = r;
+        ready = runtime::wait_indices(&entries, num_returns, timeout);
     }
     let mut rest = Vec::with_capacity(refs.len() - ready.len());
     let mut next = ready.iter().copied().peekable();

@@ -467,7 +467,9 @@ impl Runtime {
             return self.put_encoded(bytes, crate::object::take_contained());
         }
         let id = ObjectId::random();
-        store.put(id, value).map_err(crate::object::store_error)?;
+        store
+            .put_counted(id, value, len)
+            .map_err(crate::object::store_error)?;
         let entry = Entry::stored(id, store.clone(), len);
         // Refs nested in the value live as long as it does (each was recorded once per serialization pass).
         entry.hold(crate::object::take_contained());
@@ -1705,12 +1707,13 @@ pub(crate) fn failed_ref<R>(e: Error) -> ObjectRef<R> {
     ObjectRef::from_inner(RefInner::borrowed(entry, 0))
 }
 
-/// Waits until `num_returns` of `refs` are ready or `timeout` passes; returns (ready, not ready) indices in order.
+/// Waits until `num_returns` of `refs` are ready or `timeout` passes; returns the first `num_returns` (at most)
+/// ready indices, in order.
 pub(crate) fn wait_indices(
     entries: &[Arc<Entry>],
     num_returns: usize,
     timeout: Option<Duration>,
-) -> (Vec<usize>, Vec<usize>) {
+) -> Vec<usize> {
     let deadline = timeout.map(|t| Instant::now() + t);
     let want = num_returns.min(entries.len());
     let mut ready: Vec<bool> = entries.iter().map(|e| e.is_ready()).collect();
@@ -1743,16 +1746,13 @@ pub(crate) fn wait_indices(
         Ok(rt) if !no_wait => rt.local.blocking(|| poll(&mut ready)),
         _ => poll(&mut ready),
     }
-    let mut r = Vec::new();
-    let mut n = Vec::new();
-    for (i, is) in ready.iter().enumerate() {
-        if *is && r.len() < want {
-            r.push(i);
-        } else {
-            n.push(i);
-        }
-    }
-    (r, n)
+    ready
+        .iter()
+        .enumerate()
+        .filter(|(_, is)| **is)
+        .map(|(i, _)| i)
+        .take(want)
+        .collect()
 }
 
 /// Wakes the thread that polls a future in [`poll_here`].
