@@ -132,9 +132,30 @@ pub fn archive_if_small<T: Object>(
         count_past_end: true,
         ..ObjectWriter::into(&mut scratch)
     };
-    let len = rkyv::api::high::to_bytes_in::<_, BoxedError>(value, writer)
-        .map_err(|e| e.to_string())?
-        .pos;
+    // A thread-local scratch arena of our own: rkyv's `to_bytes_in` takes its arena out of a thread-local and shrinks
+    // it back after every call, about half the cost of archiving a small value. This one is shrunk only when a
+    // value made it grow past a bound.
+    thread_local! {
+        static ARENA: std::cell::RefCell<rkyv::ser::allocator::Arena> =
+            std::cell::RefCell::new(rkyv::ser::allocator::Arena::with_capacity(1024));
+    }
+    const ARENA_KEPT: usize = 64 * 1024;
+    let written = ARENA.with(|arena| match arena.try_borrow_mut() {
+        Ok(mut arena) => {
+            let written = rkyv::api::high::to_bytes_in_with_alloc::<_, _, BoxedError>(
+                value,
+                writer,
+                arena.acquire(),
+            );
+            if arena.capacity() > ARENA_KEPT {
+                arena.shrink();
+            }
+            written
+        }
+        // Serializing a value whose serialization puts (a custom impl): take rkyv's own arena.
+        Err(_) => rkyv::api::high::to_bytes_in::<_, BoxedError>(value, writer),
+    });
+    let len = written.map_err(|e| e.to_string())?.pos;
     if len > SMALL_ARCHIVE {
         return Ok(Err(len));
     }

@@ -856,9 +856,13 @@ impl Cluster {
         args.iter()
             .map(|a| match &a.0 {
                 ArgKind::Value(b) => ArgW::Value(b.to_vec()),
-                ArgKind::Ref(r) => ArgW::Ref {
-                    id: r.entry.id.0,
-                    owner: if r.owner == 0 { me } else { r.owner },
+                // A tiny value's ref passes the value itself (nobody keeps it by id).
+                ArgKind::Ref(r) => match r.carried_value() {
+                    Some(b) => ArgW::Value(b.to_vec()),
+                    None => ArgW::Ref {
+                        id: r.entry.id.0,
+                        owner: if r.owner == 0 { me } else { r.owner },
+                    },
                 },
             })
             .collect()
@@ -1317,7 +1321,11 @@ impl Cluster {
         crate::spin::io_message(items.len() == 1);
         for item in items {
             if item.kind == kind::RELEASE {
-                self.lent.remove(&(from.0, item.call));
+                if let Some((_, refs)) = self.lent.remove(&(from.0, item.call))
+                    && refs.len() > 64
+                {
+                    crate::object::drop_in_background(refs);
+                }
                 continue;
             }
             if item.kind == kind::BORROW || item.kind == kind::UNBORROW {

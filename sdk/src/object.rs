@@ -349,6 +349,32 @@ impl Drop for Entry {
     }
 }
 
+/// Drops `value` on a background thread: for large batches of refs (the 10,000 refs of a released result), whose
+/// freeing would otherwise hold up the I/O thread, and with it the next call it has to dispatch.
+pub(crate) fn drop_in_background<T: Send + 'static>(value: T) {
+    type Garbage = Box<dyn Send>;
+    static REAPER: OnceLock<Option<Mutex<std::sync::mpsc::Sender<Garbage>>>> = OnceLock::new();
+    let reaper = REAPER.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::channel::<Garbage>();
+        std::thread::Builder::new()
+            .name("oxray-reaper".into())
+            .spawn(move || {
+                for garbage in rx {
+                    drop(garbage);
+                }
+            })
+            .ok()
+            .map(|_| Mutex::new(tx))
+    });
+    let value: Garbage = Box::new(value);
+    // No thread (spawn failed) or a closed channel: drop here, which is only slower.
+    if let Some(tx) = reaper
+        && let Err(std::sync::mpsc::SendError(value)) = tx.lock().send(value)
+    {
+        drop(value);
+    }
+}
+
 thread_local! {
     /// Refs serialized on this thread since the last `take_contained`: the refs nested in the value being encoded.
     static CONTAINED: std::cell::RefCell<Vec<Arc<RefInner>>> = const { std::cell::RefCell::new(Vec::new()) };
@@ -487,6 +513,11 @@ pub(crate) struct RefInner {
     /// Set for a ref read out of a value and owned by another node: the owner was told this node borrows the
     /// object (`BORROW`), and is told when this ref goes (`UNBORROW`).
     borrowed_from: Option<u128>,
+    /// Set for a tiny value (see `Config::carry_max`): the value travels with the ref wherever the ref goes, so no
+    /// table, fetch, borrow or lease is ever needed for it. For a few bytes, that copy costs less than the owner's
+    /// table entry, the borrow notices and the fetch that a ref by id needs (Ray, likewise, passes small objects by
+    /// value).
+    pub(crate) carried: bool,
 }
 
 impl RefInner {
@@ -500,7 +531,32 @@ impl RefInner {
             unfetched: AtomicBool::new(false),
             _leases: None,
             borrowed_from: None,
+            carried: false,
         })
+    }
+
+    /// A ref to a tiny ready value (see `Config::carry_max`) that travels with the ref: in no table.
+    pub(crate) fn carried(entry: Arc<Entry>, owner: u128) -> Arc<RefInner> {
+        Arc::new(RefInner {
+            entry,
+            owner,
+            table: None,
+            unfetched: AtomicBool::new(false),
+            _leases: None,
+            borrowed_from: None,
+            carried: true,
+        })
+    }
+
+    /// The value of a ref that carries it (`None` for the others).
+    pub(crate) fn carried_value(&self) -> Option<Bytes> {
+        if !self.carried {
+            return None;
+        }
+        match &*self.entry.slot.lock() {
+            Slot::Ready(b) => Some(b.clone()),
+            _ => None,
+        }
     }
 
     /// A ref that does not keep the owner's table entry (an argument's, or one borrowed from another node).
@@ -512,6 +568,7 @@ impl RefInner {
             unfetched: AtomicBool::new(false),
             _leases: None,
             borrowed_from: None,
+            carried: false,
         })
     }
 
@@ -531,6 +588,7 @@ impl RefInner {
             unfetched: AtomicBool::new(true),
             _leases: leases,
             borrowed_from: announced.then_some(owner),
+            carried: false,
         })
     }
 
@@ -556,12 +614,14 @@ impl Drop for RefInner {
     }
 }
 
-/// How a ref travels inside a value: the object's id and its owner. Not used directly.
+/// How a ref travels inside a value: the object's id and its owner, and the value itself for a tiny one (see
+/// `Config::carry_max`). Not used directly.
 #[doc(hidden)]
 #[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize, Debug)]
 pub struct RefW {
     id: u128,
     owner: u128,
+    value: Option<Box<[u8]>>,
 }
 
 impl<T> ObjectRef<T> {
@@ -573,6 +633,7 @@ impl<T> ObjectRef<T> {
         RefW {
             id: self.inner.entry.id.0,
             owner,
+            value: self.inner.carried_value().map(|b| Box::from(&b[..])),
         }
     }
 }
@@ -592,7 +653,10 @@ where
     RefW: rkyv::Serialize<S>,
 {
     fn serialize(&self, s: &mut S) -> std::result::Result<Self::Resolver, S::Error> {
-        CONTAINED.with(|c| c.borrow_mut().push(self.inner.clone()));
+        // A ref carrying its value needs nothing kept alive for it.
+        if !self.inner.carried {
+            CONTAINED.with(|c| c.borrow_mut().push(self.inner.clone()));
+        }
         self.wire().serialize(s)
     }
 }
@@ -602,6 +666,13 @@ where
     D::Error: rkyv::rancor::Source,
 {
     fn deserialize(&self, _: &mut D) -> std::result::Result<ObjectRef<T>, D::Error> {
+        if let Some(value) = self.value.as_ref() {
+            let entry = Entry::ready(ObjectId(self.id.to_native()), value::aligned_copy(value));
+            return Ok(ObjectRef::from_inner(RefInner::carried(
+                entry,
+                self.owner.to_native(),
+            )));
+        }
         crate::runtime::borrow_ref(self.id.to_native(), self.owner.to_native())
             .map(ObjectRef::from_inner)
             .map_err(<D::Error as rkyv::rancor::Source>::new)

@@ -53,6 +53,11 @@ pub struct Config {
     /// larger ones, where it did not help and cost throughput. `OXRAY_SPIN_US` overrides it; zero turns spinning
     /// off.
     pub spin: Duration,
+    /// The largest `put` value (archive bytes) whose refs carry the value itself, so that nothing is kept for it by
+    /// id: no table entry, no borrow notices, no fetch. Objects are immutable, so a copy riding with each ref is the
+    /// same object. Such an object is not listed among the node's objects. The default is 64 bytes (at most 256);
+    /// `OXRAY_CARRY_MAX` overrides it; zero turns carrying off.
+    pub carry_max: usize,
 }
 
 impl Default for Config {
@@ -81,6 +86,10 @@ impl Default for Config {
                 .ok()
                 .and_then(|v| v.parse().ok())
                 .map_or(crate::spin::default_limit(cpus), Duration::from_micros),
+            carry_max: std::env::var("OXRAY_CARRY_MAX")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(64),
         }
     }
 }
@@ -101,6 +110,8 @@ pub(crate) struct TaskRecord {
 
 pub(crate) struct Runtime {
     pub(crate) node: u128,
+    /// See [`Config::carry_max`].
+    carry_max: usize,
     pub(crate) objects: Arc<ObjectTable>,
     pub(crate) pool: Arc<WorkerPool>,
     /// Decides when a task placed here starts: it holds its resources while it runs (see `node_queue`).
@@ -178,6 +189,7 @@ pub(crate) fn install_as(config: Config, node: Option<u128>) -> Result<Arc<Runti
         crate::cluster::resource_set(config.num_cpus as f64, config.num_gpus, &config.resources);
     let rt = Arc::new(Runtime {
         node: node.unwrap_or_else(rand_u128),
+        carry_max: config.carry_max.min(oxray_objstore::SMALL_ARCHIVE),
         objects: Arc::new(ObjectTable::new(oxray_objstore::ObjectStore::new(
             config.object_store.clone(),
         ))),
@@ -435,7 +447,8 @@ impl Runtime {
         nested: Vec<Arc<RefInner>>,
     ) -> Result<ObjectRef<T>> {
         let store = self.objects.store();
-        let id = ObjectId::random();
+        // The thread's xorshift: `ObjectId::random` draws from a cryptographic generator, a tenth of a small put.
+        let id = ObjectId(rand_u128());
         let entry = if store.config().is_inline(bytes.len()) {
             Entry::ready(id, bytes)
         } else {
@@ -457,7 +470,13 @@ impl Runtime {
         crate::object::clear_contained();
         let len = match oxray_objstore::archive_if_small(value).map_err(Error::Serialization)? {
             Ok(small) if store.config().is_inline(small.len()) => {
-                return self.put_encoded(Bytes::from_owner(small), crate::object::take_contained());
+                let nested = crate::object::take_contained();
+                if small.len() <= self.carry_max && nested.is_empty() {
+                    // A tiny value rides with its refs: no table entry, nothing to free (see `Config::carry_max`).
+                    let entry = Entry::ready(ObjectId(rand_u128()), Bytes::from_owner(small));
+                    return Ok(ObjectRef::from_inner(RefInner::carried(entry, self.node)));
+                }
+                return self.put_encoded(Bytes::from_owner(small), nested);
             }
             Ok(small) => small.len(),
             Err(len) => len,

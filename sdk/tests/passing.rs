@@ -58,7 +58,10 @@ fn is_listed(id: oxray::ObjectId) -> bool {
 #[test]
 fn refs_nested_in_a_put_value_live_as_long_as_it() {
     oxray::init().unwrap();
-    let inner: Vec<ObjectRef<u64>> = (0..100u64).map(|i| oxray::put(&i).unwrap()).collect();
+    // Values above the carrying limit (`Config::carry_max`), so the owner keeps them by id.
+    let inner: Vec<ObjectRef<Vec<u64>>> = (0..100u64)
+        .map(|i| oxray::put(&vec![i; 16]).unwrap())
+        .collect();
     let first = inner[0].id();
     let outer = oxray::put(&inner).unwrap();
     // The only refs left are inside `outer`'s value: the objects must stay.
@@ -67,9 +70,11 @@ fn refs_nested_in_a_put_value_live_as_long_as_it() {
         is_listed(first),
         "nested object freed while its container lives"
     );
-    let back: Vec<ObjectRef<u64>> = outer.get().unwrap();
+    let back: Vec<ObjectRef<Vec<u64>>> = outer.get().unwrap();
     assert_eq!(
-        back.iter().map(|r| r.get().unwrap()).collect::<Vec<_>>(),
+        back.iter()
+            .map(|r| r.get().unwrap()[15])
+            .collect::<Vec<_>>(),
         (0..100u64).collect::<Vec<_>>()
     );
     // The archived view reads the refs in place too.
@@ -85,6 +90,16 @@ fn refs_nested_in_arguments_and_results() {
     oxray::init().unwrap();
     let refs: Vec<ObjectRef<u64>> = (1..=10u64).map(|i| oxray::put(&i).unwrap()).collect();
     assert_eq!(sum_refs::remote(refs).unwrap().get().unwrap(), 55);
+    // A tiny value's ref carries it (nothing listed by id), and works as any other.
+    let tiny = oxray::put(&7u64).unwrap();
+    assert!(!is_listed(tiny.id()));
+    assert_eq!(
+        sum_refs::remote(vec![tiny.clone(), tiny])
+            .unwrap()
+            .get()
+            .unwrap(),
+        14
+    );
     // Refs made inside a task come back through its result and still resolve.
     let made: Vec<ObjectRef<u64>> = make_refs::remote(5).unwrap().get().unwrap();
     assert_eq!(oxray::get_all(&made).unwrap(), vec![0, 10, 20, 30, 40]);

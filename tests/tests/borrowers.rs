@@ -1,5 +1,8 @@
 //! Refs nested in an argument outlive the call: the callee that keeps them is registered with the owner as a
 //! borrower, so the owner keeps the objects after dropping its own refs, and frees them once the borrower lets go.
+//!
+//! These tests turn off carrying (`OXRAY_CARRY_MAX=0`, inherited by the node processes): a tiny value's refs would
+//! otherwise carry the value, and nothing would be kept by id. The last test checks carrying itself.
 
 use std::time::{Duration, Instant};
 
@@ -9,6 +12,12 @@ use oxray_tests::*;
 
 const NODE: &str = env!("CARGO_BIN_EXE_oxray-test-node");
 
+/// Tiny values are kept by id like any other (see the module's comment).
+fn by_id_only() {
+    // SAFETY: set before any thread of this test process reads the environment (nextest runs one test per process).
+    unsafe { std::env::set_var("OXRAY_CARRY_MAX", "0") };
+}
+
 /// How many of `ids` the driver's node still holds.
 fn held(ids: &[String]) -> usize {
     let state = oxray::node_state().unwrap();
@@ -17,6 +26,7 @@ fn held(ids: &[String]) -> usize {
 
 #[test]
 fn an_actor_keeping_nested_refs_keeps_their_objects_alive() {
+    by_id_only();
     link();
     // The head offers no CPUs and the driver none, so the actor lands on the worker.
     let mut cluster = TestCluster::start(NODE, 0, &["--dead-after-ms", "3000"]);
@@ -64,6 +74,7 @@ fn an_actor_keeping_nested_refs_keeps_their_objects_alive() {
 
 #[test]
 fn a_dead_borrower_lets_go_of_what_it_borrowed() {
+    by_id_only();
     link();
     let mut cluster = TestCluster::start(NODE, 0, &["--dead-after-ms", "1500"]);
     let worker = cluster.add_node(1, &[]);
@@ -100,6 +111,7 @@ fn a_ref_passed_on_by_a_third_node_outlives_that_node_letting_go() {
     // node's release reaches the owner long before the keeper's borrow does, and the owner frees the objects.
     // SAFETY: set before any thread of this test process reads the environment (nextest runs one test per process).
     unsafe { std::env::set_var("OXRAY_TEST_BORROW_DELAY_MS", "800") };
+    by_id_only();
     link();
     let mut cluster = TestCluster::start(NODE, 0, &["--dead-after-ms", "5000"]);
     let a = cluster.add_node(1, &[]);
@@ -136,6 +148,7 @@ fn a_release_that_overtakes_its_borrow_notice_frees_the_object() {
     // BORROW notices held back 800 ms: the borrower's UNBORROW reaches the owner first.
     // SAFETY: set before any thread of this test process reads the environment (nextest runs one test per process).
     unsafe { std::env::set_var("OXRAY_TEST_BORROW_DELAY_MS", "800") };
+    by_id_only();
     link();
     let mut cluster = TestCluster::start(NODE, 0, &["--dead-after-ms", "5000"]);
     let _worker = cluster.add_node(1, &[]);
@@ -154,4 +167,63 @@ fn a_release_that_overtakes_its_borrow_notice_frees_the_object() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+#[test]
+fn tiny_values_travel_with_their_refs() {
+    link();
+    let mut cluster = TestCluster::start(NODE, 0, &["--dead-after-ms", "3000"]);
+    let worker = cluster.add_node(1, &[]);
+    oxray::connect(&cluster.address, &cluster.token).expect("driver connects");
+    let on_worker = on(cluster.node_id(worker));
+
+    // Refs put on the worker come back carrying their values: the worker keeps nothing for them.
+    let made: Vec<ObjectRef<u64>> = make_refs::remote_with(&on_worker, 5)
+        .unwrap()
+        .get()
+        .unwrap();
+    let worker_objects = || {
+        let s = oxray::node::cluster_state(&cluster.address, &cluster.token).unwrap();
+        let id = cluster.node_id(worker).to_string();
+        s.nodes
+            .iter()
+            .filter(|n| n.node.id == id)
+            .map(|n| n.objects.len())
+            .sum::<usize>()
+    };
+    assert_eq!(worker_objects(), 0, "the worker kept tiny objects by id");
+    // Killing the worker loses nothing: the values are here.
+    cluster.kill(worker);
+    assert_eq!(oxray::get_all(&made).unwrap(), vec![0, 10, 20, 30, 40]);
+
+    // Refs put here travel to another node nested in an argument, and one as a direct argument.
+    let other = cluster.add_node(1, &[]);
+    let on_other = on(cluster.node_id(other));
+    let mine: Vec<ObjectRef<u64>> = (1..=10u64).map(|i| oxray::put(&i).unwrap()).collect();
+    assert_eq!(
+        held(&mine.iter().map(|r| r.id().to_string()).collect::<Vec<_>>()),
+        0
+    );
+    assert_eq!(
+        sum_refs::remote_with(&on_other, mine.clone())
+            .unwrap()
+            .get()
+            .unwrap(),
+        55
+    );
+    assert_eq!(
+        add::remote_with(&on_other, 1, oxray::put(&41i64).unwrap())
+            .unwrap()
+            .get()
+            .unwrap(),
+        42
+    );
+    // And the ones made on the dead worker go on from here to the other node.
+    assert_eq!(
+        sum_refs::remote_with(&on_other, made)
+            .unwrap()
+            .get()
+            .unwrap(),
+        100
+    );
 }

@@ -27,6 +27,10 @@ fn oxray_cli() -> std::path::PathBuf {
 
 #[test]
 fn three_node_cluster_end_to_end() {
+    // Tiny values are kept by id here, as any other, so that refs nested in values resolve from their owners
+    // (carrying is checked in `borrowers.rs`).
+    // SAFETY: set before any thread of this test process reads the environment (nextest runs one test per process).
+    unsafe { std::env::set_var("OXRAY_CARRY_MAX", "0") };
     link();
     // 3 s of silence declares a node dead: long enough that a node starved by a loaded CI machine is not.
     let mut cluster = TestCluster::start(NODE, 1, &["--dead-after-ms", "3000"]);
