@@ -625,39 +625,74 @@ pub struct RefW {
 }
 
 impl<T> ObjectRef<T> {
-    fn wire(&self) -> RefW {
-        let owner = match self.inner.owner {
+    /// The owner as written on the wire: this process for a ref it owns.
+    fn wire_owner(&self) -> u128 {
+        match self.inner.owner {
             0 => crate::runtime::current().map(|rt| rt.node).unwrap_or(0),
             o => o,
-        };
-        RefW {
-            id: self.inner.entry.id.0,
-            owner,
-            value: self.inner.carried_value().map(|b| Box::from(&b[..])),
+        }
+    }
+}
+
+/// A carried value's bytes, borrowed, archived as the `Box<[u8]>` that [`RefW::value`] reads back: serializing a
+/// ref neither allocates nor copies the value twice.
+struct CarriedBytes<'a>(&'a [u8]);
+
+impl rkyv::Archive for CarriedBytes<'_> {
+    type Archived = rkyv::boxed::ArchivedBox<[u8]>;
+    type Resolver = rkyv::boxed::BoxResolver;
+    fn resolve(&self, resolver: Self::Resolver, out: rkyv::Place<Self::Archived>) {
+        rkyv::boxed::ArchivedBox::resolve_from_ref(self.0, resolver, out)
+    }
+}
+
+impl<S: rkyv::rancor::Fallible + ?Sized> rkyv::Serialize<S> for CarriedBytes<'_>
+where
+    [u8]: rkyv::SerializeUnsized<S, Archived = [u8]>,
+{
+    fn serialize(&self, s: &mut S) -> std::result::Result<Self::Resolver, S::Error> {
+        rkyv::boxed::ArchivedBox::serialize_from_ref(self.0, s)
+    }
+}
+
+impl RefInner {
+    /// Runs `f` on the carried value's bytes (`None` for a ref by id), read in place.
+    fn with_carried<R>(&self, f: impl FnOnce(Option<CarriedBytes<'_>>) -> R) -> R {
+        if !self.carried {
+            return f(None);
+        }
+        match &*self.entry.slot.lock() {
+            Slot::Ready(b) => f(Some(CarriedBytes(b))),
+            _ => f(None),
         }
     }
 }
 
 // A ref nested in a value is archived as (id, owner). Serializing it records it on this thread, so whoever encodes
 // the value can keep the object alive as long as the value; deserializing it gives a working ref on this node.
+// Written field by field (the archived form is `RefW`'s) so that a carried value is read in place.
 impl<T> rkyv::Archive for ObjectRef<T> {
     type Archived = ArchivedRefW;
-    type Resolver = RefWResolver;
+    type Resolver = Option<rkyv::boxed::BoxResolver>;
     fn resolve(&self, resolver: Self::Resolver, out: rkyv::Place<Self::Archived>) {
-        self.wire().resolve(resolver, out)
+        rkyv::munge::munge!(let ArchivedRefW { id, owner, value } = out);
+        self.inner.entry.id.0.resolve((), id);
+        self.wire_owner().resolve((), owner);
+        self.inner
+            .with_carried(|carried| carried.resolve(resolver, value));
     }
 }
 
 impl<T, S: rkyv::rancor::Fallible + ?Sized> rkyv::Serialize<S> for ObjectRef<T>
 where
-    RefW: rkyv::Serialize<S>,
+    [u8]: rkyv::SerializeUnsized<S, Archived = [u8]>,
 {
     fn serialize(&self, s: &mut S) -> std::result::Result<Self::Resolver, S::Error> {
         // A ref carrying its value needs nothing kept alive for it.
         if !self.inner.carried {
             CONTAINED.with(|c| c.borrow_mut().push(self.inner.clone()));
         }
-        self.wire().serialize(s)
+        self.inner.with_carried(|carried| carried.serialize(s))
     }
 }
 
@@ -667,7 +702,9 @@ where
 {
     fn deserialize(&self, _: &mut D) -> std::result::Result<ObjectRef<T>, D::Error> {
         if let Some(value) = self.value.as_ref() {
-            let entry = Entry::ready(ObjectId(self.id.to_native()), value::aligned_copy(value));
+            // One allocation, unaligned: a get of it aligns a copy then (`value::decode`), so a ref never used costs
+            // no second one.
+            let entry = Entry::ready(ObjectId(self.id.to_native()), Bytes::copy_from_slice(value));
             return Ok(ObjectRef::from_inner(RefInner::carried(
                 entry,
                 self.owner.to_native(),
