@@ -130,6 +130,9 @@ pub fn shutdown() {
 
 /// Stores a value and returns a ref to it, to pass to many tasks without copying it into each call.
 ///
+/// A value of at most [`Config::carry_max`] archive bytes (64 by default) travels with its refs instead: such a ref
+/// is never fetched, and the object outlives the process that put it.
+///
 /// ```
 /// oxray::init()?;
 /// let big = oxray::put(&vec![1.5f32; 1000])?;
