@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 use crate::object::{Entry, ObjectId, rand_u128};
 use crate::options::Resources;
-use crate::runtime::{self, Runtime, block_on_io};
+use crate::runtime::{self, Runtime};
 use crate::wire::kind;
 
 /// How a group's bundles are spread over nodes (Ray's names).
@@ -156,6 +156,10 @@ pub fn placement_group(
 }
 
 /// Frees the group's resources and kills the actors placed in it.
+///
+/// As Ray's, removal is asynchronous across nodes: this returns once each node's release is on its way (bundles on
+/// this node are freed before it returns), and a node frees its bundles when the release arrives. A release that
+/// fails is tried again (three tries in all, 100 ms apart) unless its node is declared dead, which frees them too.
 pub fn remove_placement_group(pg: &PlacementGroup) -> Result<()> {
     let rt = runtime::current()?;
     pg.inner
@@ -164,27 +168,49 @@ pub fn remove_placement_group(pg: &PlacementGroup) -> Result<()> {
     rt.pgs.remove(&pg.inner.id);
     pg.inner.ready.lock().complete(Err(Error::Cancelled));
     let placement = pg.inner.placement.lock().take();
-    if let Some(nodes) = placement {
-        // 0: a bundle lost with its node and not placed again; nothing holds it.
-        let per_node = by_node(
-            pg,
-            nodes.iter().copied().enumerate().filter(|(_, n)| *n != 0),
-        );
-        let id = pg.inner.id;
-        let rt2 = rt.clone();
-        block_on_io(&rt.tokio, async move {
-            for (node, bundles) in per_node {
-                send_hold(
-                    &rt2,
-                    node,
-                    kind::PG_RELEASE,
-                    &BundleHold { pg: id, bundles },
-                )
-                .await?;
-            }
-            Ok(())
-        })?;
+    let Some(nodes) = placement else {
+        return Ok(());
+    };
+    // 0: a bundle lost with its node and not placed again; nothing holds it.
+    let per_node = by_node(
+        pg,
+        nodes.iter().copied().enumerate().filter(|(_, n)| *n != 0),
+    );
+    let id = pg.inner.id;
+    let mut remote = Vec::new();
+    for (node, bundles) in per_node {
+        let hold = BundleHold { pg: id, bundles };
+        if node == rt.node {
+            rt.release_bundles(&hold)?;
+        } else {
+            remote.push((node, hold));
+        }
     }
+    if remote.is_empty() {
+        return Ok(());
+    }
+    // A round trip per group removed made removal the slowest part of the placement-group benchmark row, and the
+    // caller has nothing to do with the answer.
+    let rt2 = rt.clone();
+    rt.tokio.spawn(async move {
+        for (node, hold) in remote {
+            for attempt in 1..=3 {
+                match send_hold(&rt2, node, kind::PG_RELEASE, &hold).await {
+                    Ok(()) => break,
+                    Err(e) => {
+                        let dead = rt2.cluster.get().is_some_and(|cl| cl.node_known_dead(node));
+                        if dead || attempt == 3 {
+                            if !dead {
+                                tracing::warn!(pg = %format!("{:x}", id >> 80), node = %format!("{node:x}"), cause = %e, "placement group bundles not released");
+                            }
+                            break;
+                        }
+                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    }
+                }
+            }
+        }
+    });
     Ok(())
 }
 
