@@ -353,7 +353,7 @@ impl Drop for Entry {
 /// freeing would otherwise hold up the I/O thread, and with it the next call it has to dispatch.
 pub(crate) fn drop_in_background<T: Send + 'static>(value: T) {
     type Garbage = Box<dyn Send>;
-    static REAPER: OnceLock<Option<Mutex<std::sync::mpsc::Sender<Garbage>>>> = OnceLock::new();
+    static REAPER: OnceLock<Option<std::sync::mpsc::Sender<Garbage>>> = OnceLock::new();
     let reaper = REAPER.get_or_init(|| {
         let (tx, rx) = std::sync::mpsc::channel::<Garbage>();
         std::thread::Builder::new()
@@ -364,12 +364,12 @@ pub(crate) fn drop_in_background<T: Send + 'static>(value: T) {
                 }
             })
             .ok()
-            .map(|_| Mutex::new(tx))
+            .map(|_| tx)
     });
     let value: Garbage = Box::new(value);
     // No thread (spawn failed) or a closed channel: drop here, which is only slower.
     if let Some(tx) = reaper
-        && let Err(std::sync::mpsc::SendError(value)) = tx.lock().send(value)
+        && let Err(std::sync::mpsc::SendError(value)) = tx.send(value)
     {
         drop(value);
     }

@@ -158,3 +158,24 @@ fn async_methods_can_wait_on_tokio_timers() {
     assert_eq!(oxray::get_all(&calls).unwrap(), vec![1, 2, 3]);
     assert!(t.elapsed() >= std::time::Duration::from_millis(90));
 }
+
+#[test]
+fn tiny_values_nested_in_a_value_come_back_with_it() {
+    oxray::init().unwrap();
+    // Tiny values (their refs carry them) beside one kept by id, in one value.
+    let tiny: Vec<ObjectRef<u64>> = (0..50u64).map(|i| oxray::put(&i).unwrap()).collect();
+    let by_id = oxray::put(&vec![7u64; 16]).unwrap();
+    let outer = oxray::put(&(tiny.clone(), by_id.clone())).unwrap();
+    let by_id_id = by_id.id();
+    drop((tiny, by_id));
+    assert!(is_listed(by_id_id), "the nested object kept by id went");
+    let (back, kept): (Vec<ObjectRef<u64>>, ObjectRef<Vec<u64>>) = outer.get().unwrap();
+    assert_eq!(
+        oxray::get_all(&back).unwrap(),
+        (0..50u64).collect::<Vec<_>>()
+    );
+    assert_eq!(kept.get().unwrap(), vec![7u64; 16]);
+    // Read in place too, and the carried values travel on as arguments.
+    assert_eq!(outer.view().unwrap().0.len(), 50);
+    assert_eq!(sum_refs::remote(back).unwrap().get().unwrap(), 1225);
+}
