@@ -39,6 +39,17 @@ pub fn create_object_containing_refs(n: u64) -> Vec<ObjectRef<u64>> {
     (0..n).filter_map(|_| crate::put(&1u64).ok()).collect()
 }
 
+/// Fails unless all `n` refs the 10k-refs rows asked for came back.
+fn all_refs_back(refs: &[ObjectRef<u64>], n: u64) -> Result<()> {
+    if refs.len() as u64 != n {
+        return Err(crate::Error::Cluster(format!(
+            "{} refs came back, not {n}",
+            refs.len()
+        )));
+    }
+    Ok(())
+}
+
 /// Submits `n` empty tasks and waits for all of them (the multi-client task row's client).
 #[crate::remote]
 pub fn submit_many(n: u32) -> u32 {
@@ -347,13 +358,7 @@ pub fn run(cfg: &BenchConfig, mut report: impl FnMut(&Row)) -> Result<Vec<Row>> 
         let gets = scaled(40.0);
         let r = timeit(t, || {
             for _ in 0..gets {
-                let refs = object.get()?;
-                if refs.len() as u64 != n {
-                    return Err(crate::Error::Cluster(format!(
-                        "{} refs came back, not {n}",
-                        refs.len()
-                    )));
-                }
+                all_refs_back(&object.get()?, n)?;
             }
             Ok(gets as f64)
         })?;
@@ -370,13 +375,7 @@ pub fn run(cfg: &BenchConfig, mut report: impl FnMut(&Row)) -> Result<Vec<Row>> 
         let n = 10_000;
         let r = timeit(t, || {
             for _ in 0..rounds {
-                let refs = create_object_containing_refs::remote(n)?.get()?;
-                if refs.len() as u64 != n {
-                    return Err(crate::Error::Cluster(format!(
-                        "{} refs came back, not {n}",
-                        refs.len()
-                    )));
-                }
+                all_refs_back(&create_object_containing_refs::remote(n)?.get()?, n)?;
             }
             Ok(rounds as f64)
         })?;

@@ -34,6 +34,8 @@ use crate::runtime::{Done, RemoteActor, Runtime, short};
 use crate::value;
 use crate::wire::{self, ArgW, CallW, CreateW, Load, Member, TaskW, kind};
 
+/// A released result with more lent refs than this frees them on a background thread (`object::drop_in_background`).
+const DROP_IN_BACKGROUND_FROM: usize = 64;
 /// Long enough for any task: the deadline of a task request is the task's own business (`get_timeout`).
 const TASK_DEADLINE: Duration = Duration::from_secs(7 * 24 * 3600);
 /// Control requests (membership, names, status) are small and answered at once.
@@ -857,8 +859,8 @@ impl Cluster {
             .map(|a| match &a.0 {
                 ArgKind::Value(b) => ArgW::Value(b.to_vec()),
                 // A tiny value's ref passes the value itself (nobody keeps it by id).
-                ArgKind::Ref(r) => match r.carried_value() {
-                    Some(b) => ArgW::Value(b.to_vec()),
+                ArgKind::Ref(r) => match r.carried_copy() {
+                    Some(b) => ArgW::Value(b),
                     None => ArgW::Ref {
                         id: r.entry.id.0,
                         owner: if r.owner == 0 { me } else { r.owner },
@@ -1321,8 +1323,9 @@ impl Cluster {
         crate::spin::io_message(items.len() == 1);
         for item in items {
             if item.kind == kind::RELEASE {
+                // Freeing thousands of refs here would hold up the calls behind this item.
                 if let Some((_, refs)) = self.lent.remove(&(from.0, item.call))
-                    && refs.len() > 64
+                    && refs.len() > DROP_IN_BACKGROUND_FROM
                 {
                     crate::object::drop_in_background(refs);
                 }

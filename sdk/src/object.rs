@@ -537,30 +537,15 @@ impl RefInner {
 
     /// A ref to a tiny ready value (see `Config::carry_max`) that travels with the ref: in no table.
     pub(crate) fn carried(entry: Arc<Entry>, owner: u128) -> Arc<RefInner> {
-        Arc::new(RefInner {
-            entry,
-            owner,
-            table: None,
-            unfetched: AtomicBool::new(false),
-            _leases: None,
-            borrowed_from: None,
-            carried: true,
-        })
-    }
-
-    /// The value of a ref that carries it (`None` for the others).
-    pub(crate) fn carried_value(&self) -> Option<Bytes> {
-        if !self.carried {
-            return None;
-        }
-        match &*self.entry.slot.lock() {
-            Slot::Ready(b) => Some(b.clone()),
-            _ => None,
-        }
+        Self::untabled(entry, owner, true)
     }
 
     /// A ref that does not keep the owner's table entry (an argument's, or one borrowed from another node).
     pub(crate) fn borrowed(entry: Arc<Entry>, owner: u128) -> Arc<RefInner> {
+        Self::untabled(entry, owner, false)
+    }
+
+    fn untabled(entry: Arc<Entry>, owner: u128, carried: bool) -> Arc<RefInner> {
         Arc::new(RefInner {
             entry,
             owner,
@@ -568,8 +553,13 @@ impl RefInner {
             unfetched: AtomicBool::new(false),
             _leases: None,
             borrowed_from: None,
-            carried: false,
+            carried,
         })
+    }
+
+    /// A copy of the value of a ref that carries it (`None` for the others), to send as a call's argument.
+    pub(crate) fn carried_copy(&self) -> Option<Vec<u8>> {
+        self.with_carried(|carried| carried.map(|c| c.0.to_vec()))
     }
 
     /// A ref to object `id` of node `owner`, fetched when first used.
@@ -617,7 +607,11 @@ impl Drop for RefInner {
 /// How a ref travels inside a value: the object's id and its owner, and the value itself for a tiny one (see
 /// `Config::carry_max`). Not used directly.
 #[doc(hidden)]
-#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize, Debug)]
+#[derive(rkyv::Archive, Debug)]
+#[expect(
+    dead_code,
+    reason = "only its archived form is written (field by field) and read"
+)]
 pub struct RefW {
     id: u128,
     owner: u128,

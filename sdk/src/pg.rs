@@ -194,24 +194,28 @@ pub fn remove_placement_group(pg: &PlacementGroup) -> Result<()> {
     let rt2 = rt.clone();
     rt.tokio.spawn(async move {
         for (node, hold) in remote {
-            for attempt in 1..=3 {
-                match send_hold(&rt2, node, kind::PG_RELEASE, &hold).await {
-                    Ok(()) => break,
-                    Err(e) => {
-                        let dead = rt2.cluster.get().is_some_and(|cl| cl.node_known_dead(node));
-                        if dead || attempt == 3 {
-                            if !dead {
-                                tracing::warn!(pg = %format!("{:x}", id >> 80), node = %format!("{node:x}"), cause = %e, "placement group bundles not released");
-                            }
-                            break;
-                        }
-                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                    }
-                }
-            }
+            release_on(&rt2, node, &hold).await;
         }
     });
     Ok(())
+}
+
+/// Sends `node` the release of `hold`: three tries, 100 ms apart, none once the node is declared dead (its death
+/// frees the bundles).
+async fn release_on(rt: &Arc<Runtime>, node: u128, hold: &BundleHold) {
+    for attempt in 1..=3 {
+        let Err(e) = send_hold(rt, node, kind::PG_RELEASE, hold).await else {
+            return;
+        };
+        if rt.cluster.get().is_some_and(|cl| cl.node_known_dead(node)) {
+            return;
+        }
+        if attempt == 3 {
+            let pg = format!("{:x}", hold.pg >> 80);
+            return tracing::warn!(pg = %pg, node = %format!("{node:x}"), cause = %e, "placement group bundles not released");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
 }
 
 /// Asks `node` (possibly this one) to hold or release bundles.

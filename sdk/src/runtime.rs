@@ -55,8 +55,9 @@ pub struct Config {
     pub spin: Duration,
     /// The largest `put` value (archive bytes) whose refs carry the value itself, so that nothing is kept for it by
     /// id: no table entry, no borrow notices, no fetch. Objects are immutable, so a copy riding with each ref is the
-    /// same object. Such an object is not listed among the node's objects. The default is 64 bytes (at most 256);
-    /// `OXRAY_CARRY_MAX` overrides it; zero turns carrying off.
+    /// same object. Such an object is not listed among the node's objects. The default is 64 bytes; values over 256
+    /// bytes (`oxray_objstore::SMALL_ARCHIVE`) are never carried. `OXRAY_CARRY_MAX` overrides it; zero turns carrying
+    /// off.
     pub carry_max: usize,
 }
 
@@ -189,7 +190,7 @@ pub(crate) fn install_as(config: Config, node: Option<u128>) -> Result<Arc<Runti
         crate::cluster::resource_set(config.num_cpus as f64, config.num_gpus, &config.resources);
     let rt = Arc::new(Runtime {
         node: node.unwrap_or_else(rand_u128),
-        carry_max: config.carry_max.min(oxray_objstore::SMALL_ARCHIVE),
+        carry_max: config.carry_max,
         objects: Arc::new(ObjectTable::new(oxray_objstore::ObjectStore::new(
             config.object_store.clone(),
         ))),

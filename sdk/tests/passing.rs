@@ -179,3 +179,18 @@ fn tiny_values_nested_in_a_value_come_back_with_it() {
     assert_eq!(outer.view().unwrap().0.len(), 50);
     assert_eq!(sum_refs::remote(back).unwrap().get().unwrap(), 1225);
 }
+
+#[test]
+fn values_up_to_the_carrying_limit_ride_with_their_refs_and_larger_ones_are_kept_by_id() {
+    oxray::init().unwrap();
+    // A `Vec<u8>` archives as its bytes then an 8-byte header: 56 bytes make 64, the default limit.
+    let at_limit = oxray::put(&vec![1u8; 56]).unwrap();
+    let over = oxray::put(&vec![1u8; 57]).unwrap();
+    assert!(
+        !is_listed(at_limit.id()),
+        "a value at the limit was kept by id"
+    );
+    assert!(is_listed(over.id()), "a value over the limit was carried");
+    assert_eq!(at_limit.get().unwrap(), vec![1u8; 56]);
+    assert_eq!(over.get().unwrap(), vec![1u8; 57]);
+}
