@@ -561,7 +561,9 @@ pub fn start_head(opts: HeadOptions) -> Result<ClusterAddress> {
     let group = head_group(dir, node, opts.gcs_replicas)?;
     let table = oxray_gcs::mesh::MemberTable::new(group.version, parse_members(&group.members)?);
     let identity = head_identity(dir, &ca, node)?;
-    let rt = runtime::install_as(config_for(&opts.settings), Some(node.0))?;
+    let config = config_for(&opts.settings);
+    let local_links = config.local_links;
+    let rt = runtime::install_as(config, Some(node.0))?;
     let handler = NodeHandler::new();
     let cfg = MeshConfig {
         bind: opts.bind,
@@ -571,6 +573,7 @@ pub fn start_head(opts: HeadOptions) -> Result<ClusterAddress> {
             ca,
             token: join.clone(),
         }),
+        local_links,
     };
     let h: Arc<dyn Handler> = handler.clone();
     let mesh = block_on_io(&rt.tokio, async move {
@@ -880,7 +883,9 @@ fn join_inner(
         .map(|d| open_replica_dir(d, &token))
         .transpose()?;
     let node = NodeId::random();
-    let rt = runtime::install_as(config_for(&settings), Some(node.0))?;
+    let config = config_for(&settings);
+    let local_links = config.local_links;
+    let rt = runtime::install_as(config, Some(node.0))?;
     if rt.node != node.0 || rt.cluster.get().is_some() {
         return Err(Error::InvalidArgument(
             "this process already runs oxray; call shutdown() first".into(),
@@ -903,6 +908,7 @@ fn join_inner(
         identity,
         limits: mesh_limits(),
         join_secret: None,
+        local_links,
     };
     let h: Arc<dyn Handler> = handler.clone();
     let mesh = block_on_io(&rt.tokio, async move {

@@ -70,6 +70,7 @@ mod error;
 pub mod frame;
 mod join;
 mod lane;
+mod local;
 mod mesh;
 mod message;
 pub mod tls;

@@ -63,6 +63,10 @@ pub struct MeshConfig {
     pub limits: Limits,
     /// Head only: the CA and token with which this node answers join requests (see [`crate::join`]).
     pub join_secret: Option<JoinAuthority>,
+    /// Whether one-way messages to and from peers on this host (same network namespace) may travel on a Unix
+    /// socket authenticated by the QUIC connection, instead of on QUIC itself (see `local.rs`). Default on;
+    /// off, every byte goes through QUIC (e.g. to put a user-space relay between two local nodes).
+    pub local_links: bool,
 }
 
 impl MeshConfig {
@@ -73,6 +77,7 @@ impl MeshConfig {
             identity,
             limits: Limits::default(),
             join_secret: None,
+            local_links: true,
         }
     }
 }
@@ -105,7 +110,34 @@ struct Peer {
 /// The stream one-way messages to a peer share, and the connection it belongs to.
 struct OnewayStream {
     conn: usize,
-    send: quinn::SendStream,
+    send: OnewaySink,
+}
+
+/// Where one-way messages to a peer are written: a QUIC stream, or a local link proven by that connection.
+enum OnewaySink {
+    Quic(quinn::SendStream),
+    Local(tokio::net::UnixStream),
+}
+
+impl OnewaySink {
+    async fn write(
+        &mut self,
+        to: NodeId,
+        header: &Header,
+        body: Body,
+    ) -> Result<(), TransportError> {
+        match self {
+            OnewaySink::Quic(send) => write_frame(send, header, body, None)
+                .await
+                .map_err(|e| write_error(to, e)),
+            OnewaySink::Local(stream) => crate::local::write_frame(stream, header, &body)
+                .await
+                .map_err(|e| TransportError::Connect {
+                    peer: to,
+                    why: format!("local link: {e}"),
+                }),
+        }
+    }
 }
 
 impl Peer {
@@ -225,6 +257,10 @@ struct Inner {
     closing: AtomicBool,
     active: AtomicUsize,
     idle: Notify,
+    /// Whether one-way messages to local peers try a local link first.
+    local_links: bool,
+    /// Ends the local link listener and readers: on shutdown, or when this is dropped with the mesh.
+    local_stop: tokio::sync::watch::Sender<bool>,
 }
 
 impl std::fmt::Debug for Inner {
@@ -299,6 +335,7 @@ impl Mesh {
             identity,
             limits,
             join_secret,
+            local_links,
         } = cfg;
         let transport = Arc::new(transport_config(&limits)?);
         let server_tls = identity.server_config(join_secret.is_some())?;
@@ -340,8 +377,16 @@ impl Mesh {
             closing: AtomicBool::new(false),
             active: AtomicUsize::new(0),
             idle: Notify::new(),
+            local_links,
+            local_stop: tokio::sync::watch::Sender::new(false),
         });
         let span = info_span!("mesh", node = %inner.node_id);
+        if local_links && let Some(listener) = crate::local::listen(inner.node_id) {
+            let stop = inner.local_stop.subscribe();
+            tokio::spawn(
+                local_accept_loop(Arc::downgrade(&inner), listener, stop).instrument(span.clone()),
+            );
+        }
         tokio::spawn(accept_loop(Arc::downgrade(&inner), inner.endpoint.clone()).instrument(span));
         debug!(node = %inner.node_id, addr = %local_addr, "mesh bound");
         Ok(Mesh { inner })
@@ -472,7 +517,20 @@ impl Mesh {
         }
     }
 
-    /// Sends a one-way message. Returns once it is handed to QUIC (delivery is reliable while the connection lives).
+    /// Whether one-way messages to `to` travel on a local link now (see [`MeshConfig::local_links`]): false
+    /// before the first one is sent, and while one is being written.
+    pub fn has_local_link(&self, to: NodeId) -> bool {
+        let Some(peer) = self.inner.peers.get(&to).map(|p| p.value().clone()) else {
+            return false;
+        };
+        let Ok(slot) = peer.oneway.try_lock() else {
+            return false;
+        };
+        matches!(slot.as_ref().map(|s| &s.send), Some(OnewaySink::Local(_)))
+    }
+
+    /// Sends a one-way message. Returns once it is handed to QUIC, or to the kernel on a local link (delivery is
+    /// reliable while the connection lives).
     ///
     /// One-way messages to a peer arrive in the order their sends completed: they share one long-lived stream
     /// per connection, written under a lock and read by one task that hands them to the handler in turn. (A
@@ -507,21 +565,9 @@ impl Mesh {
             let mut slot = peer.oneway.lock().await;
             let stream = match slot.take() {
                 Some(s) if s.conn == conn.stable_id() => s,
-                _ => match conn.open_uni().await {
-                    Ok(send) => OnewayStream {
-                        conn: conn.stable_id(),
-                        send,
-                    },
-                    Err(_) => {
-                        peer.forget(&conn);
-                        let conn = inner.connection(to, &peer).await?;
-                        let send = conn.open_uni().await.map_err(|e| from_connection(to, e))?;
-                        OnewayStream {
-                            conn: conn.stable_id(),
-                            send,
-                        }
-                    }
-                },
+                // The first message on this connection: every later one takes the same way, which keeps them
+                // in order.
+                _ => inner.oneway_stream(to, &peer, conn).await?,
             };
             // A failed write, or this future dropped mid-frame (the timeout below), resets the stream and empties
             // the slot, so no later message follows a torn frame on it.
@@ -529,11 +575,15 @@ impl Mesh {
                 slot: &mut slot,
                 written: false,
             };
-            let sent =
-                write_frame(&mut writing.slot.insert(stream).send, &header, body, None).await;
+            let sent = writing
+                .slot
+                .insert(stream)
+                .send
+                .write(to, &header, body)
+                .await;
             writing.written = sent.is_ok();
             drop(writing);
-            sent.map_err(|e| write_error(to, e))
+            sent
         };
         // Opening a stream can wait for stream credit; bound it like a handshake.
         tokio::time::timeout(handshake + inner.limits.keep_alive, fut)
@@ -618,6 +668,7 @@ impl Mesh {
             warn!(node = %inner.node_id, active = inner.active.load(Ordering::Relaxed), "shutdown grace expired");
         }
         inner.endpoint.close(close::SHUTDOWN, b"shutdown");
+        inner.local_stop.send_replace(true);
         // Let the close frames leave and the connections drain (a few round trips); a peer that misses them
         // times out by itself.
         let _ = tokio::time::timeout(Duration::from_secs(1), inner.endpoint.wait_idle()).await;
@@ -826,6 +877,41 @@ impl Inner {
 }
 
 impl Inner {
+    /// The way one-way messages to `to` take on `conn`: a local link where the peer has one on this host,
+    /// else a fresh unidirectional QUIC stream (on a new connection if `conn` turns out dead).
+    async fn oneway_stream(
+        &self,
+        to: NodeId,
+        peer: &Peer,
+        conn: quinn::Connection,
+    ) -> Result<OnewayStream, TransportError> {
+        if self.local_links
+            && let Some(link) =
+                crate::local::dial(self.node_id, to, &conn, self.limits.handshake_timeout).await
+        {
+            debug!(node = %self.node_id, peer = %to, "one-way messages take a local link");
+            return Ok(OnewayStream {
+                conn: conn.stable_id(),
+                send: OnewaySink::Local(link),
+            });
+        }
+        match conn.open_uni().await {
+            Ok(send) => Ok(OnewayStream {
+                conn: conn.stable_id(),
+                send: OnewaySink::Quic(send),
+            }),
+            Err(_) => {
+                peer.forget(&conn);
+                let conn = self.connection(to, peer).await?;
+                let send = conn.open_uni().await.map_err(|e| from_connection(to, e))?;
+                Ok(OnewayStream {
+                    conn: conn.stable_id(),
+                    send: OnewaySink::Quic(send),
+                })
+            }
+        }
+    }
+
     /// A fresh bidirectional stream to `to`, and the id of the connection it is on.
     async fn open_bi(
         &self,
@@ -1028,10 +1114,12 @@ struct ResetUnlessWritten<'a> {
 impl Drop for ResetUnlessWritten<'_> {
     fn drop(&mut self) {
         if !self.written
-            && let Some(mut s) = self.slot.take()
+            && let Some(s) = self.slot.take()
+            && let OnewaySink::Quic(mut send) = s.send
         {
-            let _ = s.send.reset(close::STREAM_MALFORMED);
+            let _ = send.reset(close::STREAM_MALFORMED);
         }
+        // A local link is closed by dropping it; its reader sees the torn frame and the end.
     }
 }
 
@@ -1361,6 +1449,78 @@ impl Inner {
             }
             self.handler
                 .on_oneway(Message::from_frame(header, buf, HEADER_LEN, Instant::now()));
+        }
+    }
+}
+
+/// Accepts local links (see `local.rs`) until the mesh shuts down or is dropped.
+async fn local_accept_loop(
+    weak: Weak<Inner>,
+    listener: tokio::net::UnixListener,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = stop.changed() => return,
+        };
+        let Some(inner) = weak.upgrade() else { return };
+        match accepted {
+            Ok((stream, _)) => {
+                let stop = stop.clone();
+                tokio::spawn(inner.serve_local(stream, stop));
+            }
+            Err(e) => {
+                // Out of descriptors, usually: back off instead of spinning on the error.
+                warn!(node = %inner.node_id, cause = %e, "accepting a local link failed");
+                drop(inner);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+impl Inner {
+    /// Serves one local link: its handshake, then its one-way messages in order until it ends, the mesh shuts
+    /// down, or a frame breaks a rule. Holds the handler, not the mesh, so that dropping the mesh ends it.
+    async fn serve_local(
+        self: Arc<Inner>,
+        mut stream: tokio::net::UnixStream,
+        mut stop: tokio::sync::watch::Receiver<bool>,
+    ) {
+        let me = self.node_id;
+        let accepted = tokio::time::timeout(
+            self.limits.handshake_timeout,
+            crate::local::accept(&mut stream, me, |n| {
+                self.peers.get(&n).and_then(|p| p.live())
+            }),
+        )
+        .await;
+        let peer = match accepted {
+            Ok(Ok(peer)) => peer,
+            Ok(Err(why)) => {
+                warn!(node = %me, %why, "local link refused");
+                return;
+            }
+            Err(_) => {
+                warn!(node = %me, "local link handshake timed out");
+                return;
+            }
+        };
+        debug!(node = %me, %peer, "local link accepted");
+        let handler = self.handler.clone();
+        let limits = self.limits.clone();
+        drop(self);
+        if *stop.borrow_and_update() {
+            return;
+        }
+        let read = crate::local::read_frames(stream, peer, me, &limits, |m| handler.on_oneway(m));
+        let ended = tokio::select! {
+            r = read => r,
+            _ = stop.changed() => Ok(()),
+        };
+        if let Err(e) = ended {
+            warn!(node = %me, %peer, cause = %e, "bad frame on a local link; closing it");
         }
     }
 }

@@ -63,6 +63,7 @@ async fn rebind(cfg: MeshConfig) -> Mesh {
             identity: cfg.identity.clone(),
             limits: cfg.limits.clone(),
             join_secret: None,
+            local_links: cfg.local_links,
         };
         match Mesh::bind(attempt, Arc::new(TestHandler::default())).await {
             Ok(m) => return m,

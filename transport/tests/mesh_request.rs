@@ -64,12 +64,26 @@ async fn handler_errors_timeouts_and_drops_are_reported() {
 
 /// One-way messages to a peer arrive in the order they were sent, even when a small one follows a large one (on
 /// a stream each, the small one overtook the large one; the SDK relies on the order, e.g. a borrow's release
-/// must not pass the borrow).
+/// must not pass the borrow). Both ways a one-way message can take: a local link (the default between nodes
+/// of one host) and QUIC.
 #[tokio::test]
-async fn oneway_messages_arrive_in_order() {
-    let (_ca, a, b) = pair(Limits::default()).await;
+async fn oneway_messages_arrive_in_order_on_a_local_link() {
+    oneway_messages_arrive_in_order(true).await;
+}
+
+#[tokio::test]
+async fn oneway_messages_arrive_in_order_over_quic() {
+    oneway_messages_arrive_in_order(false).await;
+}
+
+async fn oneway_messages_arrive_in_order(local_links: bool) {
+    let ca = oxray_transport::tls::ClusterCa::generate().unwrap();
+    let a = node_with(&ca, Limits::default(), local_links).await;
+    let b = node(&ca, Limits::default()).await;
+    a.mesh.add_peer(b.mesh.node_id(), b.mesh.local_addr());
     const N: u32 = 200;
     for i in 0..N {
+        // Over the local link's one-write bound (64 KiB) and under it, alternately.
         let len = if i % 2 == 0 { 256 * 1024 } else { 8 };
         let mut body = vec![0u8; len];
         body[..4].copy_from_slice(&i.to_le_bytes());
@@ -78,6 +92,7 @@ async fn oneway_messages_arrive_in_order() {
             .await
             .unwrap();
     }
+    assert_eq!(a.mesh.has_local_link(b.mesh.node_id()), local_links);
     let deadline = tokio::time::Instant::now() + 5 * SECOND;
     while b.handler.oneways.load(Ordering::Relaxed) < N as usize {
         assert!(
@@ -91,6 +106,10 @@ async fn oneway_messages_arrive_in_order() {
         seqs,
         (0..N).collect::<Vec<_>>(),
         "one-way messages reordered"
+    );
+    assert_eq!(
+        b.handler.oneway_bytes.load(Ordering::Relaxed),
+        (N as usize / 2) * (256 * 1024 + 8)
     );
 }
 

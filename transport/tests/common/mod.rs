@@ -104,9 +104,15 @@ pub struct Node {
 }
 
 pub async fn node(ca: &ClusterCa, limits: Limits) -> Node {
+    node_with(ca, limits, true).await
+}
+
+/// A node whose one-way messages to local peers take local links or not.
+pub async fn node_with(ca: &ClusterCa, limits: Limits, local_links: bool) -> Node {
     let handler = Arc::new(TestHandler::default());
     let mut cfg = MeshConfig::new(localhost(), ca.issue(NodeId::random()).unwrap());
     cfg.limits = limits;
+    cfg.local_links = local_links;
     let mesh = Mesh::bind(cfg, handler.clone()).await.unwrap();
     Node { mesh, handler }
 }
