@@ -17,6 +17,8 @@
 //! `-- --mesh` runs the mesh only, `-- --in-process` the in-process cluster only (all keys then come from
 //! it, and `mode` says so). `OXRAY_BENCH_SECS` sets the seconds per write/read phase (default 2);
 //! `OXRAY_BENCH_TRIALS` the failover trials (default 5). Timings are printed, never asserted.
+//! The mesh stands for replicas on three hosts, so its Raft messages stay on QUIC: `OXRAY_LOCAL_LINKS=1` lets
+//! them take local links (Unix sockets) as replicas on one host would.
 //! `OXRAY_BENCH_ONLY_C=1024` runs only the write phase at that concurrency in one mode (mesh unless
 //! `--in-process`) and prints its row (for profiling one load level with `perf record`).
 
@@ -56,6 +58,11 @@ impl Handler for NoRequests {
     }
 }
 
+/// Whether the mesh members' one-way messages may take local links (off unless `OXRAY_LOCAL_LINKS=1`).
+fn local_links() -> bool {
+    std::env::var("OXRAY_LOCAL_LINKS").is_ok_and(|v| v == "1")
+}
+
 fn node_of(m: u64) -> NodeId {
     NodeId(0xbe_0000 + u128::from(m))
 }
@@ -78,10 +85,11 @@ async fn cluster(use_mesh: bool) -> Cluster {
         let (mut services, mut peers, mut meshes) = (Vec::new(), Vec::new(), Vec::new());
         for &m in &MEMBERS {
             let service = GcsService::new(members.clone());
-            let cfg = MeshConfig::new(
+            let mut cfg = MeshConfig::new(
                 "127.0.0.1:0".parse().unwrap(),
                 ca.issue(node_of(m)).unwrap(),
             );
+            cfg.local_links = local_links();
             meshes.push(Mesh::bind(cfg, service.clone()).await.unwrap());
             services.push(service);
         }
@@ -98,10 +106,11 @@ async fn cluster(use_mesh: bool) -> Cluster {
             servers.push(s);
             peers.push(p);
         }
-        let cfg = MeshConfig::new(
+        let mut cfg = MeshConfig::new(
             "127.0.0.1:0".parse().unwrap(),
             ca.issue(NodeId(0xbe_ffff)).unwrap(),
         );
+        cfg.local_links = local_links();
         let client_mesh = Mesh::bind(cfg, Arc::new(NoRequests)).await.unwrap();
         for (j, &o) in MEMBERS.iter().enumerate() {
             client_mesh.add_peer(node_of(o), meshes[j].local_addr());

@@ -1,6 +1,10 @@
 //! A restarted actor is found from every node, not only through its creator's handles: the directory names its new
 //! node, and a lookup (by name, or by a handle's next call) that still sees the dead node waits (bounded) for the
 //! move to be recorded.
+//!
+//! These tests keep every byte between the nodes on QUIC (`OXRAY_LOCAL_LINKS=0`, inherited by the node processes),
+//! so that the QUIC path of one-way messages (call and result batches) is covered across real processes too: the
+//! other multi-process tests run with the default, local links between nodes of one host.
 
 use std::time::{Duration, Instant};
 
@@ -10,8 +14,14 @@ use oxray_tests::*;
 
 const NODE: &str = env!("CARGO_BIN_EXE_oxray-test-node");
 
+fn quic_only() {
+    // SAFETY: set before any thread of this test process reads the environment (nextest runs one test per process).
+    unsafe { std::env::set_var("OXRAY_LOCAL_LINKS", "0") };
+}
+
 #[test]
 fn a_restarted_actor_is_found_by_name_from_another_node() {
+    quic_only();
     link();
     let mut cluster = TestCluster::start(NODE, 0, &["--dead-after-ms", "3000"]);
     let doomed = cluster.add_node(1, &[]);
@@ -64,6 +74,7 @@ fn a_restarted_actor_is_found_by_name_from_another_node() {
 
 #[test]
 fn a_handle_kept_on_another_node_follows_the_restarted_actor() {
+    quic_only();
     link();
     let mut cluster = TestCluster::start(NODE, 0, &["--dead-after-ms", "3000"]);
     let doomed = cluster.add_node(1, &[]);

@@ -1459,6 +1459,7 @@ async fn local_accept_loop(
     listener: tokio::net::UnixListener,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
+    let handshaking = Arc::new(AtomicUsize::new(0));
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
@@ -1467,8 +1468,16 @@ async fn local_accept_loop(
         let Some(inner) = weak.upgrade() else { return };
         match accepted {
             Ok((stream, _)) => {
+                // A local process that connects and says nothing holds a task until the handshake timeout:
+                // bound how many may, and close the others at once.
+                if handshaking.load(Ordering::Acquire) >= MAX_LOCAL_HANDSHAKES {
+                    debug!(node = %inner.node_id, "too many local link handshakes at once; one refused");
+                    continue;
+                }
+                handshaking.fetch_add(1, Ordering::AcqRel);
+                let counted = Handshaking(handshaking.clone());
                 let stop = stop.clone();
-                tokio::spawn(inner.serve_local(stream, stop));
+                tokio::spawn(inner.serve_local(stream, stop, counted));
             }
             Err(e) => {
                 // Out of descriptors, usually: back off instead of spinning on the error.
@@ -1480,6 +1489,18 @@ async fn local_accept_loop(
     }
 }
 
+/// Local link handshakes in progress at once, at most.
+const MAX_LOCAL_HANDSHAKES: usize = 64;
+
+/// One local link handshake in progress; counted until dropped.
+struct Handshaking(Arc<AtomicUsize>);
+
+impl Drop for Handshaking {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 impl Inner {
     /// Serves one local link: its handshake, then its one-way messages in order until it ends, the mesh shuts
     /// down, or a frame breaks a rule. Holds the handler, not the mesh, so that dropping the mesh ends it.
@@ -1487,6 +1508,7 @@ impl Inner {
         self: Arc<Inner>,
         mut stream: tokio::net::UnixStream,
         mut stop: tokio::sync::watch::Receiver<bool>,
+        handshaking: Handshaking,
     ) {
         let me = self.node_id;
         let accepted = tokio::time::timeout(
@@ -1496,6 +1518,7 @@ impl Inner {
             }),
         )
         .await;
+        drop(handshaking);
         let peer = match accepted {
             Ok(Ok(peer)) => peer,
             Ok(Err(why)) => {

@@ -184,3 +184,25 @@ async fn a_node_that_shut_down_takes_no_more_messages() {
     }
     assert_eq!(b.handler.oneways.load(Ordering::Relaxed), 1);
 }
+
+#[tokio::test]
+async fn silent_local_diallers_are_bounded() {
+    let (_ca, _a, b) = pair(Limits::default()).await;
+    let name = link_name(b.mesh.node_id());
+    // 64 connections that never say hello each hold a handshake until its timeout (5 s)...
+    let mut silent = Vec::new();
+    for _ in 0..64 {
+        silent.push(connect(&name).await);
+    }
+    // ...give the listener a moment to take them all...
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // ...and the next one is closed at once instead of holding a task too.
+    let mut extra = connect(&name).await;
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(2 * SECOND, extra.read_to_end(&mut buf)).await;
+    assert!(
+        matches!(read, Ok(Ok(0))),
+        "a dialler beyond the bound was kept: {read:?}"
+    );
+    drop(silent);
+}
