@@ -418,7 +418,7 @@ fn orchestrate() -> Result<()> {
             "cores": cores,
             "load_average_start": load_before,
             "load_average_end": load_after,
-            "processes": "1 driver (0 CPUs) + N node processes, --num-cpus 1 each, QUIC with mutual TLS on loopback",
+            "processes": "1 driver (0 CPUs) + N node processes, --num-cpus 1 each, QUIC with mutual TLS on loopback; call and result batches on local links unless OXRAY_LOCAL_LINKS=0",
             "tasks": tasks,
             "work_ms": work_ms,
             "work_iters": iters,

@@ -185,6 +185,15 @@ fn child_main(role: &str) -> Result<()> {
     }))
 }
 
+/// How the processes talk, as the JSON's `config` reports it.
+fn transport() -> &'static str {
+    if std::env::var("OXRAY_LOCAL_LINKS").is_ok_and(|v| v == "0") {
+        "QUIC with mutual TLS on loopback"
+    } else {
+        "QUIC with mutual TLS on loopback; call and result batches on local links (Unix sockets proven by the QUIC connection)"
+    }
+}
+
 fn orchestrate() -> Result<()> {
     let flags = Flags::parse(
         &[
@@ -281,7 +290,7 @@ fn orchestrate() -> Result<()> {
         "embedded": format!("1 process, {cores} CPU slots"),
         "two_process": format!("driver (0 CPUs) + 1 node process (--num-cpus {cores})"),
         "three_nodes": format!("driver (0 CPUs) + head + 2 node processes (--num-cpus {cores} each)"),
-        "transport": "QUIC with mutual TLS on loopback",
+        "transport": transport(),
         "tasks": tasks,
         "trials": trials,
         "latency_calls": latency_calls,

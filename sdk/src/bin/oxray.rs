@@ -449,7 +449,14 @@ fn microbenchmark(b: BenchArgs) -> Result<()> {
         );
         oxray::connect(&address, &token)?;
         _node = Some(guard);
-        mode = format!("driver and node in separate processes (node: {cpus} CPUs at {address})");
+        let links = if oxray::Config::default().local_links {
+            "call and result batches on a local link"
+        } else {
+            "all traffic on QUIC"
+        };
+        mode = format!(
+            "driver and node in separate processes (node: {cpus} CPUs at {address}; {links})"
+        );
     }
     let cfg = oxray::bench::BenchConfig {
         trials: b.trials,
