@@ -16,6 +16,9 @@
 //! - [`frame`]: the wire format, a sans-IO encoder/validator (fuzzed).
 //! - [`tls`]: cluster CA, node identities, join tokens, rustls configurations.
 //! - `mesh`: the endpoint driver (peer table, tasks); [`join()`]: how a new node gets its certificate.
+//! - `local`: local links, on which one-way messages between nodes of one host skip QUIC (a Unix socket whose
+//!   two ends prove with keying material of their QUIC connection that they are its ends; see
+//!   [`MeshConfig::local_links`]).
 //! - [`Limits`]: every bound, with defaults.
 //!
 //! What this crate is not: it does not retry requests (it says which errors are retryable), does not know what
