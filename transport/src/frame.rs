@@ -148,6 +148,27 @@ const _: () = assert!(
 );
 
 impl Header {
+    /// The envelope of one message with no deadline, trace or streamed payload.
+    pub fn plain(
+        frame: FrameType,
+        kind: u16,
+        request_id: u64,
+        source: NodeId,
+        dest: NodeId,
+    ) -> Header {
+        Header {
+            frame: frame as u8,
+            kind,
+            request_id,
+            source: source.0,
+            dest: dest.0,
+            budget_us: 0,
+            trace_id: 0,
+            span_id: 0,
+            payload_len: 0,
+        }
+    }
+
     /// The decoded frame type (always valid for a header that came out of [`decode_header`]).
     pub fn frame_type(&self) -> Option<FrameType> {
         FrameType::from_u8(self.frame)

@@ -55,20 +55,6 @@ fn join_limits() -> Limits {
     }
 }
 
-fn frame_header(frame: FrameType, kind: u16, source: NodeId, dest: NodeId) -> Header {
-    Header {
-        frame: frame as u8,
-        kind,
-        request_id: 1,
-        source: source.0,
-        dest: dest.0,
-        budget_us: 0,
-        trace_id: 0,
-        span_id: 0,
-        payload_len: 0,
-    }
-}
-
 async fn write(
     send: &mut quinn::SendStream,
     header: &Header,
@@ -136,7 +122,7 @@ async fn join_inner(
             rkyv::to_bytes::<rkyv::rancor::Error>(&req).map_err(TransportError::malformed)?;
         write(
             &mut send,
-            &frame_header(FrameType::Request, KIND_JOIN, node_id, NodeId(0)),
+            &Header::plain(FrameType::Request, KIND_JOIN, 1, node_id, NodeId(0)),
             Bytes::from_owner(body),
         )
         .await?;
@@ -223,7 +209,7 @@ async fn serve_inner(
             let body = rkyv::to_bytes::<rkyv::rancor::Error>(&resp).map_err(|e| e.to_string())?;
             write(
                 &mut send,
-                &frame_header(FrameType::Response, KIND_JOIN, head, node),
+                &Header::plain(FrameType::Response, KIND_JOIN, 1, head, node),
                 Bytes::from_owner(body),
             )
             .await
@@ -233,7 +219,7 @@ async fn serve_inner(
         Err(why) => {
             let _ = write(
                 &mut send,
-                &frame_header(FrameType::Error, 0, head, NodeId(h.source)),
+                &Header::plain(FrameType::Error, 0, 1, head, NodeId(h.source)),
                 Bytes::from(why.clone()),
             )
             .await;

@@ -166,7 +166,15 @@ pub(crate) async fn write_frame(
     header: &Header,
     body: &Bytes,
 ) -> std::io::Result<()> {
-    let mut head = frame::encode_head(header, body.len());
+    // One allocation, sized for the body that joins the head.
+    let room = PREFIX_LEN
+        + HEADER_LEN
+        + if body.len() <= COPY_BODY_MAX {
+            body.len()
+        } else {
+            0
+        };
+    let mut head = frame::encode_head_in(header, body.len(), Vec::with_capacity(room));
     if body.len() <= COPY_BODY_MAX {
         head.extend_from_slice(body);
         stream.write_all(&head).await
@@ -286,17 +294,7 @@ mod tests {
     }
 
     fn frame_bytes(source: NodeId, dest: NodeId, kind: FrameType, body: &[u8]) -> Vec<u8> {
-        let header = Header {
-            frame: kind as u8,
-            kind: 9,
-            request_id: 1,
-            source: source.0,
-            dest: dest.0,
-            budget_us: 0,
-            trace_id: 0,
-            span_id: 0,
-            payload_len: 0,
-        };
+        let header = Header::plain(kind, 9, 1, source, dest);
         let mut f = frame::encode_head(&header, body.len());
         f.extend_from_slice(body);
         f

@@ -1246,17 +1246,7 @@ impl Inner {
     ) {
         self.active.fetch_add(1, Ordering::AcqRel);
         let active = Active(&self);
-        let blank = Header {
-            frame: FrameType::Error as u8,
-            kind: 0,
-            request_id: 0,
-            source: peer.0,
-            dest: self.node_id.0,
-            budget_us: 0,
-            trace_id: 0,
-            span_id: 0,
-            payload_len: 0,
-        };
+        let blank = Header::plain(FrameType::Error, 0, 0, peer, self.node_id);
         let (header, buf) = match read_frame(&mut recv, &self.limits).await {
             Ok(f) => f,
             Err(e) => {

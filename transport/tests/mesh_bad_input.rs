@@ -48,17 +48,7 @@ async fn send_raw(conn: &quinn::Connection, bytes: &[u8]) -> (u16, String) {
 }
 
 fn request_header(source: NodeId, dest: NodeId) -> Header {
-    Header {
-        frame: FrameType::Request as u8,
-        kind: ECHO,
-        request_id: 9,
-        source: source.0,
-        dest: dest.0,
-        budget_us: 0,
-        trace_id: 0,
-        span_id: 0,
-        payload_len: 0,
-    }
+    Header::plain(FrameType::Request, ECHO, 9, source, dest)
 }
 
 #[tokio::test]

@@ -32,31 +32,10 @@ async fn connect(name: &SocketAddr) -> tokio::net::UnixStream {
 
 /// A one-way frame from `from` to `to`, as a link carries it.
 fn oneway_frame(from: NodeId, to: NodeId, body: &[u8]) -> Vec<u8> {
-    let header = Header {
-        frame: FrameType::Oneway as u8,
-        kind: ECHO,
-        request_id: 1,
-        source: from.0,
-        dest: to.0,
-        budget_us: 0,
-        trace_id: 0,
-        span_id: 0,
-        payload_len: 0,
-    };
+    let header = Header::plain(FrameType::Oneway, ECHO, 1, from, to);
     let mut f = frame::encode_head(&header, body.len());
     f.extend_from_slice(body);
     f
-}
-
-async fn wait_for_oneways(node: &Node, n: usize) {
-    let deadline = tokio::time::Instant::now() + 5 * SECOND;
-    while node.handler.oneways.load(Ordering::Relaxed) < n {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "one-way messages lost"
-        );
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
 }
 
 #[tokio::test]
@@ -95,7 +74,7 @@ async fn a_dialler_without_the_connections_secret_is_refused() {
         .await
         .unwrap();
     assert!(a.mesh.has_local_link(b_id));
-    wait_for_oneways(&b, 1).await;
+    wait_for_oneways(&b, 1, 5 * SECOND).await;
     assert_eq!(b.handler.oneway_bytes.load(Ordering::Relaxed), 4);
 }
 
@@ -137,7 +116,7 @@ async fn a_listener_that_fails_its_proof_gets_nothing_and_the_node_uses_quic() {
             .unwrap();
     }
     assert!(!a.mesh.has_local_link(b_id));
-    wait_for_oneways(&b, 10).await;
+    wait_for_oneways(&b, 10, 5 * SECOND).await;
     assert_eq!(
         *b.handler.oneway_seqs.lock().unwrap(),
         (0..10).collect::<Vec<_>>()
@@ -167,7 +146,7 @@ async fn a_node_that_shut_down_takes_no_more_messages() {
         .await
         .unwrap();
     assert!(a.mesh.has_local_link(b_id));
-    wait_for_oneways(&b, 1).await;
+    wait_for_oneways(&b, 1, 5 * SECOND).await;
     b.mesh.shutdown().await;
     // The link closes with b's shutdown: sends fail instead of vanishing into it.
     let deadline = tokio::time::Instant::now() + 5 * SECOND;

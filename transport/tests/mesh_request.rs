@@ -93,14 +93,7 @@ async fn oneway_messages_arrive_in_order(local_links: bool) {
             .unwrap();
     }
     assert_eq!(a.mesh.has_local_link(b.mesh.node_id()), local_links);
-    let deadline = tokio::time::Instant::now() + 5 * SECOND;
-    while b.handler.oneways.load(Ordering::Relaxed) < N as usize {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "one-way messages lost"
-        );
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
+    wait_for_oneways(&b, N as usize, 5 * SECOND).await;
     let seqs = b.handler.oneway_seqs.lock().unwrap().clone();
     assert_eq!(
         seqs,

@@ -94,6 +94,18 @@ pub fn checksum(data: &[u8]) -> u64 {
     h
 }
 
+/// Waits until `node` has received `n` one-way messages; fails the test if that takes longer than `within`.
+pub async fn wait_for_oneways(node: &Node, n: usize, within: Duration) {
+    let deadline = tokio::time::Instant::now() + within;
+    while node.handler.oneways.load(Ordering::Relaxed) < n {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "one-way messages lost"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
 pub fn localhost() -> std::net::SocketAddr {
     "127.0.0.1:0".parse().unwrap()
 }
